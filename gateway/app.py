@@ -1,0 +1,79 @@
+"""The app factory: builds the waker, the upstream client and the routes for one gateway."""
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from gateway.errors import ApiError
+from gateway.proxy import Proxy
+from gateway.routes import router
+from gateway.settings import GatewaySettings
+from waker.registry import Registry, load_dir
+from waker.waker import Waker
+
+
+def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
+    """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
+    if waker is None:
+        waker = Waker(registry or load_dir(settings.config_dir), options=settings.waker_options())
+    session: aiohttp.ClientSession | None = None
+
+    def upstream() -> aiohttp.ClientSession:
+        assert session is not None, "the app's lifespan has not started"
+        return session
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal session
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            # Bytes pass through untouched: no decompression, no re-encoding.
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
+            ),
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+        )
+        async with waker:
+            try:
+                yield
+            finally:
+                await session.close()
+
+    app = FastAPI(title="sparkgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.waker = waker
+    app.state.settings = settings
+    app.state.created = int(time.time())
+    app.include_router(router)
+    # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
+    app.router.routes.append(Route("/v1/{path:path}", Proxy(waker, settings, upstream), methods=["POST"]))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return Response(exc.body(), status_code=exc.status, headers=dict(
+            (k.decode(), v.decode()) for k, v in exc.headers()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        return Response(error.body(), status_code=error.status, media_type="application/json")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        error = ApiError(400, str(exc), code="invalid_request")
+        return Response(error.body(), status_code=400, media_type="application/json")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        error = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
+        return Response(error.body(), status_code=500, media_type="application/json")
+
+    return app

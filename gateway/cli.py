@@ -1,0 +1,84 @@
+"""`sparkgate serve | check`."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.settings import GatewaySettings
+from waker.durations import format_duration
+from waker.registry import ConfigError, Registry, load_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparkgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config-dir", type=Path, help="models.d directory (default: ./models.d)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8009)")
+    serve.add_argument("--log-level", default="info")
+
+    check = sub.add_parser("check", help="validate models.d and print what it serves")
+    check.add_argument("--config-dir", type=Path, help="models.d directory (default: ./models.d)")
+
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"config_dir": args.config_dir, "host": getattr(args, "host", None),
+                                    "port": getattr(args, "port", None)}.items() if v is not None}
+    settings = GatewaySettings(**overrides)
+    try:
+        registry = load_dir(settings.config_dir)
+    except ConfigError as exc:
+        print(f"sparkgate: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(format_table(registry))
+        print(f"\n{len(registry)} model(s) OK in {settings.config_dir}")
+        return 0
+    return serve_forever(settings, registry, args.log_level)
+
+
+def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings, registry)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level, loop=_loop(), http="httptools",
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def format_table(registry: Registry) -> str:
+    rows = [("MODEL", "ALIASES", "ENGINE", "RUNTIME", "MEMORY", "IDLE", "START TIMEOUT", "FILE")]
+    for spec in registry.values():
+        rows.append((
+            spec.name,
+            ",".join(spec.aliases) or "-",
+            spec.engine.value,
+            spec.runtime.value,
+            f"{spec.memory_gb:g} GB",
+            format_duration(spec.idle_timeout) if spec.idle_timeout else "never",
+            format_duration(spec.start_timeout),
+            spec.source.name if spec.source else "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

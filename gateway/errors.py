@@ -1,0 +1,70 @@
+"""Every error the gateway returns, in OpenAI's shape, mapped in this one place."""
+
+import json
+from dataclasses import dataclass
+
+from waker.durations import format_duration
+from waker.errors import ModelNotFound, ShuttingDown, StartFailed, StartTimeout, WakerError
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    retry_after: float | None = None
+
+    def body(self) -> bytes:
+        payload = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return json.dumps(payload).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        return headers
+
+    def sse_event(self) -> bytes:
+        """The same error as an SSE event, for a stream whose 200 status is already sent."""
+        return b"data: " + self.body() + b"\n\n"
+
+
+def bad_json(detail: str) -> ApiError:
+    return ApiError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def missing_model() -> ApiError:
+    return ApiError(400, "The request body must name a model (a string field 'model').",
+                    code="missing_model", param="model")
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than the gateway's limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+def upstream_unreachable(model: str, detail: str) -> ApiError:
+    return ApiError(502, f"The engine for '{model}' could not be reached or broke off: {detail}",
+                    type="upstream_error", code="bad_gateway")
+
+
+def upstream_timeout(model: str, seconds: float) -> ApiError:
+    return ApiError(504, f"The engine for '{model}' sent nothing for {format_duration(seconds)}.",
+                    type="upstream_error", code="gateway_timeout")
+
+
+def from_waker(exc: WakerError) -> ApiError:
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, exc.message, code="model_not_found", param="model")
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, exc.message, type="server_error", code="shutting_down", retry_after=5)
+    if isinstance(exc, StartFailed):
+        message = exc.message
+        if exc.log_tail:
+            message += "\nLast engine output:\n" + "\n".join(exc.log_tail)
+        code = "model_start_timeout" if isinstance(exc, StartTimeout) else "model_start_failed"
+        return ApiError(503, message, type="server_error", code=code,
+                        retry_after=exc.retry_after if exc.retry_after else 5)
+    return ApiError(503, exc.message, type="server_error", code="unavailable", retry_after=5)

@@ -1,0 +1,245 @@
+"""The streaming reverse proxy for every `POST /v1/*`: a plain ASGI app on the hot path.
+
+Only the `model` (and `stream`) fields are read from the body; the original bytes are forwarded
+(re-encoded only when an alias must be replaced by the engine's own model name). The engine's
+status, headers and body are passed through chunk by chunk, untouched: no assumption that
+`data: [DONE]` or usage events exist.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+
+from gateway import errors
+from gateway.errors import ApiError
+from gateway.settings import GatewaySettings
+from waker.errors import WakerError
+from waker.model import Endpoint, ModelController
+from waker.waker import Waker
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("sparkgate.proxy")
+
+# Per-connection headers that must not be forwarded (RFC 9110 7.6.1), plus what we set ourselves.
+_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"}
+_NOT_UPSTREAM = _HOP | {b"host", b"content-length", b"authorization", b"expect"}
+_NOT_DOWNSTREAM = _HOP | {b"server", b"date"}
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+class ClientGone(Exception):
+    """The client disconnected; the request is abandoned and upstream work cancelled."""
+
+
+class Proxy:
+    def __init__(self, waker: Waker, settings: GatewaySettings, session: Callable[[], aiohttp.ClientSession]):
+        self._waker = waker
+        self._settings = settings
+        self._session = session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._read_body(scope, receive)
+            model, stream = _routing_fields(body)
+            spec = self._waker.resolve(model)
+            if model != spec.upstream_name:
+                body = _with_model(body, spec.upstream_name)
+        except ApiError as exc:
+            await _send_error(send, exc)
+            return
+        except WakerError as exc:
+            await _send_error(send, errors.from_waker(exc))
+            return
+        except ClientGone:
+            return
+
+        # From here on a client that leaves cancels the work at once, whatever it is waiting on:
+        # a cold start, a queue, or the engine's answer.
+        request = _Request(self, scope, send, self._waker.controller(spec.name), body, stream)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task, request))
+        try:
+            await request.run()
+        except asyncio.CancelledError:
+            if not request.client_gone:
+                raise
+            # The cancellation was ours (client left); swallow it so the server logs nothing.
+            task.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self._settings.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise errors.body_too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Request:
+    """One proxied request: lease the model, call the engine, relay the answer."""
+
+    def __init__(self, proxy: Proxy, scope: Scope, send: Send, controller: ModelController,
+                 body: bytes, stream: bool) -> None:
+        self.proxy = proxy
+        self.scope = scope
+        self.send = send
+        self.controller = controller
+        self.body = body
+        self.stream = stream
+        self.started = False  # response headers sent
+        self.client_gone = False
+        self.finished = False
+
+    async def run(self) -> None:
+        try:
+            endpoint = await self._acquire()
+        except WakerError as exc:
+            await self._fail(errors.from_waker(exc))
+            return
+        try:
+            await self._forward(endpoint)
+        finally:
+            self.controller.release()
+
+    async def _acquire(self) -> Endpoint:
+        interval = self.proxy._settings.keepalive_interval
+        if self.controller.state == "ready" or not self.stream or interval <= 0:
+            return await self.controller.acquire()
+        # A streaming client waiting for a cold model gets SSE comments so its read timeout
+        # doesn't fire; the 200 is sent only once the first comment is due.
+        acquiring = asyncio.ensure_future(self.controller.acquire())
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquiring}, timeout=interval)
+                if done:
+                    return acquiring.result()
+                waited += interval
+                if not self.started:
+                    await self._start_response(200, _SSE_HEADERS)
+                name = self.controller.spec.name
+                await self.send({"type": "http.response.body", "more_body": True,
+                                 "body": f": waking {name} ({waited:.0f}s)\n\n".encode()})
+        except BaseException:
+            if not acquiring.done():
+                acquiring.cancel()
+            elif not acquiring.cancelled() and acquiring.exception() is None:
+                self.controller.release()  # acquired just as we were cancelled
+            raise
+
+    async def _forward(self, endpoint: Endpoint) -> None:
+        settings = self.proxy._settings
+        spec = endpoint.spec
+        url = endpoint.api_base + self.scope["path"][3:]  # "/v1/x" -> base + "/x"
+        if self.scope.get("query_string"):
+            url += "?" + self.scope["query_string"].decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope["headers"]
+                   if k not in _NOT_UPSTREAM]
+        if spec.api_key:
+            headers.append(("Authorization", f"Bearer {spec.api_key}"))
+        try:
+            async with self.proxy._session().post(url, data=self.body, headers=headers) as resp:
+                await self._relay(resp, spec.name)
+        except TimeoutError:
+            await self._fail(errors.upstream_timeout(spec.name, settings.upstream_read_timeout))
+        except aiohttp.ClientError as exc:
+            await self._fail(errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
+
+    async def _relay(self, resp: aiohttp.ClientResponse, model: str) -> None:
+        if self.started:
+            # Status already sent (keep-alives): an engine error must travel as an SSE event.
+            if resp.status != 200:
+                await self._fail(await _engine_error(resp))
+                return
+        else:
+            headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_DOWNSTREAM]
+            await self._start_response(resp.status, headers)
+        async for chunk in resp.content.iter_any():
+            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self.finished = True
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _fail(self, error: ApiError) -> None:
+        """Report `error`: as a response if nothing was sent yet, else in-band or by cutting off."""
+        if not self.started:
+            self.finished = True
+            await _send_error(self.send, error)
+            return
+        if self.stream:
+            self.finished = True
+            await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
+            return
+        # A non-streaming body already half sent can't carry an error: cut the connection so the
+        # client sees a broken response, never a silently truncated success.
+        raise RuntimeError(f"upstream broke mid-response: {error.message}")
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], request: _Request) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not request.finished:
+                request.client_gone = True
+                task.cancel()
+            return
+
+
+async def _engine_error(resp: aiohttp.ClientResponse) -> ApiError:
+    text = (await resp.read()).decode(errors="replace")
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        message = json.loads(text)["error"]["message"]
+        return ApiError(resp.status, message, type="upstream_error")
+    return ApiError(resp.status, text[:2000] or f"engine answered {resp.status}", type="upstream_error")
+
+
+def _routing_fields(body: bytes) -> tuple[str, bool]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.bad_json(str(exc)) from None
+    if not isinstance(payload, dict):
+        raise errors.bad_json("expected a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise errors.missing_model()
+    return model, payload.get("stream") is True
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    payload = json.loads(body)
+    payload["model"] = model
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    await send({"type": "http.response.start", "status": error.status, "headers": error.headers()})
+    await send({"type": "http.response.body", "body": error.body(), "more_body": False})

@@ -1,0 +1,133 @@
+"""A small OpenAI-compatible engine for tests that must force timing and failures.
+
+Behaves like the real servers where it matters: `/health` (503 until ready), `/v1/models`,
+chat and text completions with SSE framing (`data: {...}\\n\\n`, then `data: [DONE]`), embeddings.
+Counts what happened at `GET /stats`, including streams the client abandoned.
+
+    python tests/fake_engine.py --port P --model NAME [--ready-after S] [--never-ready]
+        [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from aiohttp import web
+
+STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0}
+
+
+def chunk(model: str, text: str, finish: str | None, kind: str) -> bytes:
+    if kind == "chat":
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+        obj = "text_completion"
+    event = {"id": "fake-1", "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def make_app(args: argparse.Namespace) -> web.Application:
+    started = time.monotonic()
+
+    def ready() -> bool:
+        return not args.never_ready and time.monotonic() - started >= args.ready_after
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"} if ready() else {"status": "loading"}, status=200 if ready() else 503)
+
+    async def models(request: web.Request) -> web.Response:
+        if not ready():
+            return web.json_response({"error": {"message": "loading"}}, status=503)
+        return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model"}]})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({**STATS, "pid": os.getpid()})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        STATS["requests"] += 1
+        kind = "chat" if request.path.endswith("chat/completions") else "text"
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error"}}, status=400)
+        if body.get("model") != args.model:
+            return web.json_response(
+                {"error": {"message": f"model {body.get('model')!r} not served here", "code": "model_not_found"}},
+                status=404,
+            )
+        tokens = int(body.get("max_tokens") or 8)
+        if not body.get("stream"):
+            if args.token_delay:
+                await asyncio.sleep(args.token_delay * tokens)
+            text = "".join(f" t{i}" for i in range(tokens))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                      if kind == "chat" else {"index": 0, "text": text, "finish_reason": "length"})
+            return web.json_response({
+                "id": "fake-1", "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": args.model, "choices": [choice],
+                "usage": {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens},
+            })
+        STATS["streams_started"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            for i in range(tokens):
+                if args.crash_after_tokens is not None and i == args.crash_after_tokens:
+                    os._exit(137)
+                await resp.write(chunk(args.model, f" t{i}", "length" if i == tokens - 1 else None, kind))
+                await asyncio.sleep(args.token_delay)
+            if not args.no_done:
+                await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            STATS["streams_cancelled"] += 1
+            raise
+        STATS["streams_completed"] += 1
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        STATS["requests"] += 1
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        return web.json_response({"object": "list", "data": data, "model": args.model,
+                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model", default="fake")
+    ap.add_argument("--ready-after", type=float, default=0.0)
+    ap.add_argument("--never-ready", action="store_true")
+    ap.add_argument("--exit-at-start", type=int, default=None, metavar="CODE")
+    ap.add_argument("--token-delay", type=float, default=0.0)
+    ap.add_argument("--no-done", action="store_true", help="end streams without data: [DONE]")
+    ap.add_argument("--crash-after-tokens", type=int, default=None)
+    args = ap.parse_args()
+    print(f"fake engine {args.model} starting on {args.host}:{args.port}", flush=True)
+    if args.exit_at_start is not None:
+        print("loading weights...", flush=True)
+        print("error: out of memory while loading weights", file=sys.stderr, flush=True)
+        sys.exit(args.exit_at_start)
+    web.run_app(make_app(args), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""In-memory runtime and prober: engines whose readiness and exit the test controls."""
+
+import asyncio
+
+from waker.engines.base import Engine, Readiness
+from waker.spec import ModelSpec
+
+
+class FakeHandle:
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.ready = asyncio.Event()
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.lines: list[str] = [f"engine {number} booting"]
+        self.stops = 0
+
+    @property
+    def ident(self) -> str:
+        return f"fake {self.number}"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://fake-{self.number}"
+
+    @property
+    def api_base(self) -> str:
+        return self.root_url + "/v1"
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    def exit(self, code: int, line: str = "") -> None:
+        if line:
+            self.lines.append(line)
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def wait_exit(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    async def stop(self, grace: float) -> int | None:
+        self.stops += 1
+        self.exit(0)
+        return 0
+
+    def log_tail(self, lines: int) -> tuple[str, ...]:
+        return tuple(self.lines[-lines:])
+
+
+class FakeRuntime:
+    """Each start makes a FakeHandle; `auto_ready` makes it ready at once."""
+
+    def __init__(self, auto_ready: bool = True) -> None:
+        self.auto_ready = auto_ready
+        self.handles: list[FakeHandle] = []
+        self.started = asyncio.Event()
+        self.fail_launch: Exception | None = None
+
+    async def start(self, spec: ModelSpec, engine: Engine) -> FakeHandle:
+        if self.fail_launch is not None:
+            raise self.fail_launch
+        handle = FakeHandle(len(self.handles) + 1)
+        self.handles.append(handle)
+        if self.auto_ready:
+            handle.ready.set()
+        self.started.set()
+        return handle
+
+
+class FakeProber:
+    """Ready when the fake handle says so."""
+
+    def __init__(self, runtime: FakeRuntime) -> None:
+        self._runtime = runtime
+
+    async def until_ready(self, root_url: str, check: Readiness, served_name: str) -> None:
+        handle = next(h for h in self._runtime.handles if h.root_url == root_url)
+        await handle.ready.wait()

@@ -1,0 +1,11 @@
+"""How long a failed model waits before the next start is tried."""
+
+
+def retry_delay(failures: int, cap: float) -> float:
+    """No wait after a single failure (one crash should not cost the user); then 2, 4, 8 ... s up to cap.
+
+    A crash loop therefore backs off quickly instead of being retried hot.
+    """
+    if failures <= 1:
+        return 0.0
+    return min(float(2 ** (failures - 1)), cap)

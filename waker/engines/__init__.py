@@ -1,0 +1,1 @@
+"""Engine adapters: how to launch each engine and how to tell it is ready."""

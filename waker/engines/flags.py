@@ -1,0 +1,48 @@
+"""Small argv helpers shared by the engine adapters.
+
+The adapters add flags of their own (host, port, served name, memory) in front of the user's
+`spec.args`. A user who passes one of those flags in `spec.args` means it: their value must win, and
+the engine must not see the flag twice (argparse would silently keep the last one, click may refuse a
+repeated option, and a repeated model positional breaks `vllm serve` outright). So every flag an
+adapter adds goes through `option()`, which checks the user's args first.
+"""
+
+from collections.abc import Iterable, Sequence
+
+from waker.spec import ModelSpec
+
+
+def has_flag(args: Sequence[str], names: Iterable[str]) -> bool:
+    """True when any spelling in `names` appears in `args`, as `--flag value` or `--flag=value`.
+
+    Exact-match only: prefix abbreviations that some argparse parsers accept (`--serv` for
+    `--served-model-name`) are not recognised; users should spell flags out in full.
+    """
+    spellings = tuple(names)
+    for arg in args:
+        for name in spellings:
+            if arg == name or arg.startswith(name + "="):
+                return True
+    return False
+
+
+def option(user_args: Sequence[str], names: Sequence[str], value: str) -> list[str]:
+    """`[names[0], value]`, or nothing when the user already passed any spelling in `names`.
+
+    `names[0]` is the spelling we emit; the rest are aliases the engine also accepts, listed so a user
+    who writes the alias still overrides us.
+    """
+    if has_flag(user_args, names):
+        return []
+    return [names[0], value]
+
+
+def required_model(spec: ModelSpec) -> str:
+    """The weights argument, or a clear error: an engine we launch cannot start without one.
+
+    ModelSpec only waives `model` for external runtimes, which are never launched; reaching here without
+    one means a caller asked for argv it should not need.
+    """
+    if not spec.model:
+        raise ValueError(f"model {spec.name!r}: engine {spec.engine} needs `model` to build a command line")
+    return spec.model

@@ -1,0 +1,48 @@
+"""llama.cpp adapter: `llama-server --model <model>` plus our flags.
+
+Flag sources, all from the llama.cpp server README
+(https://github.com/ggml-org/llama.cpp/blob/master/tools/server/README.md, repo: tools/server/README.md):
+- `-m, --model FNAME`; the model may instead come from `-mu, --model-url`, `-hf, -hfr, --hf-repo` or
+  `-dr, --docker-repo`, so any of those in the user's args means "the user picked the model".
+- `--host HOST`, `--port PORT`.
+- `-a, --alias STRING`: "set model name aliases, comma-separated (to be used by API)".
+- `GET /health`: 503 while the model is loading, 200 once it is loaded and the server is ready.
+
+There is no GPU memory fraction flag: llama-server sizes its memory by layers offloaded (`-ngl`) and
+context size (`-c`), so spec.gpu_memory_utilization is ignored here; put those flags in `args`.
+"""
+
+from waker.engines.base import Launch, Readiness
+from waker.engines.flags import has_flag, option, required_model
+from waker.spec import EngineKind, ModelSpec
+
+_MODEL = ("--model", "-m")
+_MODEL_SOURCES = (*_MODEL, "--model-url", "-mu", "--hf-repo", "-hf", "-hfr", "--docker-repo", "-dr")
+_HOST = ("--host",)
+_PORT = ("--port",)
+_SERVED_NAME = ("--alias", "-a")
+
+
+class LlamacppEngine:
+    """Builds llama-server command lines.
+
+    Launcher: `llama-server` by default; a `spec.command` replaces it (e.g. `["/opt/llama/llama-server"]`).
+    `--model <model>` follows either way, unless the user's args already choose the model.
+    """
+
+    kind: str = EngineKind.LLAMACPP.value
+
+    def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
+        model = required_model(spec)
+        user = spec.args
+        argv = list(spec.command) if spec.command else ["llama-server"]
+        if not has_flag(user, _MODEL_SOURCES):
+            argv += [_MODEL[0], model]
+        argv += option(user, _HOST, launch.host)
+        argv += option(user, _PORT, str(launch.port))
+        argv += option(user, _SERVED_NAME, spec.upstream_name)
+        # gpu_memory_utilization: deliberately unused, llama-server has no fraction flag (see module doc).
+        return [*argv, *user]
+
+    def readiness(self, spec: ModelSpec) -> Readiness:
+        return Readiness(path=spec.health_path or "/health")

@@ -1,0 +1,47 @@
+"""SGLang adapter: `python3 -m sglang.launch_server --model-path <model>` plus our flags.
+
+Flag sources:
+- Server arguments: https://docs.sglang.io/advanced_features/server_arguments.html
+  (repo: docs/advanced_features/server_arguments.md): `--model-path` (alias `--model`), `--host`,
+  `--port`, `--served-model-name`, `--mem-fraction-static` (fraction of memory for static allocation:
+  weights plus the KV cache pool; the closest match to our gpu_memory_utilization).
+- Native APIs: https://docs.sglang.io/basic_usage/native_api.html (repo: docs/basic_usage/native_api.md):
+  `/health` and `/health_generate`. We probe `/health`: `/health_generate` runs a generation on every
+  poll, which is load we do not want while waiting for startup.
+"""
+
+from waker.engines.base import Launch, Readiness
+from waker.engines.flags import option, required_model
+from waker.spec import EngineKind, ModelSpec
+
+_MODEL = ("--model-path", "--model")
+_HOST = ("--host",)
+_PORT = ("--port",)
+_SERVED_NAME = ("--served-model-name",)
+_MEMORY = ("--mem-fraction-static",)
+
+
+class SglangEngine:
+    """Builds SGLang launch_server command lines.
+
+    Launcher: `python3 -m sglang.launch_server` by default. A `spec.command` replaces exactly that part
+    (e.g. `["sglang", "serve"]` or a venv's python with `-m sglang.launch_server`); `--model-path
+    <model>` is appended after it either way, unless the user's args already name the model.
+    """
+
+    kind: str = EngineKind.SGLANG.value
+
+    def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
+        model = required_model(spec)
+        user = spec.args
+        argv = list(spec.command) if spec.command else ["python3", "-m", "sglang.launch_server"]
+        argv += option(user, _MODEL, model)
+        argv += option(user, _HOST, launch.host)
+        argv += option(user, _PORT, str(launch.port))
+        argv += option(user, _SERVED_NAME, spec.upstream_name)
+        if spec.gpu_memory_utilization is not None:
+            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
+        return [*argv, *user]
+
+    def readiness(self, spec: ModelSpec) -> Readiness:
+        return Readiness(path=spec.health_path or "/health")

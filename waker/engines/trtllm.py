@@ -1,0 +1,54 @@
+"""TensorRT-LLM adapter: `trtllm-serve <model>` plus our flags.
+
+Flag sources:
+- trtllm-serve reference, "Syntax" section:
+  https://nvidia.github.io/TensorRT-LLM/commands/trtllm-serve/trtllm-serve.html (checked against the
+  1.3.0rc7 page and against tensorrt_llm/commands/serve.py): MODEL is a positional argument; `--host`,
+  `--port`; `--kv_cache_free_gpu_memory_fraction` (alias `--free_gpu_memory_fraction` in newer releases,
+  the only spelling in 0.18): "Free GPU memory fraction reserved for KV Cache, after allocating model
+  weights and buffers"; `--served_model_name` ("prototype"; default: the model path).
+- The same page lists `/health` among the server's endpoints.
+
+Caveats worth knowing when writing a models.d entry:
+- The fraction means something different from vLLM's: it is a share of the memory left free *after*
+  the weights are loaded, not of the whole GPU. We pass gpu_memory_utilization through unchanged, as
+  the closest knob trtllm-serve has on its command line.
+- `--served_model_name` first appears in the 1.3.0 release candidates (PR NVIDIA/TensorRT-LLM#11711,
+  whose description spells it `--served-model-name`; the generated docs spell it with underscores, so we
+  emit that and treat both as the user's override). Older trtllm-serve releases reject it as an unknown
+  option; run a 1.3+ release.
+"""
+
+from waker.engines.base import Launch, Readiness
+from waker.engines.flags import option, required_model
+from waker.spec import EngineKind, ModelSpec
+
+_HOST = ("--host",)
+_PORT = ("--port",)
+_SERVED_NAME = ("--served_model_name", "--served-model-name")
+_MEMORY = ("--kv_cache_free_gpu_memory_fraction", "--free_gpu_memory_fraction")
+
+
+class TrtllmEngine:
+    """Builds trtllm-serve command lines.
+
+    Launcher: `trtllm-serve <model>` by default. A `spec.command` replaces `trtllm-serve` (it may also
+    name the `serve` subcommand, e.g. `["trtllm-serve", "serve"]`); the model positional is appended
+    after it. trtllm-serve has no model option, so the model is always ours and always present once.
+    """
+
+    kind: str = EngineKind.TRTLLM.value
+
+    def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
+        model = required_model(spec)
+        user = spec.args
+        argv = [*(spec.command or ("trtllm-serve",)), model]
+        argv += option(user, _HOST, launch.host)
+        argv += option(user, _PORT, str(launch.port))
+        argv += option(user, _SERVED_NAME, spec.upstream_name)
+        if spec.gpu_memory_utilization is not None:
+            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
+        return [*argv, *user]
+
+    def readiness(self, spec: ModelSpec) -> Readiness:
+        return Readiness(path=spec.health_path or "/health")

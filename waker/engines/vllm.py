@@ -1,0 +1,52 @@
+"""vLLM adapter: `vllm serve <model>` with our host, port, served name and memory fraction.
+
+Flag sources:
+- `vllm serve` CLI reference: https://docs.vllm.ai/en/latest/cli/serve.html (repo: docs/cli/serve.md,
+  docs/cli/README.md): the model is the first positional argument (`model_tag`); `--host`, `--port`,
+  `--served-model-name`, `--gpu-memory-utilization` (fraction of GPU memory for weights + KV cache).
+- vLLM's FlexibleArgumentParser (vllm/utils, "allows both underscore and dash in names") accepts
+  `--served_model_name` as well, so the underscore spellings count as "the user passed this flag".
+- `GET /health` (vllm/entrypoints/openai/api_server.py) answers 200 once the OpenAI-compatible server
+  serves HTTP, which it does only after the engine client, and so the model, is up; it is the liveness
+  and readiness probe path in e.g. https://aws.github.io/deep-learning-containers/vllm/deployment/eks/.
+"""
+
+from waker.engines.base import Launch, Readiness
+from waker.engines.flags import has_flag, option, required_model
+from waker.spec import EngineKind, ModelSpec
+
+_HOST = ("--host",)
+_PORT = ("--port",)
+_SERVED_NAME = ("--served-model-name", "--served_model_name")
+_MEMORY = ("--gpu-memory-utilization", "--gpu_memory_utilization")
+# The legacy `python -m vllm.entrypoints.openai.api_server` launcher takes the model as `--model`.
+_MODEL = ("--model",)
+
+
+class VllmEngine:
+    """Builds `vllm serve` command lines.
+
+    Launcher: `vllm serve <model>` by default. A `spec.command` replaces `vllm serve` only, e.g.
+    `["/opt/venv/bin/vllm", "serve"]` or `["uv", "run", "vllm", "serve"]`; the model is then appended as
+    the positional argument right after it, so it is present exactly once either way. When the user's
+    args already carry `--model` (the legacy api_server launcher wants it that way) we add no
+    positional: their args win, as for every other flag below.
+    """
+
+    kind: str = EngineKind.VLLM.value
+
+    def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
+        model = required_model(spec)
+        user = spec.args
+        argv = list(spec.command) if spec.command else ["vllm", "serve"]
+        if not has_flag(user, _MODEL):
+            argv.append(model)
+        argv += option(user, _HOST, launch.host)
+        argv += option(user, _PORT, str(launch.port))
+        argv += option(user, _SERVED_NAME, spec.upstream_name)
+        if spec.gpu_memory_utilization is not None:
+            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
+        return [*argv, *user]
+
+    def readiness(self, spec: ModelSpec) -> Readiness:
+        return Readiness(path=spec.health_path or "/health")

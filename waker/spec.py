@@ -1,0 +1,143 @@
+"""ModelSpec: one models.d entry, typed and validated once at the edge."""
+
+import hashlib
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from waker.durations import Duration
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+class EngineKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TRTLLM = "trtllm"
+    LLAMACPP = "llamacpp"
+    GENERIC = "generic"
+
+
+class RuntimeKind(StrEnum):
+    PROCESS = "process"
+    DOCKER = "docker"
+    EXTERNAL = "external"
+
+
+class IdleAction(StrEnum):
+    STOP = "stop"
+
+
+class ModelSpec(BaseModel):
+    """What can be served under one name, and how its engine is run.
+
+    Unknown keys are errors (a typo such as `idle_timout` must not be silently ignored).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="the model name clients send")
+    aliases: tuple[str, ...] = Field(default=(), description="other names that route here")
+    engine: EngineKind = EngineKind.GENERIC
+    runtime: RuntimeKind = RuntimeKind.PROCESS
+
+    model: str | None = Field(default=None, description="weights: a path or a hub id, given to the engine")
+    served_name: str | None = Field(default=None, description="name the engine serves; default: name")
+    command: tuple[str, ...] | None = Field(
+        default=None, description="executable and leading args; replaces the engine's default launcher"
+    )
+    args: tuple[str, ...] = Field(default=(), description="extra engine arguments, appended")
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = Field(default=None, description="process runtime: working directory")
+    image: str | None = Field(default=None, description="docker runtime: image")
+    url: str | None = Field(default=None, description="external runtime: base URL, e.g. http://host:8000/v1")
+    host: str = Field(default="127.0.0.1", description="address the engine listens on")
+    port: int | None = Field(default=None, ge=1, le=65535, description="engine port; default: a free one")
+    api_key: str | None = Field(default=None, description="key the gateway sends to the engine")
+
+    memory_gb: float = Field(default=0.0, ge=0, description="memory the engine may take, in GB")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="fraction of GPU memory given to the engine's memory flag"
+    )
+
+    idle_timeout: Duration = Field(default=900.0, description="stop after this long idle; 0 = never")
+    idle_action: IdleAction = IdleAction.STOP
+    min_uptime: Duration = Field(default=60.0, description="never stop sooner than this after READY")
+    start_timeout: Duration = Field(default=600.0, gt=0, description="give up if not ready by then")
+    stop_timeout: Duration = Field(default=20.0, description="grace between SIGTERM and SIGKILL")
+    health_path: str | None = Field(default=None, description="readiness path; default: the engine's")
+
+    pinned: bool = False
+    priority: int = 0
+
+    source: Path | None = Field(default=None, exclude=True, description="file this spec came from")
+
+    @field_validator("name", "served_name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid model name (letters, digits and ._:/@+- only)")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _valid_aliases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in value:
+            cls._valid_name(alias)
+        if len(set(value)) != len(value):
+            raise ValueError("an alias is listed twice")
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+    @model_validator(mode="after")
+    def _runtime_needs(self) -> Self:
+        if self.name in self.aliases:
+            raise ValueError(f"alias {self.name!r} repeats the model's own name")
+        if self.runtime is RuntimeKind.EXTERNAL:
+            if not self.url:
+                raise ValueError("runtime external needs url (the endpoint's base URL, e.g. http://host:8000/v1)")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError("url must start with http:// or https://")
+        elif self.url:
+            raise ValueError(f"url is only for runtime external (this model's runtime is {self.runtime})")
+        if self.runtime is RuntimeKind.DOCKER and not self.image:
+            raise ValueError("runtime docker needs image")
+        if self.runtime is RuntimeKind.PROCESS and self.engine is EngineKind.GENERIC and not self.command:
+            raise ValueError("engine generic on runtime process needs command (the program to run)")
+        if self.engine in (EngineKind.VLLM, EngineKind.SGLANG, EngineKind.TRTLLM, EngineKind.LLAMACPP):
+            if self.runtime is not RuntimeKind.EXTERNAL and not self.model:
+                raise ValueError(f"engine {self.engine} needs model (a weights path or hub id)")
+        return self
+
+    @property
+    def upstream_name(self) -> str:
+        """The model name the engine itself answers to."""
+        return self.served_name or self.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    @property
+    def manages_lifecycle(self) -> bool:
+        return self.runtime is not RuntimeKind.EXTERNAL
+
+    def spec_hash(self) -> str:
+        """Stable digest of everything that shapes the running engine (not names or policy)."""
+        shaping = self.model_dump(
+            mode="json",
+            include={"engine", "runtime", "model", "served_name", "command", "args", "env", "workdir",
+                     "image", "url", "host", "port", "api_key", "gpu_memory_utilization"},
+        )
+        blob = json.dumps(shaping, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

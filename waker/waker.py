@@ -1,0 +1,121 @@
+"""The Waker: every model's controller, leases by name, the idle reaper, and clean shutdown."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+
+from waker.clock import Clock, SystemClock
+from waker.engines.registry import engine_for
+from waker.events import Event, EventLog
+from waker.model import Endpoint, ModelController, ModelStatus
+from waker.options import WakerOptions
+from waker.probe import ReadinessProber
+from waker.reaper import idle_stops
+from waker.registry import Registry
+from waker.runtime.base import Runtime
+from waker.runtime.external import ExternalRuntime
+from waker.runtime.process import ProcessRuntime
+from waker.spec import ModelSpec, RuntimeKind
+
+log = logging.getLogger("sparkgate.waker")
+
+
+def default_runtimes(options: WakerOptions) -> dict[RuntimeKind, Runtime]:
+    return {
+        RuntimeKind.PROCESS: ProcessRuntime(keep_log_lines=max(200, options.log_tail_lines)),
+        RuntimeKind.EXTERNAL: ExternalRuntime(),
+    }
+
+
+class Waker:
+    """Use as `async with waker:`; then `async with waker.lease(name) as endpoint: ...`."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        runtimes: Mapping[RuntimeKind, Runtime] | None = None,
+        options: WakerOptions | None = None,
+        clock: Clock | None = None,
+        events: EventLog | None = None,
+    ) -> None:
+        self.registry = registry
+        self.options = options or WakerOptions()
+        self.clock = clock or SystemClock()
+        self.events = events or EventLog()
+        self._runtimes = dict(runtimes) if runtimes is not None else default_runtimes(self.options)
+        self._session: aiohttp.ClientSession | None = None
+        self._controllers: dict[str, ModelController] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "Waker":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        prober = ReadinessProber(self._session, self.options.probe_interval, self.options.probe_timeout)
+        for name, spec in self.registry.items():
+            runtime = self._runtimes.get(spec.runtime)
+            if runtime is None:
+                raise ValueError(f"{name}: runtime {spec.runtime} is not available in this gateway")
+            controller = ModelController(
+                spec, engine_for(spec.engine), runtime, prober, self.events, self.clock, self.options
+            )
+            self._controllers[name] = controller
+            if not spec.manages_lifecycle:
+                controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
+        self._reaper = asyncio.create_task(self._reap_forever(), name="idle reaper")
+
+    async def shutdown(self) -> None:
+        """Stop everything this waker started; no engine outlives the gateway."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        results = await asyncio.gather(*(c.close() for c in self._controllers.values()), return_exceptions=True)
+        for controller, result in zip(self._controllers.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("stopping %s failed: %r", controller.spec.name, result)
+        if self._session is not None:
+            await self._session.close()
+
+    def resolve(self, name: str) -> ModelSpec:
+        return self.registry.resolve(name)
+
+    def controller(self, name: str) -> ModelController:
+        return self._controllers[self.registry.resolve(name).name]
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str) -> AsyncIterator[Endpoint]:
+        async with self.controller(name).lease() as endpoint:
+            yield endpoint
+
+    async def stop(self, name: str, reason: str = "asked to stop") -> None:
+        await self.controller(name).stop(reason)
+
+    def statuses(self) -> list[ModelStatus]:
+        return [c.status() for c in self._controllers.values()]
+
+    async def reap_once(self) -> None:
+        stopping = []
+        for decision in idle_stops(self.statuses(), self.clock.now()):
+            task = self._controllers[decision.model].stop_if_idle(decision.reason)
+            if task is not None:
+                self.events.emit(Event(self.clock.wall(), decision.model, "idle_stop", reason=decision.reason))
+                stopping.append(task)
+        await asyncio.gather(*stopping, return_exceptions=True)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.reap_interval)
+            try:
+                await self.reap_once()
+            except Exception:  # the reaper must survive one bad stop
+                log.exception("idle reaper")
