@@ -5,7 +5,7 @@ Usage::
 
     python scripts/make_tiny_gguf.py OUTPUT_PATH
 
-The file (~0.7 MB, written in well under a second) is loaded by the real ``llama-cpp-python[server]``
+The file (~0.5 MB, written in well under a second) is loaded by the real ``llama-cpp-python[server]``
 (pinned 0.3.36) and served through its OpenAI-compatible API, streaming and non-streaming::
 
     python -m llama_cpp.server --model OUTPUT_PATH --model_alias tiny \\
@@ -25,7 +25,7 @@ How the model is made
   4 query heads and 2 KV heads (GQA, head dim 16, RoPE over the whole head), FFN width 128, RMS-norm
   epsilon 1e-5.  All tensors are F32 (the file is tiny anyway, and F32 keeps the logit mask below exact).
   Separate ``output.weight`` (no tied embeddings), because the mask needs different values there.
-* Tokenizer model ``gpt2`` (byte-level BPE) with pre-tokenizer ``gpt-2``.  The vocabulary (~530 tokens)
+* Tokenizer model ``gpt2`` (byte-level BPE) with pre-tokenizer ``gpt-2``.  The vocabulary (396 tokens)
   is ASCII only: three control tokens (``<|endoftext|>`` = BOS, ``<|im_start|>``, ``<|im_end|>`` = EOS),
   the 95 printable ASCII characters plus newline (in GPT-2's byte-to-unicode spelling: ``Ġ`` is a space,
   ``Ċ`` a newline), and a few hundred English word pieces (`` the``, `` model``, ...) built by a chain
@@ -41,19 +41,21 @@ its 256 byte-fallback tokens ``<0x00>``..``<0xFF>``, it emits lone bytes >= 0x80
 incomplete UTF-8.  llama-cpp-python's streaming path then holds text back waiting for the multi-byte
 sequence to complete and re-decodes the growing tail on every token, which turns quadratic: 1024 tokens
 took 180 s.  Here no token decodes to anything but printable ASCII or ``\\n``, so every token is complete
-text on its own and streaming stays at thousands of tokens per second.
+text on its own: a 256-token stream takes ~0.5 s on a 2-core machine.  (llama-cpp-python still re-detokenizes
+the whole completion after each token, so very long completions slow down somewhat: 1024 tokens ~3.7 s.)
 
 Byte-level BPE also keeps non-ASCII *prompts* harmless: llama.cpp looks up each unknown piece's raw bytes
 and silently drops those with no token (unlike SPM, whose byte fallback throws for a missing
-``<0xNN>``).  So ``"héllo ✓"`` tokenizes to ``h`` + ``llo`` + `` `` and the server answers normally.
+``<0xNN>``).  So ``"héllo ✓"`` tokenizes to ``h l l o`` + space and the server answers normally.
 
 Why generation always runs to ``max_tokens``
 --------------------------------------------
 The control tokens (including EOS) can never be sampled, so every completion ends with
-``finish_reason == "length"`` after exactly ``max_tokens`` tokens (or when the context is full, if
-``max_tokens`` is omitted).  This makes lengths in tests deterministic.  Tests that want a natural stop can
-send ``"logit_bias": {"2": 100}`` (2 = ``<|im_end|>``) or a ``stop`` string.  The mask is built into the
-weights (a random model cannot be told "never say X" otherwise):
+``finish_reason == "length"`` after exactly ``max_tokens`` tokens, or when the context is full (a chat
+request without ``max_tokens`` generates ~2000 tokens; the server caps larger ``max_tokens`` the same way).
+This makes lengths in tests deterministic.  Tests that want a natural stop can send
+``"logit_bias": {"2": 100}`` (2 = ``<|im_end|>``: empty content, ``finish_reason == "stop"``) or a ``stop``
+string.  The mask is built into the weights (a random model cannot be told "never say X" otherwise):
 
 * dimension 0 of the residual stream is a constant "bias channel": every token embedding has
   ``BIAS_CHANNEL`` there, and the attention and FFN output projections have a zero row 0, so the final
