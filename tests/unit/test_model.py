@@ -63,7 +63,7 @@ async def test_lease_counts_in_flight_work_and_marks_last_use() -> None:
 
 
 async def test_engine_exit_during_start_fails_every_waiter_with_exit_code_and_log_tail() -> None:
-    controller, runtime, events = make(runtime=FakeRuntime(auto_ready=False))
+    controller, runtime, _events = make(runtime=FakeRuntime(auto_ready=False))
     waiters = [asyncio.create_task(controller.acquire()) for _ in range(3)]
     await runtime.started.wait()
     runtime.handles[0].exit(3, "CUDA out of memory")
@@ -134,7 +134,7 @@ async def test_crash_while_ready_moves_to_failed_and_next_request_restarts() -> 
 
 
 async def test_stop_is_graceful_and_a_later_lease_starts_again() -> None:
-    controller, runtime, events = make()
+    controller, runtime, _events = make()
     async with controller.lease():
         pass
     await controller.stop("asked")
@@ -166,7 +166,7 @@ async def test_lease_waiting_on_a_stopping_model_starts_it_again() -> None:
 
 
 async def test_closed_controller_refuses_new_leases_and_stops_its_engine() -> None:
-    controller, runtime, _ = make()
+    controller, _runtime, _ = make()
     async with controller.lease():
         pass
     await controller.close()
