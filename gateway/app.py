@@ -16,13 +16,15 @@ from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
 from waker.registry import Registry, load_dir
-from waker.waker import Waker
+from waker.waker import Waker, default_runtimes
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
     """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
     if waker is None:
-        waker = Waker(registry or load_dir(settings.config_dir), options=settings.waker_options())
+        options = settings.waker_options()
+        waker = Waker(registry or load_dir(settings.config_dir), options=options,
+                      runtimes=default_runtimes(options, settings.docker_nodes()))
     session: aiohttp.ClientSession | None = None
 
     def upstream() -> aiohttp.ClientSession:

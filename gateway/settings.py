@@ -2,11 +2,31 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from waker.durations import Duration
 from waker.options import WakerOptions
+from waker.runtime.docker import DockerNode
+
+
+class NodeSettings(BaseModel):
+    """A Docker host that engines with `runtime: docker` run on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    docker_host: str | None = Field(
+        default=None, description="unix://, tcp:// or ssh://user@host; default: DOCKER_HOST or the local socket"
+    )
+    address: str = Field(default="127.0.0.1", description="address the gateway uses to reach engines there")
+    publish_ip: str = Field(default="127.0.0.1", description="address engine ports are published on there")
+
+    @field_validator("docker_host")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("unix://", "tcp://", "ssh://", "http://", "https://")):
+            raise ValueError("docker_host must start with unix://, tcp:// or ssh://")
+        return value
 
 
 class GatewaySettings(BaseSettings):
@@ -30,6 +50,14 @@ class GatewaySettings(BaseSettings):
     reap_interval: Duration = 1.0
     log_tail_lines: int = Field(default=40, ge=0)
     backoff_cap: Duration = 300.0
+
+    nodes: dict[str, NodeSettings] = Field(
+        default_factory=lambda: {"local": NodeSettings()},
+        description='Docker hosts by name, as JSON: {"local": {}, "spark2": {"docker_host": "ssh://me@spark2"}}',
+    )
+
+    def docker_nodes(self) -> dict[str, DockerNode]:
+        return {name: DockerNode(name, n.docker_host, n.address, n.publish_ip) for name, n in self.nodes.items()}
 
     def waker_options(self) -> WakerOptions:
         return WakerOptions(

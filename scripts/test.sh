@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --test
+# The image that docker tests run their engines in (debootstrap + docker import; cached by tag).
+tests/docker/build_image.sh
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

@@ -5,7 +5,7 @@ chat and text completions with SSE framing (`data: {...}\\n\\n`, then `data: [DO
 Counts what happened at `GET /stats`, including streams the client abandoned.
 
     python tests/fake_engine.py --port P --model NAME [--ready-after S] [--never-ready]
-        [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N]
+        [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N] [--alloc-mb N]
 """
 
 import argparse
@@ -120,8 +120,14 @@ def main() -> None:
     ap.add_argument("--token-delay", type=float, default=0.0)
     ap.add_argument("--no-done", action="store_true", help="end streams without data: [DONE]")
     ap.add_argument("--crash-after-tokens", type=int, default=None)
+    ap.add_argument("--alloc-mb", type=int, default=0, help="touch this much memory at start (OOM tests)")
     args = ap.parse_args()
     print(f"fake engine {args.model} starting on {args.host}:{args.port}", flush=True)
+    if args.alloc_mb:
+        print(f"allocating {args.alloc_mb} MB", flush=True)
+        hog = bytearray(args.alloc_mb * 1024 * 1024)
+        for i in range(0, len(hog), 4096):
+            hog[i] = 1
     if args.exit_at_start is not None:
         print("loading weights...", flush=True)
         print("error: out of memory while loading weights", file=sys.stderr, flush=True)

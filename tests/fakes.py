@@ -3,6 +3,7 @@
 import asyncio
 
 from waker.engines.base import Engine, Readiness
+from waker.runtime.base import Exit, RuntimeUnavailable
 from waker.spec import ModelSpec
 
 
@@ -10,7 +11,7 @@ class FakeHandle:
     def __init__(self, number: int) -> None:
         self.number = number
         self.ready = asyncio.Event()
-        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
         self.lines: list[str] = [f"engine {number} booting"]
         self.stops = 0
 
@@ -28,15 +29,19 @@ class FakeHandle:
 
     @property
     def exit_code(self) -> int | None:
-        return self._exited.result() if self._exited.done() else None
+        return self._exited.result().code if self._exited.done() else None
 
-    def exit(self, code: int, line: str = "") -> None:
+    def exit(self, code: int, line: str = "", oom: bool = False) -> None:
         if line:
             self.lines.append(line)
         if not self._exited.done():
-            self._exited.set_result(code)
+            self._exited.set_result(Exit(code, oom))
 
-    async def wait_exit(self) -> int:
+    def lose_track(self, why: str) -> None:
+        if not self._exited.done():
+            self._exited.set_exception(RuntimeUnavailable(why))
+
+    async def wait_exit(self) -> Exit:
         return await asyncio.shield(self._exited)
 
     async def stop(self, grace: float) -> int | None:
@@ -44,12 +49,14 @@ class FakeHandle:
         self.exit(0)
         return 0
 
-    def log_tail(self, lines: int) -> tuple[str, ...]:
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
         return tuple(self.lines[-lines:])
 
 
 class FakeRuntime:
     """Each start makes a FakeHandle; `auto_ready` makes it ready at once."""
+
+    detached = False
 
     def __init__(self, auto_ready: bool = True) -> None:
         self.auto_ready = auto_ready

@@ -14,7 +14,7 @@ import yaml
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from waker.registry import load_dir
-from waker.waker import Waker
+from waker.waker import Waker, default_runtimes
 
 FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))
 
@@ -56,7 +56,9 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def run_gateway(config_dir: Path, **settings: Any) -> AsyncIterator[Gateway]:
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
-    waker = Waker(load_dir(config_dir), options=gateway_settings.waker_options())
+    options = gateway_settings.waker_options()
+    waker = Waker(load_dir(config_dir), options=options,
+                  runtimes=default_runtimes(options, gateway_settings.docker_nodes()))
     app = create_app(gateway_settings, waker=waker)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                             http="httptools", loop="asyncio")

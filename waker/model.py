@@ -13,7 +13,7 @@ from waker.errors import ShuttingDown, StartFailed, StartTimeout
 from waker.events import Event, EventLog
 from waker.options import WakerOptions
 from waker.probe import Prober
-from waker.runtime.base import EngineHandle, Runtime
+from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable
 from waker.spec import ModelSpec
 from waker.state import ModelState, check_transition
 
@@ -119,10 +119,11 @@ class ModelController:
             spec=self.spec,
         )
 
-    def log_tail(self, lines: int | None = None) -> tuple[str, ...]:
+    async def log_tail(self, lines: int | None = None) -> tuple[str, ...]:
+        """The engine's last output lines (of the failed run when there is none running)."""
         lines = self._options.log_tail_lines if lines is None else lines
         if self.handle is not None:
-            return self.handle.log_tail(lines)
+            return await self._tail_of(self.handle)
         return self.last_error.log_tail[-lines:] if self.last_error else ()
 
     # -- leases ----------------------------------------------------------------------------------
@@ -208,17 +209,30 @@ class ModelController:
 
     # -- start -----------------------------------------------------------------------------------
 
-    async def _start(self) -> EngineHandle:
+    def adopt(self, handle: EngineHandle) -> None:
+        """Take over an engine that is already running (gateway restart): it is probed like a fresh
+        start, never restarted."""
+        self._transition(S.STARTING, f"adopting running engine {handle.ident}")
+        self._start_task = asyncio.create_task(self._start(handle), name=f"adopt {self.spec.name}")
+        self._start_task.add_done_callback(_consume_exception)
+
+    async def _start(self, adopted: EngineHandle | None = None) -> EngineHandle:
         spec = self.spec
         started = self._clock.now()
-        try:
-            handle = await self._runtime.start(spec, self._engine)
-        except asyncio.CancelledError:
-            self._fail(f"start of {spec.name} was cancelled", None, ())
-            raise
-        except Exception as exc:  # the runtime could not launch it at all
-            self._fail(f"{spec.name} could not be launched: {exc}", None, ())
-            raise self._failure_error() from exc
+        if adopted is not None:
+            handle = adopted
+        else:
+            try:
+                handle = await self._runtime.start(spec, self._engine)
+            except asyncio.CancelledError:
+                self._fail(f"start of {spec.name} was cancelled", None, ())
+                raise
+            except RuntimeUnavailable as exc:
+                self._fail(str(exc), None, (), unavailable=True)
+                raise self._failure_error() from exc
+            except Exception as exc:  # the runtime could not launch it at all
+                self._fail(f"{spec.name} could not be launched: {exc}", None, ())
+                raise self._failure_error() from exc
         self.handle = handle
         exited = asyncio.create_task(handle.wait_exit(), name=f"exit {spec.name}")
         probing = asyncio.create_task(
@@ -232,18 +246,14 @@ class ModelController:
         except asyncio.CancelledError:
             probing.cancel()
             exited.cancel()
-            await handle.stop(spec.stop_timeout)
-            self._fail(f"start of {spec.name} was cancelled", handle.exit_code, handle.log_tail(self._tail))
+            code = await handle.stop(spec.stop_timeout)
+            self._fail(f"start of {spec.name} was cancelled", code, await self._tail_of(handle))
             raise
         probing.cancel()
         if exited in done:
-            code = exited.result()
-            self._fail(
-                f"{spec.name} exited with code {code} during start "
-                f"(after {format_duration(self._clock.now() - started)})",
-                code,
-                handle.log_tail(self._tail),
-            )
+            took = format_duration(self._clock.now() - started)
+            reason, code = self._exit_reason(exited, "{name} exited with {exit} during start (after " + took + ")")
+            self._fail(reason, code, await self._tail_of(handle), unavailable=code is None)
             raise self._failure_error()
         if not done:
             exited.cancel()
@@ -252,27 +262,37 @@ class ModelController:
                 f"{spec.name} did not become ready within its start_timeout of "
                 f"{format_duration(spec.start_timeout)}",
                 code,
-                handle.log_tail(self._tail),
+                await self._tail_of(handle),
             )
             failure = self._failure_error()
-            raise StartTimeout(
-                failure.message, model=spec.name, exit_code=code, log_tail=failure.log_tail
-            )
+            raise StartTimeout(failure.message, model=spec.name, exit_code=code, log_tail=failure.log_tail)
         now = self._clock.now()
         self.ready_since = self.last_used = now
-        self._transition(S.READY, "engine answered its readiness check", seconds=round(now - started, 3))
+        self._transition(S.READY, "engine answered its readiness check", seconds=round(now - started, 3),
+                         engine=handle.ident)
         self._watch_task = asyncio.create_task(self._watch(handle, exited), name=f"watch {spec.name}")
         return handle
 
-    @property
-    def _tail(self) -> int:
-        return self._options.log_tail_lines
+    def _exit_reason(self, exited: asyncio.Task[Exit], when: str) -> tuple[str, int | None]:
+        try:
+            end = exited.result()
+        except RuntimeUnavailable as exc:
+            return f"{self.spec.name}: lost track of its engine: {exc}", None
+        return when.format(name=self.spec.name, exit=end.describe()), end.code
 
-    def _fail(self, reason: str, exit_code: int | None, log_tail: tuple[str, ...]) -> None:
+    async def _tail_of(self, handle: EngineHandle) -> tuple[str, ...]:
+        try:
+            return await asyncio.wait_for(handle.log_tail(self._options.log_tail_lines), timeout=5)
+        except Exception as exc:  # logs are a courtesy; their absence must not hide the failure
+            return (f"(engine output unavailable: {exc or type(exc).__name__})",)
+
+    def _fail(self, reason: str, exit_code: int | None, log_tail: tuple[str, ...], unavailable: bool = False) -> None:
         now = self._clock.now()
         stable = self.ready_since is not None and now - self.ready_since >= self._options.stable_after
         self.failures = 1 if stable else self.failures + 1
-        self.retry_at = now + retry_delay(self.failures, self._options.backoff_cap)
+        # A runtime that is down (not the engine's fault) is retried soon: it recovers on its own.
+        cap = min(self._options.backoff_cap, 5.0) if unavailable else self._options.backoff_cap
+        self.retry_at = now + retry_delay(self.failures, cap)
         self.last_error = Failure(reason, exit_code, log_tail, self._clock.wall())
         self.handle = None
         self.ready_since = None
@@ -281,12 +301,19 @@ class ModelController:
             retry_in=round(self.retry_at - now, 3), log_tail=list(log_tail[-10:]),
         )
 
-    async def _watch(self, handle: EngineHandle, exited: asyncio.Task[int]) -> None:
+    async def _watch(self, handle: EngineHandle, exited: asyncio.Task[Exit]) -> None:
         """A READY engine that exits on its own has crashed."""
-        code = await exited
+        await asyncio.wait({exited})
+        if self.handle is not handle or self.state is not S.READY:
+            return  # stopped on purpose
+        reason, code = self._exit_reason(exited, "{name} exited unexpectedly with {exit}")
+        tail = await self._tail_of(handle)
+        if code is not None:
+            # Reap what the engine left behind (process group, container) before a retry can start.
+            with contextlib.suppress(Exception):
+                await handle.stop(0.0)
         if self.handle is handle and self.state is S.READY:
-            self._fail(f"{self.spec.name} exited unexpectedly with code {code}", code, handle.log_tail(self._tail))
-            await handle.stop(0.0)  # reap whatever the engine left behind in its group
+            self._fail(reason, code, tail, unavailable=code is None)
 
     # -- stop ------------------------------------------------------------------------------------
 
@@ -336,10 +363,16 @@ class ModelController:
         self._transition(S.READY, "external endpoint, always on", url=handle.api_base)
 
     async def close(self) -> None:
-        """Refuse new leases and stop the engine (gateway exit)."""
+        """Refuse new leases; stop the engine unless it outlives the gateway (containers are left
+        running, to be adopted by the next gateway instead of restarted)."""
         self._closed = True
-        if self.spec.manages_lifecycle:
-            await self.stop("gateway shutting down")
+        if self._runtime.detached:
+            if self._start_task is not None and not self._start_task.done():
+                self._start_task.cancel()  # a half-started engine is not worth keeping
+                with contextlib.suppress(asyncio.CancelledError, StartFailed):
+                    await self._start_task
+            return
+        await self.stop("gateway shutting down")
 
 
 def _consume_exception(task: asyncio.Task[EngineHandle]) -> None:

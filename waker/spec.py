@@ -5,7 +5,7 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,18 @@ class RuntimeKind(StrEnum):
 
 class IdleAction(StrEnum):
     STOP = "stop"
+
+
+class UlimitRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    soft: int
+    hard: int
+
+
+Ulimit = int | UlimitRange
+"""One limit for both soft and hard (-1 = unlimited), or {soft, hard}."""
+
+GpuRequest = Literal["all"] | int | tuple[str, ...] | None
 
 
 class ModelSpec(BaseModel):
@@ -58,6 +70,18 @@ class ModelSpec(BaseModel):
     host: str = Field(default="127.0.0.1", description="address the engine listens on")
     port: int | None = Field(default=None, ge=1, le=65535, description="engine port; default: a free one")
     api_key: str | None = Field(default=None, description="key the gateway sends to the engine")
+
+    node: str = Field(default="local", description="docker runtime: the node (Docker host) it runs on")
+    volumes: tuple[str, ...] = Field(default=(), description="docker: host:container[:ro|rw]; ~ expanded")
+    gpus: GpuRequest = Field(default=None, description='docker: "all", a count, or device ids ["0", "1"]')
+    shm_size: str | None = Field(default=None, description='docker: /dev/shm size, e.g. "16g"')
+    ipc: str | None = Field(default=None, description='docker: IPC mode, e.g. "host"')
+    ulimits: dict[str, Ulimit] = Field(default_factory=dict, description="docker: e.g. {memlock: -1}")
+    network: str | None = Field(default=None, description='docker: "host" or a network name')
+    container_port: int = Field(default=8000, ge=1, le=65535, description="docker: port inside the container")
+    mem_limit: str | None = Field(default=None, description='docker: hard memory cap, e.g. "70g"')
+    init: bool = Field(default=False, description="docker: run an init as PID 1 (engines that ignore SIGTERM)")
+    keep_container: bool = Field(default=False, description="docker: keep it when stopped; faster restart")
 
     memory_gb: float = Field(default=0.0, ge=0, description="memory the engine may take, in GB")
     gpu_memory_utilization: float | None = Field(
@@ -112,6 +136,13 @@ class ModelSpec(BaseModel):
             raise ValueError(f"url is only for runtime external (this model's runtime is {self.runtime})")
         if self.runtime is RuntimeKind.DOCKER and not self.image:
             raise ValueError("runtime docker needs image")
+        if self.image and self.runtime is not RuntimeKind.DOCKER:
+            raise ValueError(f"image is only for runtime docker (this model's runtime is {self.runtime})")
+        for volume in self.volumes:
+            parts = volume.split(":")
+            if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or (
+                    len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise ValueError(f"volume {volume!r} must be host_path:/container/path[:ro|rw]")
         if self.runtime is RuntimeKind.PROCESS and self.engine is EngineKind.GENERIC and not self.command:
             raise ValueError("engine generic on runtime process needs command (the program to run)")
         if self.engine in (EngineKind.VLLM, EngineKind.SGLANG, EngineKind.TRTLLM, EngineKind.LLAMACPP):
@@ -133,11 +164,14 @@ class ModelSpec(BaseModel):
         return self.runtime is not RuntimeKind.EXTERNAL
 
     def spec_hash(self) -> str:
-        """Stable digest of everything that shapes the running engine (not names or policy)."""
-        shaping = self.model_dump(
-            mode="json",
-            include={"engine", "runtime", "model", "served_name", "command", "args", "env", "workdir",
-                     "image", "url", "host", "port", "api_key", "gpu_memory_utilization"},
-        )
+        """Stable digest of everything that shapes the running engine; policy (names, timeouts,
+        memory accounting, priority) is left out so changing it never recreates a container."""
+        shaping = self.model_dump(mode="json", exclude=_POLICY_FIELDS)
         blob = json.dumps(shaping, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_POLICY_FIELDS = {
+    "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
+    "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source",
+}

@@ -15,7 +15,8 @@ from waker.options import WakerOptions
 from waker.probe import ReadinessProber
 from waker.reaper import idle_stops
 from waker.registry import Registry
-from waker.runtime.base import Runtime
+from waker.runtime.base import Adopter, Found, Runtime, RuntimeUnavailable
+from waker.runtime.docker import DockerNode, DockerRuntime
 from waker.runtime.external import ExternalRuntime
 from waker.runtime.process import ProcessRuntime
 from waker.spec import ModelSpec, RuntimeKind
@@ -23,10 +24,13 @@ from waker.spec import ModelSpec, RuntimeKind
 log = logging.getLogger("sparkgate.waker")
 
 
-def default_runtimes(options: WakerOptions) -> dict[RuntimeKind, Runtime]:
+def default_runtimes(
+    options: WakerOptions, nodes: Mapping[str, DockerNode] | None = None
+) -> dict[RuntimeKind, Runtime]:
     return {
         RuntimeKind.PROCESS: ProcessRuntime(keep_log_lines=max(200, options.log_tail_lines)),
         RuntimeKind.EXTERNAL: ExternalRuntime(),
+        RuntimeKind.DOCKER: DockerRuntime(nodes),
     }
 
 
@@ -71,7 +75,42 @@ class Waker:
             self._controllers[name] = controller
             if not spec.manages_lifecycle:
                 controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
+        await self._adopt_running_engines()
         self._reaper = asyncio.create_task(self._reap_forever(), name="idle reaper")
+
+    async def _adopt_running_engines(self) -> None:
+        """Engines left running by a previous gateway are taken over, never restarted; stale ones
+        (spec changed, model gone from models.d) are stopped and reported."""
+        for runtime in {id(r): r for r in self._runtimes.values()}.values():
+            if not isinstance(runtime, Adopter):
+                continue
+            try:
+                found = await runtime.discover()
+            except RuntimeUnavailable as exc:
+                log.warning("could not look for running engines: %s", exc)
+                continue
+            for engine in found:
+                await self._take_over(runtime, engine)
+
+    async def _take_over(self, runtime: Adopter, found: Found) -> None:
+        spec = self.registry.get(found.model)
+        if spec is None:
+            stale = "its model is no longer in models.d"
+        elif found.spec_hash != spec.spec_hash():
+            stale = "its model's spec changed"
+        elif found.running:
+            self._controllers[spec.name].adopt(found.handle)
+            return
+        elif spec.keep_container:
+            return  # kept stopped on purpose: reused by the next start
+        else:
+            stale = "stopped and not kept"
+        self.events.emit(Event(self.clock.wall(), found.model, "stale_engine",
+                               reason=f"{found.handle.ident}: {stale}; removed"))
+        try:
+            await runtime.discard(found, stale)
+        except RuntimeUnavailable as exc:
+            log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
 
     async def shutdown(self) -> None:
         """Stop everything this waker started; no engine outlives the gateway."""
@@ -85,6 +124,10 @@ class Waker:
                 log.error("stopping %s failed: %r", controller.spec.name, result)
         if self._session is not None:
             await self._session.close()
+        for runtime in self._runtimes.values():
+            close = getattr(runtime, "close", None)
+            if close is not None:
+                close()
 
     def resolve(self, name: str) -> ModelSpec:
         return self.registry.resolve(name)

@@ -1,10 +1,37 @@
 """The protocol every runtime implements; the rest of the waker never knows which one it drives."""
 
+import signal
 import socket
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from waker.engines.base import Engine
 from waker.spec import ModelSpec
+
+
+class RuntimeUnavailable(Exception):
+    """The runtime itself can't be reached (e.g. the Docker daemon is down): not the engine's fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How an engine ended."""
+
+    code: int
+    oom_killed: bool = False
+
+    def describe(self) -> str:
+        text = f"code {self.code}"
+        if self.code < 0:  # a process killed by a signal
+            try:
+                text += f" ({signal.Signals(-self.code).name})"
+            except ValueError:
+                pass
+        elif self.code > 128 and self.code - 128 in signal.Signals._value2member_map_:
+            text += f" ({signal.Signals(self.code - 128).name})"
+        if self.oom_killed:
+            text += ", killed for lack of memory (OOM)"
+        return text
 
 
 class EngineHandle(Protocol):
@@ -30,22 +57,50 @@ class EngineHandle(Protocol):
         """None while running."""
         ...
 
-    async def wait_exit(self) -> int:
-        """Returns the exit code once the engine has exited (for any reason)."""
+    async def wait_exit(self) -> Exit:
+        """Returns once the engine has exited (for any reason); raises RuntimeUnavailable when the
+        runtime lost track of it."""
         ...
 
     async def stop(self, grace: float) -> int | None:
         """Ask the engine to stop, force it after `grace` seconds; returns the exit code."""
         ...
 
-    def log_tail(self, lines: int) -> tuple[str, ...]:
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
         """The last `lines` lines the engine printed."""
         ...
 
 
 class Runtime(Protocol):
+    # True when engines outlive the gateway (containers): they are left running at exit and
+    # adopted at the next start instead of being restarted.
+    detached: bool
+
     async def start(self, spec: ModelSpec, engine: Engine) -> EngineHandle:
         """Launch the engine for `spec`; returns as soon as it is launched (not ready)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """An engine found running (or stopped) that this gateway did not start in this life."""
+
+    model: str
+    spec_hash: str
+    running: bool
+    handle: EngineHandle
+
+
+@runtime_checkable
+class Adopter(Protocol):
+    """A runtime whose engines can be found again after a gateway restart."""
+
+    async def discover(self) -> list[Found]:
+        """Every engine of ours the runtime knows of."""
+        ...
+
+    async def discard(self, found: Found, reason: str) -> None:
+        """Stop and remove a stale engine."""
         ...
 
 

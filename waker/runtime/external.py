@@ -3,6 +3,7 @@
 import asyncio
 
 from waker.engines.base import Engine
+from waker.runtime.base import Exit
 from waker.spec import ModelSpec
 
 
@@ -28,18 +29,19 @@ class ExternalHandle:
     def exit_code(self) -> int | None:
         return None
 
-    async def wait_exit(self) -> int:
+    async def wait_exit(self) -> Exit:
         await self._never.wait()  # an external endpoint never "exits" from our point of view
-        return 0
+        return Exit(0)
 
     async def stop(self, grace: float) -> int | None:
         return None
 
-    def log_tail(self, lines: int) -> tuple[str, ...]:
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
         return ()
 
 
 class ExternalRuntime:
+    detached = True
     async def start(self, spec: ModelSpec, engine: Engine) -> ExternalHandle:
         assert spec.url is not None  # guaranteed by ModelSpec validation
         return ExternalHandle(spec.url)

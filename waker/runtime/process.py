@@ -10,7 +10,7 @@ from collections import deque
 from pathlib import Path
 
 from waker.engines.base import Engine, Launch
-from waker.runtime.base import free_port, http_url
+from waker.runtime.base import Exit, free_port, http_url
 from waker.spec import ModelSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -55,12 +55,12 @@ class ProcessHandle:
     def exit_code(self) -> int | None:
         return self._proc.returncode
 
-    async def wait_exit(self) -> int:
+    async def wait_exit(self) -> Exit:
         code = await self._proc.wait()
         # The last lines (often the reason it exited) arrive just after the exit.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._reader), timeout=1.0)
-        return code
+        return Exit(code)
 
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -79,12 +79,14 @@ class ProcessHandle:
         self._reader.cancel()
         return self._proc.returncode
 
-    def log_tail(self, lines: int) -> tuple[str, ...]:
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
         return tuple(self._lines)[-lines:] if lines > 0 else ()
 
 
 class ProcessRuntime:
     """Starts `engine.argv(...)` as a subprocess; stdout and stderr are kept as the log."""
+
+    detached = False  # engines are our children: they stop with the gateway
 
     def __init__(self, keep_log_lines: int = 200) -> None:
         self._keep = keep_log_lines
