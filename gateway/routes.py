@@ -16,7 +16,7 @@ def _waker(request: Request) -> Waker:
     return waker
 
 
-def _model_entry(name: str, status: ModelStatus, created: int) -> dict[str, object]:
+def _model_entry(name: str, status: ModelStatus, created: int, now: float) -> dict[str, object]:
     spec = status.spec
     entry: dict[str, object] = {
         "id": name,
@@ -33,6 +33,9 @@ def _model_entry(name: str, status: ModelStatus, created: int) -> dict[str, obje
         entry["alias_of"] = spec.name
     if status.last_error is not None and status.state.value == "failed":
         entry["error"] = status.last_error.reason
+        entry["failures"] = status.failures  # a crash loop shows here, with its backoff
+        if status.retry_at is not None:
+            entry["retry_in"] = round(max(0.0, status.retry_at - now), 1)
     return entry
 
 
@@ -42,7 +45,8 @@ async def list_models(request: Request) -> JSONResponse:
     waker = _waker(request)
     statuses = {s.name: s for s in waker.statuses()}
     created = request.app.state.created
-    data = [_model_entry(name, statuses[target], created) for name, target in waker.registry.routes().items()]
+    now = waker.clock.now()
+    data = [_model_entry(name, statuses[target], created, now) for name, target in waker.registry.routes().items()]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -54,7 +58,7 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
     except ModelNotFound as exc:
         raise ApiError(404, exc.message, code="model_not_found", param="model") from None
     status = waker.controller(spec.name).status()
-    return JSONResponse(_model_entry(model_id, status, request.app.state.created))
+    return JSONResponse(_model_entry(model_id, status, request.app.state.created, waker.clock.now()))
 
 
 @router.get("/health")

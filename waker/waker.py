@@ -69,6 +69,8 @@ class Waker:
             runtime = self._runtimes.get(spec.runtime)
             if runtime is None:
                 raise ValueError(f"{name}: runtime {spec.runtime} is not available in this gateway")
+            if isinstance(runtime, DockerRuntime):
+                runtime.node(spec.node)  # an unknown node is a config error, found at boot
             controller = ModelController(
                 spec, engine_for(spec.engine), runtime, prober, self.events, self.clock, self.options
             )

@@ -184,3 +184,40 @@ async def test_stop_during_start_cancels_it_and_stops_the_engine() -> None:
     assert runtime.handles[0].stops == 1
     with pytest.raises(StartFailed):
         await waiter
+
+
+async def test_oom_kill_is_named_in_the_failure() -> None:
+    controller, runtime, _ = make(runtime=FakeRuntime(auto_ready=False))
+    waiter = asyncio.create_task(controller.acquire())
+    await runtime.started.wait()
+    runtime.handles[0].exit(137, oom=True)
+    with pytest.raises(StartFailed, match=r"code 137 \(SIGKILL\), killed for lack of memory \(OOM\)"):
+        await waiter
+
+
+async def test_lost_runtime_fails_the_model_with_a_short_retry() -> None:
+    clock = FakeClock()
+    controller, runtime, events = make(clock=clock)
+    for attempt in (1, 2):
+        async with controller.lease():
+            pass
+        runtime.handles[-1].lose_track("Docker on node 'local' is unreachable")
+        await events.wait_for(lambda e, n=attempt: e.target == "failed" and e.data["failures"] == n, 1)
+    assert "lost track of its engine: Docker on node 'local' is unreachable" in controller.last_error.reason
+    assert controller.failures == 2
+    assert controller.retry_at == clock.now() + 2.0  # capped at 5 s for an unavailable runtime, not 300 s
+
+
+async def test_adopted_engine_is_probed_not_restarted() -> None:
+    from tests.fakes import FakeHandle
+
+    controller, runtime, events = make()
+    handle = FakeHandle(7)
+    runtime.handles.append(handle)
+    controller.adopt(handle)
+    assert controller.state is S.STARTING
+    handle.ready.set()
+    async with controller.lease() as endpoint:
+        assert endpoint.api_base == "http://fake-7/v1"
+    assert len(runtime.handles) == 1  # nothing was launched
+    assert "adopting running engine fake 7" in events.recent()[0].reason

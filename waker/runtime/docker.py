@@ -232,42 +232,12 @@ class DockerRuntime:
     @staticmethod
     def _create(client: docker.DockerClient, node: DockerNode, spec: ModelSpec, engine: Engine, name: str,
                 spec_hash: str) -> tuple[Container, int]:
-        host_network = spec.network == "host"
-        if host_network:
+        if spec.network == "host":
             port = spec.port or free_port()
-            argv = engine.argv(spec, Launch(host=spec.host, port=port))
         else:
             port = spec.port or free_port(node.publish_ip if node.publish_ip != "0.0.0.0" else "127.0.0.1")
-            argv = engine.argv(spec, Launch(host="0.0.0.0", port=spec.container_port))
-        kwargs: dict[str, Any] = {
-            "name": name,
-            "entrypoint": argv[:1],
-            "command": argv[1:],
-            "environment": dict(spec.env),
-            "labels": {LABEL_MANAGED: "true", LABEL_MODEL: spec.name, LABEL_HASH: spec_hash,
-                       LABEL_PORT: str(port), LABEL_NODE: node.name},
-            "restart_policy": {"Name": "no"},
-            "volumes": [_expand_volume(v) for v in spec.volumes],
-            "detach": True,
-            "init": spec.init or None,
-        }
-        if host_network:
-            kwargs["network_mode"] = "host"
-        else:
-            if spec.network:
-                kwargs["network"] = spec.network
-            kwargs["ports"] = {f"{spec.container_port}/tcp": (node.publish_ip, port)}
-        if spec.gpus is not None:
-            kwargs["device_requests"] = [_gpu_request(spec.gpus)]
-        if spec.shm_size:
-            kwargs["shm_size"] = spec.shm_size
-        if spec.ipc:
-            kwargs["ipc_mode"] = spec.ipc
-        if spec.mem_limit:
-            kwargs["mem_limit"] = spec.mem_limit
-        if spec.ulimits:
-            kwargs["ulimits"] = [_ulimit(k, v) for k, v in spec.ulimits.items()]
-        container = client.containers.create(spec.image, **kwargs)
+        kwargs = container_config(spec, engine, node, port, spec_hash)
+        container = client.containers.create(spec.image, name=name, detach=True, **kwargs)
         try:
             container.start()
         except docker.errors.APIError:
@@ -312,6 +282,48 @@ class DockerRuntime:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def container_config(spec: ModelSpec, engine: Engine, node: DockerNode, port: int, spec_hash: str) -> dict[str, Any]:
+    """The SDK's `containers.create` arguments for `spec` (pure: unit-tested without a daemon).
+
+    `port` is where the engine is reached on the node: the published port on a bridge or named
+    network (the engine listens on `container_port` inside), or the engine's own port with
+    `network: host`.
+    """
+    host_network = spec.network == "host"
+    launch = Launch(host=spec.host, port=port) if host_network else Launch(host="0.0.0.0", port=spec.container_port)
+    argv = engine.argv(spec, launch)
+    config: dict[str, Any] = {
+        # The whole command line is ours: the image's entrypoint is replaced, so the same spec works
+        # whether the image starts with `vllm serve`, a shell script or nothing.
+        "entrypoint": argv[:1],
+        "command": argv[1:],
+        "environment": dict(spec.env),
+        "labels": {LABEL_MANAGED: "true", LABEL_MODEL: spec.name, LABEL_HASH: spec_hash,
+                   LABEL_PORT: str(port), LABEL_NODE: node.name},
+        "restart_policy": {"Name": "no"},  # the waker decides restarts, with backoff
+        "volumes": [_expand_volume(v) for v in spec.volumes],
+    }
+    if spec.init:
+        config["init"] = True
+    if host_network:
+        config["network_mode"] = "host"
+    else:
+        if spec.network:
+            config["network"] = spec.network
+        config["ports"] = {f"{spec.container_port}/tcp": (node.publish_ip, port)}
+    if spec.gpus is not None:
+        config["device_requests"] = [_gpu_request(spec.gpus)]
+    if spec.shm_size:
+        config["shm_size"] = spec.shm_size
+    if spec.ipc:
+        config["ipc_mode"] = spec.ipc
+    if spec.mem_limit:
+        config["mem_limit"] = spec.mem_limit
+    if spec.ulimits:
+        config["ulimits"] = [_ulimit(k, v) for k, v in spec.ulimits.items()]
+    return config
 
 
 def _remove(client: docker.DockerClient, container_id: str) -> None:
