@@ -24,7 +24,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     if waker is None:
         options = settings.waker_options()
         waker = Waker(registry or load_dir(settings.config_dir), options=options,
-                      runtimes=default_runtimes(options, settings.docker_nodes()))
+                      runtimes=default_runtimes(options, settings.docker_nodes()), budgets=settings.budgets(),
+                      probes=settings.probes(), queue=settings.queue_policy(), preload=settings.preload)
     session: aiohttp.ClientSession | None = None
 
     def upstream() -> aiohttp.ClientSession:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from gateway.settings import GatewaySettings
+from waker.budget import budget_problems
 from waker.durations import format_duration
 from waker.registry import ConfigError, Registry, load_dir
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings(**overrides)
     try:
         registry = load_dir(settings.config_dir)
+        problems = budget_problems(registry.values(), settings.budgets())
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print(f"sparkgate: {exc}", file=sys.stderr)
         return 2

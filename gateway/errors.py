@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass
 
 from waker.durations import format_duration
-from waker.errors import ModelNotFound, ShuttingDown, StartFailed, StartTimeout, WakerError
+from waker.errors import ModelNotFound, NoRoom, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakerError
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,11 @@ def upstream_timeout(model: str, seconds: float) -> ApiError:
 def from_waker(exc: WakerError) -> ApiError:
     if isinstance(exc, ModelNotFound):
         return ApiError(404, exc.message, code="model_not_found", param="model")
+    if isinstance(exc, QueueFull):
+        return ApiError(429, exc.message, type="rate_limit_error", code="queue_full", retry_after=5)
+    if isinstance(exc, NoRoom):
+        return ApiError(503, exc.message, type="server_error", code="no_room",
+                        retry_after=exc.retry_after if exc.retry_after else 10)
     if isinstance(exc, ShuttingDown):
         return ApiError(503, exc.message, type="server_error", code="shutting_down", retry_after=5)
     if isinstance(exc, StartFailed):

@@ -5,7 +5,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from waker.admission import QueuePolicy
+from waker.budget import Budget
 from waker.durations import Duration
+from waker.memory import FixedProbe, MemoryProbe, make_probe
 from waker.options import WakerOptions
 from waker.runtime.docker import DockerNode
 
@@ -20,6 +23,12 @@ class NodeSettings(BaseModel):
     )
     address: str = Field(default="127.0.0.1", description="address the gateway uses to reach engines there")
     publish_ip: str = Field(default="127.0.0.1", description="address engine ports are published on there")
+    total_gb: float = Field(default=128.0, gt=0, description="memory of the node in GiB (a DGX Spark: 128)")
+    reserve_gb: float = Field(default=8.0, ge=0, description="kept free for the OS, the gateway and page cache")
+    memory_probe: str = Field(
+        default="auto", pattern="^(auto|meminfo|nvml|none)$",
+        description="live free memory: auto (NVML, or /proc/meminfo on unified memory), meminfo, nvml, none",
+    )
 
     @field_validator("docker_host")
     @classmethod
@@ -55,6 +64,24 @@ class GatewaySettings(BaseSettings):
         default_factory=lambda: {"local": NodeSettings()},
         description='Docker hosts by name, as JSON: {"local": {}, "spark2": {"docker_host": "ssh://me@spark2"}}',
     )
+
+    max_queue: int = Field(default=256, ge=0, description="requests waiting for room per node; beyond: 429")
+    max_wait: Duration = Field(default=600.0, description="longest wait for room; beyond: 503 with the numbers")
+    max_hold: Duration = Field(
+        default=60.0, description="how long a busy model keeps taking new work while another waits for its memory"
+    )
+    preload: list[str] = Field(default_factory=list, description="models started at boot, in this order")
+
+    def budgets(self) -> dict[str, Budget]:
+        return {name: Budget(n.total_gb, n.reserve_gb) for name, n in self.nodes.items()}
+
+    def probes(self) -> dict[str, MemoryProbe]:
+        # Live memory can only be read on this machine; remote nodes rely on the ledger.
+        return {name: make_probe(n.memory_probe) if name == "local" else FixedProbe(None)
+                for name, n in self.nodes.items()}
+
+    def queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(max_queue=self.max_queue, max_wait=self.max_wait, max_hold=self.max_hold)
 
     def docker_nodes(self) -> dict[str, DockerNode]:
         return {name: DockerNode(name, n.docker_host, n.address, n.publish_ip) for name, n in self.nodes.items()}

@@ -54,11 +54,15 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(config_dir: Path, **settings: Any) -> AsyncIterator[Gateway]:
+async def run_gateway(
+    config_dir: Path, probes: dict[str, Any] | None = None, **settings: Any
+) -> AsyncIterator[Gateway]:
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
     options = gateway_settings.waker_options()
     waker = Waker(load_dir(config_dir), options=options,
-                  runtimes=default_runtimes(options, gateway_settings.docker_nodes()))
+                  runtimes=default_runtimes(options, gateway_settings.docker_nodes()),
+                  budgets=gateway_settings.budgets(), probes=probes or gateway_settings.probes(),
+                  queue=gateway_settings.queue_policy(), preload=gateway_settings.preload)
     app = create_app(gateway_settings, waker=waker)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                             http="httptools", loop="asyncio")

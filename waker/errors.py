@@ -38,3 +38,19 @@ class StartTimeout(StartFailed):
 
 class ShuttingDown(WakerError):
     """The gateway is stopping and takes no new work."""
+
+
+class QueueFull(WakerError):
+    """Too many requests already wait for room."""
+
+
+class NoRoom(WakerError):
+    """No room could be made in time (max_wait), or ever (pinned models hold too much)."""
+
+    def __init__(self, message: str, *, model: str, retry_after: float | None = None) -> None:
+        super().__init__(message, model=model)
+        self.retry_after = retry_after
+
+
+class WakeFailed(StartFailed):
+    """A sleeping engine could not be woken."""

@@ -2,19 +2,26 @@
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
 
 from waker.backoff import retry_delay
 from waker.clock import Clock
 from waker.durations import format_duration
 from waker.engines.base import Engine
-from waker.errors import ShuttingDown, StartFailed, StartTimeout
+from waker.errors import ShuttingDown, StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
 from waker.options import WakerOptions
 from waker.probe import Prober
 from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable
+from waker.sleep import SleepError, call_engine, launch_spec, sleep_calls, wake_calls
 from waker.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from waker.admission import Admission
 from waker.state import ModelState, check_transition
 
 S = ModelState
@@ -70,6 +77,9 @@ class ModelController:
         events: EventLog,
         clock: Clock,
         options: WakerOptions,
+        admission: "Admission | None" = None,
+        on_change: Callable[[], None] | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.spec = spec
         self._engine = engine
@@ -90,6 +100,14 @@ class ModelController:
         self.last_error: Failure | None = None
         self.handle: EngineHandle | None = None
 
+        self.drain_deadline: float | None = None  # set by the scheduler: others wait for this memory
+        self._admission = admission
+        self._on_change = on_change
+        self._session = session
+        self._launch = launch_spec(spec)
+        self._changed = asyncio.Event()
+        self._sleep_task: asyncio.Task[None] | None = None
+
         self._start_task: asyncio.Task[EngineHandle] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -100,9 +118,15 @@ class ModelController:
     def _transition(self, target: ModelState, reason: str, **data: object) -> None:
         check_transition(self.spec.name, self.state, target)
         source, self.state, self.since = self.state, target, self._clock.now()
+        if target in (S.STOPPED, S.FAILED, S.SLEEPING):
+            self.drain_deadline = None
         self._events.emit(
             Event(self._clock.wall(), self.spec.name, "transition", source, target, reason, dict(data))
         )
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        if self._on_change is not None:
+            self._on_change()
 
     def status(self) -> ModelStatus:
         return ModelStatus(
@@ -146,6 +170,8 @@ class ModelController:
     def release(self) -> None:
         self.in_flight -= 1
         self.last_used = self._clock.now()
+        if self.in_flight == 0 and self._on_change is not None:
+            self._on_change()  # a drained model may be the victim someone waits for
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Endpoint]:
@@ -161,24 +187,51 @@ class ModelController:
             if self._closed:
                 raise ShuttingDown("the gateway is shutting down", model=self.spec.name)
             if self.state is S.READY and self.handle is not None:
-                return self.handle
+                if not self.holding_back(self._clock.now()):
+                    return self.handle
+                # Draining for a model that waits for room: no new work keeps it alive. Wait for it
+                # to stop, then queue like everyone else (tests/unit/test_admission.py, max_hold).
+                await self._changed.wait()
+                continue
             if self.state is S.STOPPING and self._stop_task is not None:
                 await asyncio.shield(self._stop_task)
                 continue
-            if self.state is S.STARTING and self._start_task is not None:
+            if self.state in (S.STARTING, S.WAKING) and self._start_task is not None:
                 await self._join_start()
                 continue
             if self.state is S.FAILED and self.retry_at is not None:
                 wait = self.retry_at - self._clock.now()
                 if wait > 0:
                     raise self._failure_error(retry_after=wait)
-            # STARTING is entered before the task exists, with no await in between: every later
-            # caller sees it and joins this start instead of making another.
-            self._transition(S.STARTING, "request for a model that is not running")
-            self._start_task = asyncio.create_task(self._start(), name=f"start {self.spec.name}")
-            # A start nobody waits for any more (all clients left) must not log "never retrieved".
-            self._start_task.add_done_callback(_consume_exception)
-            await self._join_start()
+            if self.state not in (S.STOPPED, S.FAILED, S.SLEEPING):
+                await self._changed.wait()  # a transient state with no task to join yet
+                continue
+            if self._admission is None:
+                self.begin_start("request for a model that is not running")
+            else:
+                # The scheduler starts (or wakes) the model when there is room: then it is STARTING or
+                # WAKING, and this loop joins that one start like every other waiter.
+                await self._admission.admit(self)
+
+    def holding_back(self, now: float) -> bool:
+        """True when the model takes no new work: it is draining and its hold time is over."""
+        return self.drain_deadline is not None and now >= self.drain_deadline
+
+    def begin_start(self, reason: str) -> None:
+        """Enter STARTING now and launch the engine in a task that waiters join.
+
+        STARTING is entered before the task exists, with no await in between: every later caller
+        sees it and joins this start instead of making another.
+        """
+        self._transition(S.STARTING, reason)
+        self._start_task = asyncio.create_task(self._start(), name=f"start {self.spec.name}")
+        # A start nobody waits for any more (all clients left) must not log "never retrieved".
+        self._start_task.add_done_callback(_consume_exception)
+
+    def begin_wake(self, reason: str) -> None:
+        self._transition(S.WAKING, reason)
+        self._start_task = asyncio.create_task(self._wake(), name=f"wake {self.spec.name}")
+        self._start_task.add_done_callback(_consume_exception)
 
     async def _join_start(self) -> None:
         task = self._start_task
@@ -223,7 +276,7 @@ class ModelController:
             handle = adopted
         else:
             try:
-                handle = await self._runtime.start(spec, self._engine)
+                handle = await self._runtime.start(self._launch, self._engine)
             except asyncio.CancelledError:
                 self._fail(f"start of {spec.name} was cancelled", None, ())
                 raise
@@ -236,7 +289,7 @@ class ModelController:
         self.handle = handle
         exited = asyncio.create_task(handle.wait_exit(), name=f"exit {spec.name}")
         probing = asyncio.create_task(
-            self._prober.until_ready(handle.root_url, self._engine.readiness(spec), spec.upstream_name),
+            self._prober.until_ready(handle.root_url, self._engine.readiness(self._launch), spec.upstream_name),
             name=f"probe {spec.name}",
         )
         try:
@@ -304,16 +357,59 @@ class ModelController:
     async def _watch(self, handle: EngineHandle, exited: asyncio.Task[Exit]) -> None:
         """A READY engine that exits on its own has crashed."""
         await asyncio.wait({exited})
-        if self.handle is not handle or self.state is not S.READY:
-            return  # stopped on purpose
+        if self.handle is not handle or self.state not in (S.READY, S.SLEEPING):
+            return  # stopped on purpose (or a wake in progress reports it)
         reason, code = self._exit_reason(exited, "{name} exited unexpectedly with {exit}")
         tail = await self._tail_of(handle)
         if code is not None:
             # Reap what the engine left behind (process group, container) before a retry can start.
             with contextlib.suppress(Exception):
                 await handle.stop(0.0)
-        if self.handle is handle and self.state is S.READY:
+        if self.handle is handle and self.state in (S.READY, S.SLEEPING):
             self._fail(reason, code, tail, unavailable=code is None)
+
+    # -- sleep and wake ----------------------------------------------------------------------------
+
+    def sleep_if_idle(self, reason: str) -> asyncio.Task[None] | None:
+        """Put an idle READY engine to sleep (its memory is released, the process stays)."""
+        if self.state is not S.READY or self.in_flight or self.waiting or self.handle is None:
+            return None
+        self._transition(S.SLEEPING, reason, level=self.spec.sleep_level, holds_gb=self.spec.sleeping_gb)
+        self._sleep_task = asyncio.create_task(self._sleep(self.handle), name=f"sleep {self.spec.name}")
+        return self._sleep_task
+
+    async def _sleep(self, handle: EngineHandle) -> None:
+        assert self._session is not None, "sleep needs the waker's HTTP session"
+        try:
+            await call_engine(self._session, handle.root_url, sleep_calls(self.spec), self.spec.wake_timeout)
+        except SleepError as exc:
+            if self.state is S.SLEEPING and self.handle is handle:
+                # An engine that can't sleep must not keep its memory while counted as asleep.
+                await asyncio.shield(self._begin_stop(f"sleep failed ({exc}); stopping instead"))
+
+    async def _wake(self) -> EngineHandle:
+        spec, handle, started = self.spec, self.handle, self._clock.now()
+        assert handle is not None and self._session is not None
+        if self._sleep_task is not None:
+            with contextlib.suppress(Exception):
+                await self._sleep_task  # never wake an engine that is still falling asleep
+        try:
+            await call_engine(self._session, handle.root_url, wake_calls(spec), spec.wake_timeout)
+        except SleepError as exc:
+            if self.state is S.WAKING and self.handle is handle:
+                await self._stop_after_failure(handle, f"{spec.name} could not be woken: {exc}")
+            raise WakeFailed(f"{spec.name} could not be woken: {exc}", model=spec.name) from None
+        now = self._clock.now()
+        self.ready_since = self.last_used = now
+        self._transition(S.READY, "engine woke up", seconds=round(now - started, 3))
+        return handle
+
+    async def _stop_after_failure(self, handle: EngineHandle, reason: str) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        with contextlib.suppress(Exception):
+            await handle.stop(self.spec.stop_timeout)
+        self._fail(reason, handle.exit_code, await self._tail_of(handle))
 
     # -- stop ------------------------------------------------------------------------------------
 
@@ -326,7 +422,11 @@ class ModelController:
         if self.state is S.STOPPING and self._stop_task is not None:
             await asyncio.shield(self._stop_task)
             return
-        if self.state not in (S.READY, S.FAILED):
+        if self.state is S.WAKING and self._start_task is not None:
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StartFailed):
+                await self._start_task
+        if self.state not in (S.READY, S.FAILED, S.SLEEPING):
             return
         if self.state is S.FAILED and self.handle is None:
             self._transition(S.STOPPED, reason)
@@ -339,7 +439,9 @@ class ModelController:
         Checked at the moment of the transition, not when the reaper decided: a lease taken in
         between must win (tests/unit/test_model.py::test_idle_stop_yields_to_a_new_lease).
         """
-        if self.state is not S.READY or self.in_flight or self.waiting:
+        if self.state not in (S.READY, S.SLEEPING) or self.in_flight:
+            return None
+        if self.waiting and not self.holding_back(self._clock.now()):
             return None
         return self._begin_stop(reason)
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from waker.durations import format_duration
 from waker.model import ModelStatus
+from waker.spec import IdleAction
 from waker.state import ModelState
 
 
@@ -12,6 +13,7 @@ from waker.state import ModelState
 class IdleStop:
     model: str
     reason: str
+    sleep: bool = False  # idle_action sleep: release memory through the engine's API, keep it up
 
 
 def idle_stops(models: Iterable[ModelStatus], now: float) -> list[IdleStop]:
@@ -27,5 +29,6 @@ def idle_stops(models: Iterable[ModelStatus], now: float) -> list[IdleStop]:
         idle_for = now - m.last_used
         if idle_for >= spec.idle_timeout and now - m.ready_since >= spec.min_uptime:
             stops.append(IdleStop(m.name, f"idle for {format_duration(idle_for)} "
-                                          f"(idle_timeout {format_duration(spec.idle_timeout)})"))
+                                          f"(idle_timeout {format_duration(spec.idle_timeout)})",
+                                  sleep=spec.idle_action is IdleAction.SLEEP))
     return stops

@@ -30,6 +30,7 @@ class RuntimeKind(StrEnum):
 
 class IdleAction(StrEnum):
     STOP = "stop"
+    SLEEP = "sleep"  # vLLM sleep mode / SGLang memory release: the engine stays up, memory is freed
 
 
 class UlimitRange(BaseModel):
@@ -90,6 +91,15 @@ class ModelSpec(BaseModel):
 
     idle_timeout: Duration = Field(default=900.0, description="stop after this long idle; 0 = never")
     idle_action: IdleAction = IdleAction.STOP
+    sleep_level: int = Field(
+        default=2, ge=1, le=2,
+        description="vLLM sleep level; 2 (drop weights) is the default because on unified memory level 1 "
+        "moves weights to CPU RAM, which is the same pool, and frees almost nothing",
+    )
+    sleep_memory_gb: float | None = Field(
+        default=None, ge=0, description="what a sleeping engine still holds; default min(2, memory_gb)"
+    )
+    wake_timeout: Duration = Field(default=120.0, gt=0, description="give up waking after this long")
     min_uptime: Duration = Field(default=60.0, description="never stop sooner than this after READY")
     start_timeout: Duration = Field(default=600.0, gt=0, description="give up if not ready by then")
     stop_timeout: Duration = Field(default=20.0, description="grace between SIGTERM and SIGKILL")
@@ -145,6 +155,8 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"volume {volume!r} must be host_path:/container/path[:ro|rw]")
         if self.runtime is RuntimeKind.PROCESS and self.engine is EngineKind.GENERIC and not self.command:
             raise ValueError("engine generic on runtime process needs command (the program to run)")
+        if self.idle_action is IdleAction.SLEEP and self.engine not in (EngineKind.VLLM, EngineKind.SGLANG):
+            raise ValueError(f"idle_action sleep needs engine vllm or sglang (engine {self.engine} has no sleep API)")
         if self.engine in (EngineKind.VLLM, EngineKind.SGLANG, EngineKind.TRTLLM, EngineKind.LLAMACPP):
             if self.runtime is not RuntimeKind.EXTERNAL and not self.model:
                 raise ValueError(f"engine {self.engine} needs model (a weights path or hub id)")
@@ -154,6 +166,10 @@ class ModelSpec(BaseModel):
     def upstream_name(self) -> str:
         """The model name the engine itself answers to."""
         return self.served_name or self.name
+
+    @property
+    def sleeping_gb(self) -> float:
+        return self.sleep_memory_gb if self.sleep_memory_gb is not None else min(2.0, self.memory_gb)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -173,5 +189,6 @@ class ModelSpec(BaseModel):
 
 _POLICY_FIELDS = {
     "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
-    "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source",
+    "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
+    "wake_timeout",
 }

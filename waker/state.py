@@ -9,16 +9,24 @@ class ModelState(StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    SLEEPING = "sleeping"  # engine up, weights/KV cache released (vLLM sleep mode, SGLang memory release)
+    WAKING = "waking"  # taking its memory back; like STARTING, with its own timeout
 
 
 S = ModelState
 ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     S.STOPPED: frozenset({S.STARTING, S.READY}),  # READY directly: an always-on external endpoint
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
-    S.READY: frozenset({S.STOPPING, S.FAILED}),
+    S.READY: frozenset({S.STOPPING, S.FAILED, S.SLEEPING}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
+    S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
 }
+
+# States in which a model holds memory in its node's budget (SLEEPING by its sleeping footprint;
+# STOPPING until the engine is gone).
+HOLDING = frozenset({S.STARTING, S.READY, S.SLEEPING, S.WAKING, S.STOPPING})
 
 
 class IllegalTransition(RuntimeError):

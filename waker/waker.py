@@ -3,22 +3,27 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
 
+from waker.admission import NodeAdmission, QueuePolicy
+from waker.budget import Budget, budget_problems
 from waker.clock import Clock, SystemClock
 from waker.engines.registry import engine_for
+from waker.errors import WakerError
 from waker.events import Event, EventLog
+from waker.memory import FixedProbe, MemoryProbe, make_probe
 from waker.model import Endpoint, ModelController, ModelStatus
 from waker.options import WakerOptions
 from waker.probe import ReadinessProber
 from waker.reaper import idle_stops
-from waker.registry import Registry
+from waker.registry import ConfigError, Registry
 from waker.runtime.base import Adopter, Found, Runtime, RuntimeUnavailable
 from waker.runtime.docker import DockerNode, DockerRuntime
 from waker.runtime.external import ExternalRuntime
 from waker.runtime.process import ProcessRuntime
+from waker.sleep import launch_spec
 from waker.spec import ModelSpec, RuntimeKind
 
 log = logging.getLogger("sparkgate.waker")
@@ -45,15 +50,31 @@ class Waker:
         options: WakerOptions | None = None,
         clock: Clock | None = None,
         events: EventLog | None = None,
+        budgets: Mapping[str, Budget] | None = None,
+        probes: Mapping[str, MemoryProbe] | None = None,
+        queue: QueuePolicy | None = None,
+        preload: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self.options = options or WakerOptions()
         self.clock = clock or SystemClock()
         self.events = events or EventLog()
         self._runtimes = dict(runtimes) if runtimes is not None else default_runtimes(self.options)
+        self.budgets = dict(budgets) if budgets is not None else {"local": Budget()}
+        problems = budget_problems(registry.values(), self.budgets)
+        for name in preload:
+            if name not in registry.routes():
+                problems.append(f"preload: {name!r} is not a model in models.d")
+        if problems:
+            raise ConfigError(problems)
+        self._probes = dict(probes or {})
+        self._queue_policy = queue or QueuePolicy()
+        self._preload = [registry.resolve(name).name for name in preload]
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
+        self.admissions: dict[str, NodeAdmission] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._preloader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "Waker":
         await self.start()
@@ -65,20 +86,41 @@ class Waker:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         prober = ReadinessProber(self._session, self.options.probe_interval, self.options.probe_timeout)
+        for node, budget in self.budgets.items():
+            # Live memory is read where the gateway runs; other nodes rely on their ledger alone.
+            probe = self._probes.get(node) or (make_probe("auto") if node == "local" else FixedProbe(None))
+            self.admissions[node] = NodeAdmission(node, budget, probe, self.clock, self.events, self._queue_policy)
         for name, spec in self.registry.items():
             runtime = self._runtimes.get(spec.runtime)
             if runtime is None:
                 raise ValueError(f"{name}: runtime {spec.runtime} is not available in this gateway")
             if isinstance(runtime, DockerRuntime):
                 runtime.node(spec.node)  # an unknown node is a config error, found at boot
+            admission = self.admissions[spec.node] if spec.manages_lifecycle else None
             controller = ModelController(
-                spec, engine_for(spec.engine), runtime, prober, self.events, self.clock, self.options
+                spec, engine_for(spec.engine), runtime, prober, self.events, self.clock, self.options,
+                admission=admission, on_change=admission.kick if admission else None, session=self._session,
             )
             self._controllers[name] = controller
+            if admission is not None:
+                admission.register(controller)
             if not spec.manages_lifecycle:
                 controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
         await self._adopt_running_engines()
+        for admission in self.admissions.values():
+            admission.start()
         self._reaper = asyncio.create_task(self._reap_forever(), name="idle reaper")
+        if self._preload:
+            self._preloader = asyncio.create_task(self._preload_in_order(), name="preload")
+
+    async def _preload_in_order(self) -> None:
+        """Start the preload list at boot, one after the other (each through admission)."""
+        for name in self._preload:
+            try:
+                await self._controllers[name].ensure_ready()
+                self.events.emit(Event(self.clock.wall(), name, "preloaded", reason="listed in preload"))
+            except WakerError as exc:
+                log.warning("preload of %s failed: %s", name, exc)
 
     async def _adopt_running_engines(self) -> None:
         """Engines left running by a previous gateway are taken over, never restarted; stale ones
@@ -98,7 +140,7 @@ class Waker:
         spec = self.registry.get(found.model)
         if spec is None:
             stale = "its model is no longer in models.d"
-        elif found.spec_hash != spec.spec_hash():
+        elif found.spec_hash != launch_spec(spec).spec_hash():
             stale = "its model's spec changed"
         elif found.running:
             self._controllers[spec.name].adopt(found.handle)
@@ -115,11 +157,14 @@ class Waker:
             log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
 
     async def shutdown(self) -> None:
-        """Stop everything this waker started; no engine outlives the gateway."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        """Stop everything this waker started; no engine process outlives the gateway."""
+        for task in (self._reaper, self._preloader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for admission in self.admissions.values():
+            await admission.close()
         results = await asyncio.gather(*(c.close() for c in self._controllers.values()), return_exceptions=True)
         for controller, result in zip(self._controllers.values(), results, strict=True):
             if isinstance(result, BaseException):
@@ -151,9 +196,15 @@ class Waker:
     async def reap_once(self) -> None:
         stopping = []
         for decision in idle_stops(self.statuses(), self.clock.now()):
-            task = self._controllers[decision.model].stop_if_idle(decision.reason)
+            controller = self._controllers[decision.model]
+            if decision.sleep:
+                task = controller.sleep_if_idle(decision.reason)
+                kind = "idle_sleep"
+            else:
+                task = controller.stop_if_idle(decision.reason)
+                kind = "idle_stop"
             if task is not None:
-                self.events.emit(Event(self.clock.wall(), decision.model, "idle_stop", reason=decision.reason))
+                self.events.emit(Event(self.clock.wall(), decision.model, kind, reason=decision.reason))
                 stopping.append(task)
         await asyncio.gather(*stopping, return_exceptions=True)
 
