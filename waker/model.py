@@ -183,11 +183,15 @@ class ModelController:
             self.release()
 
     async def ensure_ready(self) -> EngineHandle:
+        # A request that waited for this model's start or wake is always served once it is up: only
+        # new work is held back from a draining model (else two models could evict each other's
+        # waiters forever: tests/unit/test_admission_properties.py with max_hold 0).
+        waited_for_start = False
         while True:
             if self._closed:
                 raise ShuttingDown("the gateway is shutting down", model=self.spec.name)
             if self.state is S.READY and self.handle is not None:
-                if not self.holding_back(self._clock.now()):
+                if waited_for_start or not self.holding_back(self._clock.now()):
                     return self.handle
                 # Draining for a model that waits for room: no new work keeps it alive. Wait for it
                 # to stop, then queue like everyone else (tests/unit/test_admission.py, max_hold).
@@ -197,6 +201,7 @@ class ModelController:
                 await asyncio.shield(self._stop_task)
                 continue
             if self.state in (S.STARTING, S.WAKING) and self._start_task is not None:
+                waited_for_start = True
                 await self._join_start()
                 continue
             if self.state is S.FAILED and self.retry_at is not None:

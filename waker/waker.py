@@ -16,7 +16,7 @@ from waker.events import Event, EventLog
 from waker.memory import FixedProbe, MemoryProbe, make_probe
 from waker.model import Endpoint, ModelController, ModelStatus
 from waker.options import WakerOptions
-from waker.probe import ReadinessProber
+from waker.probe import Prober, ReadinessProber
 from waker.reaper import idle_stops
 from waker.registry import ConfigError, Registry
 from waker.runtime.base import Adopter, Found, Runtime, RuntimeUnavailable
@@ -54,6 +54,7 @@ class Waker:
         probes: Mapping[str, MemoryProbe] | None = None,
         queue: QueuePolicy | None = None,
         preload: Sequence[str] = (),
+        prober: Prober | None = None,
     ) -> None:
         self.registry = registry
         self.options = options or WakerOptions()
@@ -70,6 +71,7 @@ class Waker:
         self._probes = dict(probes or {})
         self._queue_policy = queue or QueuePolicy()
         self._preload = [registry.resolve(name).name for name in preload]
+        self._prober = prober
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
         self.admissions: dict[str, NodeAdmission] = {}
@@ -85,7 +87,9 @@ class Waker:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        prober = ReadinessProber(self._session, self.options.probe_interval, self.options.probe_timeout)
+        prober = self._prober or ReadinessProber(
+            self._session, self.options.probe_interval, self.options.probe_timeout
+        )
         for node, budget in self.budgets.items():
             # Live memory is read where the gateway runs; other nodes rely on their ledger alone.
             probe = self._probes.get(node) or (make_probe("auto") if node == "local" else FixedProbe(None))
