@@ -18,6 +18,12 @@ import time
 from aiohttp import web
 
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0}
+# vLLM sleep mode, as documented (https://docs.vllm.ai/en/latest/features/sleep_mode/): routes exist
+# only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; POST /sleep?level=1|2, POST /wake_up
+# (optionally ?tags=weights / ?tags=kv_cache), POST /collective_rpc {"method": "reload_weights"},
+# GET /is_sleeping. Every call is recorded in SLEEP_LOG for tests to check the sequence.
+SLEEP = {"level": 0, "weights": True, "kv_cache": True}
+SLEEP_LOG: list[str] = []
 
 
 def chunk(model: str, text: str, finish: str | None, kind: str) -> bytes:
@@ -50,6 +56,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def completions(request: web.Request) -> web.StreamResponse:
         STATS["requests"] += 1
+        if asleep() or SLEEP["level"] == 2:  # level 2 without reload_weights: weights are garbage
+            return web.json_response({"error": {"message": "engine is sleeping", "code": "sleeping"}}, status=503)
         kind = "chat" if request.path.endswith("chat/completions") else "text"
         try:
             body = await request.json()
@@ -90,6 +98,32 @@ def make_app(args: argparse.Namespace) -> web.Application:
         STATS["streams_completed"] += 1
         return resp
 
+    def asleep() -> bool:
+        return not (SLEEP["weights"] and SLEEP["kv_cache"])
+
+    async def sleep(request: web.Request) -> web.Response:
+        level = int(request.query.get("level", "1"))
+        SLEEP_LOG.append(f"sleep level={level}")
+        SLEEP.update(level=level, weights=False, kv_cache=False)
+        return web.Response(status=200)
+
+    async def wake_up(request: web.Request) -> web.Response:
+        tags = request.query.getall("tags", ["weights", "kv_cache"])
+        SLEEP_LOG.append("wake_up" + (f" tags={','.join(tags)}" if "tags" in request.query else ""))
+        for tag in tags:
+            SLEEP[tag] = True
+        return web.Response(status=200)
+
+    async def collective_rpc(request: web.Request) -> web.Response:
+        body = await request.json()
+        SLEEP_LOG.append(f"collective_rpc {body.get('method')}")
+        if body.get("method") == "reload_weights":
+            SLEEP["level"] = 0
+        return web.json_response({"results": [None]})
+
+    async def is_sleeping(request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": asleep()})
+
     async def embeddings(request: web.Request) -> web.Response:
         STATS["requests"] += 1
         body = await request.json()
@@ -106,6 +140,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    if args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
+        app.router.add_post("/sleep", sleep)
+        app.router.add_post("/wake_up", wake_up)
+        app.router.add_post("/collective_rpc", collective_rpc)
+        app.router.add_get("/is_sleeping", is_sleeping)
+    app.router.add_get("/sleep_log", lambda request: web.json_response(SLEEP_LOG))
     return app
 
 
@@ -113,7 +153,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--model", default="fake")
+    ap.add_argument("weights", nargs="?", default=None, help="positional model, as `vllm serve MODEL`")
+    ap.add_argument("--model", "--served-model-name", dest="model", default="fake")
+    ap.add_argument("--enable-sleep-mode", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--ready-after", type=float, default=0.0)
     ap.add_argument("--never-ready", action="store_true")
     ap.add_argument("--exit-at-start", type=int, default=None, metavar="CODE")

@@ -194,13 +194,18 @@ class NodeAdmission:
             if controller.stop_if_idle(reason) is not None:
                 self._events.emit(Event(wall, name, "evict", reason=reason,
                                         data={"frees_gb": snap.models[name].held_gb}))
-        for name, deadline in decided.drain:
-            controller = self._controllers[name]
-            if controller.drain_deadline is None or deadline < controller.drain_deadline:
-                controller.drain_deadline = deadline
+        # Drains are recomputed every step: a model nobody waits for any more takes new work again
+        # (else its held-back requests would wait forever: test_admission_properties, max_hold 0).
+        drains = dict(decided.drain)
+        for name, controller in self._controllers.items():
+            deadline = drains.get(name)
+            if deadline == controller.drain_deadline:
+                continue
+            if deadline is not None and controller.drain_deadline is None:
                 self._events.emit(Event(wall, name, "drain", reason=(
                     f"holds memory others wait for; takes no new work after {max(deadline - snap.now, 0):.0f}s"),
                     data={"deadline_in_s": round(deadline - snap.now, 3)}))
+            controller.set_drain(deadline)
         for name, blocked in decided.blocked.items():
             self._blocked[name] = blocked
             ticket = self._queue[name]

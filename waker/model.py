@@ -218,6 +218,12 @@ class ModelController:
                 # WAKING, and this loop joins that one start like every other waiter.
                 await self._admission.admit(self)
 
+    def set_drain(self, deadline: float | None) -> None:
+        """Set by the scheduler (None lifts it); requests held back re-check at once."""
+        self.drain_deadline = deadline
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     def holding_back(self, now: float) -> bool:
         """True when the model takes no new work: it is draining and its hold time is over."""
         return self.drain_deadline is not None and now >= self.drain_deadline

@@ -3,6 +3,7 @@ clock: the ledger never exceeds the budget, no request waits forever, every requ
 answer or a clear error."""
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
@@ -107,7 +108,8 @@ async def replay(sizes: list[int], trace: list[tuple[int, int, int]], pinned: in
             assert ledger <= CAPACITY, f"over budget after {event}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("SPARKGATE_TRACE_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=models_st, trace=trace_st, pinned=st.none() | st.integers(0, 4), max_hold=st.integers(0, 10),
        hot_stream=st.booleans())
 def test_random_traces_are_all_served_within_the_budget(
