@@ -27,18 +27,19 @@ sparkgate      `waker.scheduler.plan`, imported, not reimplemented, and driven t
                `need_gb` = footprint; live_free_gb None, so the ledger is the only limit) goes to `plan`,
                and the plan is applied: admit -> STARTING, READY after load_s, and every request that
                waited for that start runs, even on a draining model; stop -> only if still idle
-               (`stop_if_idle`) -> STOPPING -> STOPPED after stop_s; drain -> the earliest deadline is
-               kept (ModelController.drain_deadline; cleared only when the model stops), and after it
-               new requests for the model are held back until it has stopped, then queue again with a
-               fresh ticket. A request for a READY model that is not holding back runs at once; one for
-               a STARTING model joins the start; one for a STOPPING model waits for the stop, then
+               (`stop_if_idle`) -> STOPPING -> STOPPED after stop_s; drain -> every step each model's
+               deadline becomes the one this plan gives it, or none (NodeAdmission.step with
+               ModelController.set_drain), and after its deadline new requests for the model are held
+               back until it has stopped (or the drain is lifted: then they run), then queue again with
+               a fresh ticket. A request for a READY model that is not holding back runs at once; one
+               for a STARTING model joins the start; one for a STOPPING model waits for the stop, then
                queues. The idle reaper (waker/reaper.py) is mirrored: `--idle-timeout` (default 900 s,
                ModelSpec's default; 0 = off) and `--min-uptime` (60 s); its stops count as idle stops,
                not evictions.
-sparkgate+undrain  (only with --policy) a what-if of the executor, not of `plan`: a drain deadline that
-               the latest plan no longer asks for is dropped and the requests it held back run. Today
-               such a deadline stays set, and requests held back by it wait until something else stops
-               the model, possibly for ever (bench/README.md, Findings).
+sparkgate-sticky  (only with --policy) the executor before 17b06b3 (f7f2f62): the earliest deadline is
+               kept until the model stops, even when no plan asks for it any more; requests held back
+               by such a stale deadline wait until something else stops the model, possibly for ever
+               (bench/README.md, Findings 1). Kept as a regression check of that fix.
 one-at-a-time  llama-swap's default: one model loaded at a time. Requests are taken in arrival order
                (llama-swap's swap lock): a request for another model waits until the loaded model has
                nothing in flight, stops it, starts its own and runs; everyone behind it waits, even
@@ -78,7 +79,7 @@ Inputs
 --policy NAME (repeatable), --json
 
     .venv/bin/python bench/trace.py
-    .venv/bin/python bench/trace.py --seeds 30 --policy sparkgate --policy sparkgate+undrain
+    .venv/bin/python bench/trace.py --seeds 30 --policy sparkgate --policy sparkgate-sticky
 """
 
 import argparse
@@ -104,7 +105,7 @@ from waker.state import ModelState
 
 S = ModelState
 EPS = 1e-9
-POLICIES = ("sparkgate", "one-at-a-time", "static-groups", "sparkgate+undrain")
+POLICIES = ("sparkgate", "one-at-a-time", "static-groups", "sparkgate-sticky")
 DEFAULT_POLICIES = POLICIES[:3]
 
 
@@ -170,7 +171,7 @@ def read_models(path: Path, base: float, per_gb: float) -> list[ModelDef]:
         if extra:
             raise SystemExit(f"{path}: unknown keys {sorted(extra)} in {item.get('name', item)}")
         gb = float(item["memory_gb"])
-        item = {"load_s": load_time(gb, base, per_gb), **item, "memory_gb": gb}
+        item = {**item, "memory_gb": gb, "load_s": float(item.get("load_s", load_time(gb, base, per_gb)))}
         models.append(ModelDef(**item))
     return models
 
@@ -450,14 +451,14 @@ class _Ticket:
 class SparkgateSim(Sim):
     policy = "sparkgate"
 
-    def __init__(self, models: Sequence[ModelDef], cfg: SimConfig, clear_stale_drains: bool = False) -> None:
+    def __init__(self, models: Sequence[ModelDef], cfg: SimConfig, sticky_drains: bool = False) -> None:
         super().__init__(models, cfg)
-        # What-if (not what waker/admission.py does today): a drain deadline that the latest plan no
-        # longer asks for is dropped and the requests it held back run, instead of staying set until
-        # the model happens to stop.
-        self.clear_stale_drains = clear_stale_drains
-        if clear_stale_drains:
-            self.policy = "sparkgate+undrain"
+        # sticky_drains: the executor as committed in f7f2f62, where a drain deadline, once set, stays
+        # until the model stops (bench/README.md, Findings 1). Default: NodeAdmission.step since 17b06b3,
+        # which recomputes drains every step.
+        self.sticky_drains = sticky_drains
+        if sticky_drains:
+            self.policy = "sparkgate-sticky"
         self.tickets: dict[str, _Ticket] = {}  # insertion order = arrival order, as in NodeAdmission
         self.held_back: dict[str, list[Request]] = {n: [] for n in self.models}  # draining model, past deadline
         self.wait_stop: dict[str, list[Request]] = {n: [] for n in self.models}  # arrived while STOPPING
@@ -468,8 +469,8 @@ class SparkgateSim(Sim):
 
     def detail(self) -> str:
         idle = f"idle_timeout {self.cfg.idle_timeout:g}s" if self.cfg.idle_timeout > 0 else "no idle stop"
-        undrain = ", stale drains cleared (what-if)" if self.clear_stale_drains else ""
-        return f"max_hold {self.cfg.max_hold:g}s, {idle}, {self.drains_set} drains set{undrain}"
+        drains = "kept until the model stops (f7f2f62)" if self.sticky_drains else "recomputed every step"
+        return f"max_hold {self.cfg.max_hold:g}s, {idle}, {self.drains_set} drains set, {drains}"
 
     def holding_back(self, name: str) -> bool:
         deadline = self.drain_deadline.get(name)
@@ -559,20 +560,35 @@ class SparkgateSim(Sim):
             if (self.state[name] is S.READY and not self.in_flight[name]
                     and (not self.waiting(name) or self.holding_back(name))):
                 self.stop_engine(name)
-        for name, deadline in decided.drain:
-            current = self.drain_deadline.get(name)
-            if current is None or deadline < current:
-                self.drain_deadline[name] = deadline
-                self.drains_set += 1
-                if deadline > self.now:
-                    self.at(deadline, lambda: None)  # the executor polls; here: plan again at the deadline
-        if self.clear_stale_drains:
-            asked = {name for name, _ in decided.drain}
-            for name in [n for n in self.drain_deadline if n not in asked and self.state[n] is S.READY]:
+        if self.sticky_drains:
+            for name, deadline in decided.drain:
+                current = self.drain_deadline.get(name)
+                if current is None or deadline < current:
+                    self.drain_deadline[name] = deadline
+                    self.drains_set += 1
+                    self.replan_at(deadline)
+            return
+        # NodeAdmission.step: every model's deadline becomes what this plan says (absent = lifted), and
+        # ModelController.set_drain wakes the held-back requests, which run if the model takes work again.
+        drains = dict(decided.drain)
+        for name in self.models:
+            deadline, current = drains.get(name), self.drain_deadline.get(name)
+            if deadline == current:
+                continue
+            if deadline is None:
                 del self.drain_deadline[name]
+            else:
+                self.drains_set += current is None
+                self.drain_deadline[name] = deadline
+                self.replan_at(deadline)
+            if self.state[name] is S.READY and not self.holding_back(name):
                 held, self.held_back[name] = self.held_back[name], []
                 for r in held:
                     self.begin(r)
+
+    def replan_at(self, deadline: float) -> None:
+        if deadline > self.now:
+            self.at(deadline, lambda: None)  # the executor polls; here: plan again at the deadline
 
     def stuck(self) -> str:
         parts = []
@@ -760,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sparkgate": lambda: SparkgateSim(models, cfg),
         "one-at-a-time": lambda: GroupSwapSim(models, cfg, [[m.name] for m in models], "one-at-a-time"),
         "static-groups": lambda: GroupSwapSim(models, cfg, groups, "static-groups"),
-        "sparkgate+undrain": lambda: SparkgateSim(models, cfg, clear_stale_drains=True),
+        "sparkgate-sticky": lambda: SparkgateSim(models, cfg, sticky_drains=True),
     }
     policies = args.policy or DEFAULT_POLICIES
     if args.trace:
