@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from gateway.auth import KeyRing, load_keys
 from gateway.errors import ApiError
 from gateway.proxy import Proxy
 from gateway.routes import router
@@ -21,11 +23,13 @@ from waker.waker import Waker, default_runtimes
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
     """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
+    keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
     if waker is None:
         options = settings.waker_options()
         waker = Waker(registry or load_dir(settings.config_dir), options=options,
-                      runtimes=default_runtimes(options, settings.docker_nodes()), budgets=settings.budgets(),
-                      probes=settings.probes(), queue=settings.queue_policy(), preload=settings.preload)
+                      runtimes=default_runtimes(options, settings.docker_nodes(), settings.instance),
+                      budgets=settings.budgets(), probes=settings.probes(), queue=settings.queue_policy(),
+                      preload=settings.preload)
     session: aiohttp.ClientSession | None = None
 
     def upstream() -> aiohttp.ClientSession:
@@ -54,9 +58,14 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.state.waker = waker
     app.state.settings = settings
     app.state.created = int(time.time())
+    app.state.keys = keys
     app.include_router(router)
     # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
-    app.router.routes.append(Route("/v1/{path:path}", Proxy(waker, settings, upstream), methods=["POST"]))
+    app.router.routes.append(Route("/v1/{path:path}", Proxy(waker, settings, upstream, keys), methods=["POST"]))
+    if settings.cors_origins:
+        # Open WebUI (and other browser clients) call the API from another origin.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

@@ -5,6 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.settings import GatewaySettings
 from waker.budget import budget_problems
 from waker.durations import format_duration
@@ -20,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8009)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve a non-loopback address without API keys (anyone who can reach it may use it)")
 
     check = sub.add_parser("check", help="validate models.d and print what it serves")
     check.add_argument("--config-dir", type=Path, help="models.d directory (default: ./models.d)")
 
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"config_dir": args.config_dir, "host": getattr(args, "host", None),
-                                    "port": getattr(args, "port", None)}.items() if v is not None}
+                                    "port": getattr(args, "port", None),
+                                    "insecure_no_auth": getattr(args, "insecure_no_auth", None) or None,
+                                    }.items() if v is not None}
     settings = GatewaySettings(**overrides)
     try:
         registry = load_dir(settings.config_dir)
@@ -35,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(problems)
     except ConfigError as exc:
         print(f"sparkgate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        keys = load_keys(settings.api_keys, settings.api_keys_file)
+    except AuthError as exc:
+        print(f"sparkgate: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve" and not keys and not is_loopback(settings.host) and not settings.insecure_no_auth:
+        print(f"sparkgate: refusing to serve {settings.host} without API keys: anyone who can reach it could use "
+              "every model. Configure keys (SPARKGATE_API_KEYS or SPARKGATE_API_KEYS_FILE), bind 127.0.0.1, or pass "
+              "--insecure-no-auth.", file=sys.stderr)
         return 2
     if args.command == "check":
         print(format_table(registry))

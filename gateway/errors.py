@@ -45,6 +45,25 @@ def body_too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
+def unauthorized() -> ApiError:
+    return ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+def forbidden(model: str) -> ApiError:
+    return ApiError(403, f"This API key may not use the model '{model}'.", code="model_not_allowed",
+                    param="model")
+
+
+def headers_too_large(limit: int) -> ApiError:
+    return ApiError(431, f"The request headers are larger than the gateway's limit of {limit} bytes.",
+                    code="headers_too_large")
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(504, f"The request took longer than the gateway's request_timeout of "
+                    f"{format_duration(seconds)}.", type="upstream_error", code="request_timeout")
+
+
 def upstream_unreachable(model: str, detail: str) -> ApiError:
     return ApiError(502, f"The engine for '{model}' could not be reached or broke off: {detail}",
                     type="upstream_error", code="bad_gateway")

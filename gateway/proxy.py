@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from gateway import errors
+from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings
 from waker.errors import WakerError
@@ -32,7 +33,8 @@ log = logging.getLogger("sparkgate.proxy")
 # Per-connection headers that must not be forwarded (RFC 9110 7.6.1), plus what we set ourselves.
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"}
-_NOT_UPSTREAM = _HOP | {b"host", b"content-length", b"authorization", b"expect"}
+# The client's gateway key never reaches an engine (engines get their own `api_key` from the spec).
+_NOT_UPSTREAM = _HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"expect"}
 _NOT_DOWNSTREAM = _HOP | {b"server", b"date"}
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]
@@ -43,16 +45,21 @@ class ClientGone(Exception):
 
 
 class Proxy:
-    def __init__(self, waker: Waker, settings: GatewaySettings, session: Callable[[], aiohttp.ClientSession]):
+    def __init__(self, waker: Waker, settings: GatewaySettings, session: Callable[[], aiohttp.ClientSession],
+                 keys: KeyRing) -> None:
         self._waker = waker
         self._settings = settings
         self._session = session
+        self._keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            caller = self._caller(scope)
             body = await self._read_body(scope, receive)
             model, stream = _routing_fields(body)
             spec = self._waker.resolve(model)
+            if not caller.may_use(model, spec.name):
+                raise errors.forbidden(model)
             if model != spec.upstream_name:
                 body = _with_model(body, spec.upstream_name)
         except ApiError as exc:
@@ -70,15 +77,34 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task, request))
+        limit = self._settings.request_timeout or None
         try:
-            await request.run()
+            async with asyncio.timeout(limit):
+                await request.run()
         except asyncio.CancelledError:
             if not request.client_gone:
                 raise
             # The cancellation was ours (client left); swallow it so the server logs nothing.
             task.uncancel()
+        except TimeoutError:
+            await request.fail(errors.request_timeout(self._settings.request_timeout))
         finally:
             watcher.cancel()
+
+    def _caller(self, scope: Scope) -> Caller:
+        """Header size limit and the API key, in one pass over the headers."""
+        size = 0
+        authorization = None
+        for name, value in scope["headers"]:
+            size += len(name) + len(value) + 4
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        if size > self._settings.max_header_bytes:
+            raise errors.headers_too_large(self._settings.max_header_bytes)
+        caller = self._keys.caller(authorization)
+        if caller is None:
+            raise errors.unauthorized()
+        return caller
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._settings.max_body_bytes
@@ -117,14 +143,18 @@ class _Request:
 
     async def run(self) -> None:
         try:
-            endpoint = await self._acquire()
-        except WakerError as exc:
-            await self._fail(errors.from_waker(exc))
-            return
-        try:
-            await self._forward(endpoint)
-        finally:
-            self.controller.release()
+            async with self.controller.concurrency_slot():
+                try:
+                    endpoint = await self._acquire()
+                except WakerError as exc:
+                    await self.fail(errors.from_waker(exc))
+                    return
+                try:
+                    await self._forward(endpoint)
+                finally:
+                    self.controller.release()
+        except WakerError as exc:  # no slot: too many requests wait for this model already
+            await self.fail(errors.from_waker(exc))
 
     async def _acquire(self) -> Endpoint:
         interval = self.proxy._settings.keepalive_interval
@@ -166,15 +196,15 @@ class _Request:
             async with self.proxy._session().post(url, data=self.body, headers=headers) as resp:
                 await self._relay(resp, spec.name)
         except TimeoutError:
-            await self._fail(errors.upstream_timeout(spec.name, settings.upstream_read_timeout))
+            await self.fail(errors.upstream_timeout(spec.name, settings.upstream_read_timeout))
         except aiohttp.ClientError as exc:
-            await self._fail(errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
+            await self.fail(errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
 
     async def _relay(self, resp: aiohttp.ClientResponse, model: str) -> None:
         if self.started:
             # Status already sent (keep-alives): an engine error must travel as an SSE event.
             if resp.status != 200:
-                await self._fail(await _engine_error(resp))
+                await self.fail(await _engine_error(resp))
                 return
         else:
             headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_DOWNSTREAM]
@@ -188,7 +218,7 @@ class _Request:
         self.started = True
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
-    async def _fail(self, error: ApiError) -> None:
+    async def fail(self, error: ApiError) -> None:
         """Report `error`: as a response if nothing was sent yet, else in-band or by cutting off."""
         if not self.started:
             self.finished = True

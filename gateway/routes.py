@@ -1,8 +1,10 @@
-"""The gateway's own GET routes: model list and health."""
+"""The gateway's own routes: model list, health, admin state."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from gateway import errors
+from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
 from waker.errors import ModelNotFound
 from waker.model import ModelStatus
@@ -14,6 +16,21 @@ router = APIRouter()
 def _waker(request: Request) -> Waker:
     waker: Waker = request.app.state.waker
     return waker
+
+
+def _caller(request: Request) -> Caller:
+    keys: KeyRing = request.app.state.keys
+    caller = keys.caller(request.headers.get("authorization"))
+    if caller is None:
+        raise errors.unauthorized()
+    return caller
+
+
+def require_admin(request: Request) -> None:
+    """Admin routes need the admin key (never a client key); without one configured they are off."""
+    keys: KeyRing = request.app.state.keys
+    if not keys.is_admin(request.headers.get("authorization")):
+        raise ApiError(401, "This route needs the admin key (settings: admin_key).", code="admin_key_required")
 
 
 def _model_entry(name: str, status: ModelStatus, created: int, now: float) -> dict[str, object]:
@@ -43,20 +60,26 @@ def _model_entry(name: str, status: ModelStatus, created: int, now: float) -> di
 async def list_models(request: Request) -> JSONResponse:
     """Every configured model and alias, whether running or not, with its state."""
     waker = _waker(request)
+    caller = _caller(request)
     statuses = {s.name: s for s in waker.statuses()}
     created = request.app.state.created
     now = waker.clock.now()
-    data = [_model_entry(name, statuses[target], created, now) for name, target in waker.registry.routes().items()]
+    # A key sees only the models it may use.
+    data = [_model_entry(name, statuses[target], created, now) for name, target in waker.registry.routes().items()
+            if caller.may_use(name, target)]
     return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     waker = _waker(request)
+    caller = _caller(request)
     try:
         spec = waker.resolve(model_id)
     except ModelNotFound as exc:
         raise ApiError(404, exc.message, code="model_not_found", param="model") from None
+    if not caller.may_use(model_id, spec.name):
+        raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
     status = waker.controller(spec.name).status()
     return JSONResponse(_model_entry(model_id, status, request.app.state.created, waker.clock.now()))
 
@@ -65,3 +88,25 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
 async def health() -> dict[str, str]:
     """The gateway itself is up (models may be cold: that is normal)."""
     return {"status": "ok"}
+
+
+@router.get("/admin/state", dependencies=[Depends(require_admin)])
+async def admin_state(request: Request) -> JSONResponse:
+    """Every model's state, in-flight work, queue and memory; each node's budget."""
+    waker = _waker(request)
+    now = waker.clock.now()
+    models = []
+    for status in waker.statuses():
+        admission = waker.admissions.get(status.spec.node) if status.spec.manages_lifecycle else None
+        models.append({
+            "name": status.name, "state": status.state.value, "since_s": round(now - status.since, 1),
+            "in_flight": status.in_flight, "waiting": status.waiting,
+            "queued": admission.queue_of(status.name) if admission else 0,
+            "idle_s": None if status.last_used is None else round(now - status.last_used, 1),
+            "memory_gb": status.spec.memory_gb, "node": status.spec.node, "failures": status.failures,
+            "last_error": status.last_error.reason if status.last_error else None,
+        })
+    nodes = {name: {"capacity_gb": a.budget.capacity_gb, "held_gb": a.held_gb(), "queued": a.queued,
+                    "live_free_gb": a.probe.free_gb(), "probe": a.probe.name, "high_water_gb": a.high_water_gb}
+             for name, a in waker.admissions.items()}
+    return JSONResponse({"models": models, "nodes": nodes})

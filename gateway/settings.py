@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.auth import ApiKeySpec
 from waker.admission import QueuePolicy
 from waker.budget import Budget
 from waker.durations import Duration
@@ -71,6 +72,20 @@ class GatewaySettings(BaseSettings):
         default=60.0, description="how long a busy model keeps taking new work while another waits for its memory"
     )
     preload: list[str] = Field(default_factory=list, description="models started at boot, in this order")
+
+    api_keys: list[ApiKeySpec] = Field(
+        default_factory=list, description='client keys, JSON: [{"key": "...", "name": "laptop", "models": ["*"]}]'
+    )
+    api_keys_file: Path | None = Field(default=None, description="a YAML/JSON file with the same list")
+    admin_key: str | None = Field(default=None, description="key for /admin routes (separate from client keys)")
+    insecure_no_auth: bool = Field(default=False, description="allow binding a non-loopback address without keys")
+    cors_origins: list[str] = Field(default_factory=list, description='browser origins allowed, e.g. ["*"]')
+    max_header_bytes: int = Field(default=64 * 1024, gt=0, description="larger request headers get 431")
+    instance: str = Field(
+        default="default", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="name of this gateway on its Docker hosts; gateways sharing a daemon need different names",
+    )
+    request_timeout: Duration = Field(default=3600.0, description="longest a request may take in all; 0 = no limit")
 
     def budgets(self) -> dict[str, Budget]:
         return {name: Budget(n.total_gb, n.reserve_gb) for name, n in self.nodes.items()}

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,10 +58,12 @@ class Gateway:
 async def run_gateway(
     config_dir: Path, probes: dict[str, Any] | None = None, **settings: Any
 ) -> AsyncIterator[Gateway]:
+    # One Docker "instance" per test process: concurrent test runs on one daemon leave each other alone.
+    settings.setdefault("instance", f"test-{os.getpid()}")
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
     options = gateway_settings.waker_options()
     waker = Waker(load_dir(config_dir), options=options,
-                  runtimes=default_runtimes(options, gateway_settings.docker_nodes()),
+                  runtimes=default_runtimes(options, gateway_settings.docker_nodes(), gateway_settings.instance),
                   budgets=gateway_settings.budgets(), probes=probes or gateway_settings.probes(),
                   queue=gateway_settings.queue_policy(), preload=gateway_settings.preload)
     app = create_app(gateway_settings, waker=waker)

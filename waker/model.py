@@ -12,7 +12,7 @@ from waker.backoff import retry_delay
 from waker.clock import Clock
 from waker.durations import format_duration
 from waker.engines.base import Engine
-from waker.errors import ShuttingDown, StartFailed, StartTimeout, WakeFailed
+from waker.errors import QueueFull, ShuttingDown, StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
 from waker.options import WakerOptions
 from waker.probe import Prober
@@ -107,6 +107,8 @@ class ModelController:
         self._launch = launch_spec(spec)
         self._changed = asyncio.Event()
         self._sleep_task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(spec.max_concurrent) if spec.max_concurrent else None
+        self.slot_waiters = 0
 
         self._start_task: asyncio.Task[EngineHandle] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -151,6 +153,28 @@ class ModelController:
         return self.last_error.log_tail[-lines:] if self.last_error else ()
 
     # -- leases ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def concurrency_slot(self) -> AsyncIterator[None]:
+        """A place among the model's `max_concurrent` requests: wait for one, or QueueFull beyond
+        `max_waiting` waiting requests (no limit when max_concurrent is unset)."""
+        if self._slots is None:
+            yield
+            return
+        if self._slots.locked() and self.slot_waiters >= self.spec.max_waiting:
+            raise QueueFull(
+                f"{self.spec.name} already runs {self.spec.max_concurrent} requests (max_concurrent) and "
+                f"{self.slot_waiters} more wait (max_waiting {self.spec.max_waiting}); try again shortly",
+                model=self.spec.name)
+        self.slot_waiters += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.slot_waiters -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def acquire(self) -> Endpoint:
         """A ready endpoint, counted as in flight until `release()`; starts the engine if needed.

@@ -107,6 +107,8 @@ class ModelSpec(BaseModel):
 
     pinned: bool = False
     priority: int = 0
+    max_concurrent: int | None = Field(default=None, ge=1, description="requests at once; more wait for a slot")
+    max_waiting: int = Field(default=64, ge=0, description="requests waiting for a slot; beyond: 429")
 
     source: Path | None = Field(default=None, exclude=True, description="file this spec came from")
 
@@ -190,5 +192,5 @@ class ModelSpec(BaseModel):
 _POLICY_FIELDS = {
     "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
     "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
-    "wake_timeout",
+    "wake_timeout", "max_concurrent", "max_waiting",
 }

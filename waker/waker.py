@@ -30,12 +30,12 @@ log = logging.getLogger("sparkgate.waker")
 
 
 def default_runtimes(
-    options: WakerOptions, nodes: Mapping[str, DockerNode] | None = None
+    options: WakerOptions, nodes: Mapping[str, DockerNode] | None = None, instance: str = "default"
 ) -> dict[RuntimeKind, Runtime]:
     return {
         RuntimeKind.PROCESS: ProcessRuntime(keep_log_lines=max(200, options.log_tail_lines)),
         RuntimeKind.EXTERNAL: ExternalRuntime(),
-        RuntimeKind.DOCKER: DockerRuntime(nodes),
+        RuntimeKind.DOCKER: DockerRuntime(nodes, instance=instance),
     }
 
 
@@ -157,7 +157,7 @@ class Waker:
                                reason=f"{found.handle.ident}: {stale}; removed"))
         try:
             await runtime.discard(found, stale)
-        except RuntimeUnavailable as exc:
+        except Exception as exc:  # a stale container must not stop the gateway from starting
             log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
 
     async def shutdown(self) -> None:

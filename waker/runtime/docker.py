@@ -32,6 +32,7 @@ LABEL_MODEL = "sparkgate.model"
 LABEL_HASH = "sparkgate.spec-hash"
 LABEL_PORT = "sparkgate.host-port"
 LABEL_NODE = "sparkgate.node"
+LABEL_INSTANCE = "sparkgate.instance"  # which gateway owns it: gateways sharing a daemon leave each other alone
 
 T = TypeVar("T")
 
@@ -179,7 +180,9 @@ class DockerRuntime:
 
     detached = True  # containers outlive the gateway and are adopted by the next one
 
-    def __init__(self, nodes: Mapping[str, DockerNode] | None = None, max_threads: int = 64) -> None:
+    def __init__(self, nodes: Mapping[str, DockerNode] | None = None, max_threads: int = 64,
+                 instance: str = "default") -> None:
+        self.instance = instance
         # Blocking SDK calls (including one long-poll `wait` per running container) get their own
         # threads, so they never starve the loop's default executor.
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="docker")
@@ -199,7 +202,8 @@ class DockerRuntime:
 
         def launch(client: docker.DockerClient) -> tuple[Container, int]:
             reusable: Container | None = None
-            for old in client.containers.list(all=True, filters={"label": f"{LABEL_MODEL}={spec.name}"}):
+            mine = [f"{LABEL_MODEL}={spec.name}", f"{LABEL_INSTANCE}={self.instance}"]
+            for old in client.containers.list(all=True, filters={"label": mine}):
                 labels = old.labels
                 if labels.get(LABEL_HASH) == spec_hash and old.status == "running":
                     return old, int(labels[LABEL_PORT])  # already running (started elsewhere): use it
@@ -217,7 +221,7 @@ class DockerRuntime:
                     log.info("kept container %s of %s did not start (%s); recreating", reusable.short_id,
                              spec.name, exc)
                     _remove(client, reusable.id)
-            return self._create(client, node.node, spec, engine, name, spec_hash)
+            return self._create(client, node.node, spec, engine, name, spec_hash, self.instance)
 
         try:
             container, port = await node.call(launch)
@@ -231,12 +235,13 @@ class DockerRuntime:
 
     @staticmethod
     def _create(client: docker.DockerClient, node: DockerNode, spec: ModelSpec, engine: Engine, name: str,
-                spec_hash: str) -> tuple[Container, int]:
+                spec_hash: str, instance: str) -> tuple[Container, int]:
         if spec.network == "host":
             port = spec.port or free_port()
         else:
             port = spec.port or free_port(node.publish_ip if node.publish_ip != "0.0.0.0" else "127.0.0.1")
         kwargs = container_config(spec, engine, node, port, spec_hash)
+        kwargs["labels"][LABEL_INSTANCE] = instance
         container = client.containers.create(spec.image, name=name, detach=True, **kwargs)
         try:
             container.start()
@@ -251,7 +256,8 @@ class DockerRuntime:
         for node in self._nodes.values():
             try:
                 containers = await node.call(
-                    lambda client: client.containers.list(all=True, filters={"label": f"{LABEL_MANAGED}=true"}))
+                    lambda client: client.containers.list(
+                        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}))
             except RuntimeUnavailable as exc:
                 log.warning("cannot look for running engines: %s", exc)
                 continue
@@ -273,9 +279,9 @@ class DockerRuntime:
         def remove(client: docker.DockerClient) -> None:
             try:
                 client.api.stop(container_id, timeout=10)
-                client.api.remove_container(container_id, force=True)
             except docker.errors.NotFound:
-                pass
+                return
+            _remove(client, container_id)
 
         log.info("stopping stale container %s (%s): %s", handle.ident, found.model, reason)
         await handle._node.call(remove)
