@@ -132,3 +132,19 @@ def test_serve_refuses_a_public_address_without_keys(tmp_path: Path, capsys: pyt
     models = write_models(tmp_path, fake_engine_spec("m"))
     assert cli(["serve", "--config-dir", str(models), "--host", "0.0.0.0", "--port", "1"]) == 2
     assert "refusing to serve 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+async def test_logs_carry_neither_prompts_nor_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    models = write_models(tmp_path, fake_engine_spec("m"), fake_engine_spec("crashy", "--exit-at-start", "1"))
+    caplog.set_level("DEBUG")
+    async with run_gateway(models, api_keys=KEYS) as gw, httpx.AsyncClient(timeout=30) as client:
+        headers = {"Authorization": "Bearer sk-server-456"}
+        secret_prompt = "my-very-private-prompt-4711"
+        for model in ("m", "crashy"):
+            await client.post(gw.v1 + "/chat/completions", headers=headers, json={
+                "model": model, "messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 1})
+        await client.post(gw.v1 + "/chat/completions", headers={"Authorization": "Bearer sk-wrong-999"},
+                          json={"model": "m", "messages": [{"role": "user", "content": secret_prompt}]})
+    text = caplog.text
+    assert "transition" in text  # events were logged...
+    assert secret_prompt not in text and "sk-server-456" not in text and "sk-wrong-999" not in text
