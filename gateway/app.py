@@ -1,24 +1,68 @@
 """The app factory: builds the waker, the upstream client and the routes for one gateway."""
 
+import asyncio
 import contextlib
+import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from gateway.admin import reload_config
+from gateway.admin import router as admin_router
 from gateway.auth import KeyRing, load_keys
 from gateway.errors import ApiError
 from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
-from waker.registry import Registry, load_dir
+from waker.registry import ConfigError, Registry, load_dir
 from waker.waker import Waker, default_runtimes
+
+STATIC = Path(__file__).with_name("static")
+log = logging.getLogger("sparkgate.gateway")
+
+
+def _spawn(app: FastAPI, coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(coro)
+    app.state.background.add(task)
+    task.add_done_callback(app.state.background.discard)
+
+
+async def reload_logged(app: FastAPI) -> None:
+    try:
+        report = await reload_config(app)
+        log.info("models.d reloaded: %s", {k: v for k, v in report.items() if v and k != "unchanged"})
+    except ConfigError as exc:
+        log.error("models.d NOT reloaded (the running config keeps serving): %s", exc)
+
+
+async def watch_config(app: FastAPI, interval: float = 2.0) -> None:
+    """Reload when a file in models.d changes (polling mtimes: works on every filesystem and mount)."""
+    directory: Path = app.state.settings.config_dir
+
+    def fingerprint() -> tuple[tuple[str, float, int], ...]:
+        try:
+            return tuple(sorted((p.name, p.stat().st_mtime, p.stat().st_size) for p in directory.iterdir()
+                                if p.suffix in (".yaml", ".yml")))
+        except OSError:
+            return ()
+
+    last = await asyncio.to_thread(fingerprint)
+    while True:
+        await asyncio.sleep(interval)
+        now = await asyncio.to_thread(fingerprint)
+        if now != last:
+            last = now
+            await reload_logged(app)
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
@@ -49,9 +93,18 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
         )
         async with waker:
+            watchers = [asyncio.create_task(watch_config(app), name="models.d watch")] if settings.watch_config else []
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                # SIGHUP re-reads models.d, like most daemons.
+                loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(app, reload_logged(app)))
             try:
                 yield
             finally:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signal.SIGHUP)
+                for task in [*watchers, *app.state.background]:
+                    task.cancel()
                 await session.close()
 
     app = FastAPI(title="sparkgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -59,7 +112,14 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.state.settings = settings
     app.state.created = int(time.time())
     app.state.keys = keys
+    app.state.background = set()
     app.include_router(router)
+    app.include_router(admin_router)
+
+    @app.get("/", include_in_schema=False)
+    async def status_page() -> FileResponse:
+        """The status page: models, the memory budget, live events (no build step, no CDN)."""
+        return FileResponse(STATIC / "status.html", media_type="text/html")
     # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
     app.router.routes.append(Route("/v1/{path:path}", Proxy(waker, settings, upstream, keys), methods=["POST"]))
     if settings.cors_origins:

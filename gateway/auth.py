@@ -59,6 +59,10 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def has_admin(self) -> bool:
+        return self._admin is not None
+
     def caller(self, authorization: str | None) -> Caller | None:
         """The caller for an `Authorization` header value; None when missing or wrong.
 

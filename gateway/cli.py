@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,34 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate models.d and print what it serves")
     check.add_argument("--config-dir", type=Path, help="models.d directory (default: ./models.d)")
 
+    default_url = os.environ.get("SPARKGATE_URL", "http://127.0.0.1:8009")
+    ops = {
+        "status": sub.add_parser("status", help="table of models: state, memory, in flight, idle for, last error"),
+        "start": sub.add_parser("start", help="start a model (returns at once)"),
+        "warm": sub.add_parser("warm", help="start a model and show its progress until it is ready"),
+        "stop": sub.add_parser("stop", help="stop a model"),
+        "logs": sub.add_parser("logs", help="the last lines a model's engine printed"),
+        "reload": sub.add_parser("reload", help="re-read models.d without disturbing running models"),
+    }
+    for name, op in ops.items():
+        op.add_argument("--url", default=default_url, help="the gateway (env SPARKGATE_URL); admin key from "
+                        "SPARKGATE_ADMIN_KEY")
+        if name in ("start", "warm", "stop", "logs"):
+            op.add_argument("model")
+    ops["status"].add_argument("--watch", action="store_true", help="refresh until interrupted")
+    ops["status"].add_argument("--interval", type=float, default=2.0)
+    ops["logs"].add_argument("--lines", type=int, default=100)
+    for name in ("start", "warm"):
+        ops[name].add_argument("--timeout", type=float, default=3600, help="give up following after this long")
+
     args = parser.parse_args(argv)
+    if args.command in ops:
+        from gateway.client import run
+
+        try:
+            return run(args.command, args)
+        except KeyboardInterrupt:
+            return 130
     overrides = {k: v for k, v in {"config_dir": args.config_dir, "host": getattr(args, "host", None),
                                     "port": getattr(args, "port", None),
                                     "insecure_no_auth": getattr(args, "insecure_no_auth", None) or None,

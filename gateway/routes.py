@@ -1,6 +1,6 @@
 """The gateway's own routes: model list, health, admin state."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gateway import errors
@@ -27,8 +27,12 @@ def _caller(request: Request) -> Caller:
 
 
 def require_admin(request: Request) -> None:
-    """Admin routes need the admin key (never a client key); without one configured they are off."""
+    """Admin routes need the admin key (never a client key). A gateway with no keys at all (which
+    only serves loopback unless told otherwise) leaves them open like everything else; one with client
+    keys but no admin key keeps them shut."""
     keys: KeyRing = request.app.state.keys
+    if not keys.enabled and not keys.has_admin:
+        return
     if not keys.is_admin(request.headers.get("authorization")):
         raise ApiError(401, "This route needs the admin key (settings: admin_key).", code="admin_key_required")
 
@@ -90,23 +94,3 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/admin/state", dependencies=[Depends(require_admin)])
-async def admin_state(request: Request) -> JSONResponse:
-    """Every model's state, in-flight work, queue and memory; each node's budget."""
-    waker = _waker(request)
-    now = waker.clock.now()
-    models = []
-    for status in waker.statuses():
-        admission = waker.admissions.get(status.spec.node) if status.spec.manages_lifecycle else None
-        models.append({
-            "name": status.name, "state": status.state.value, "since_s": round(now - status.since, 1),
-            "in_flight": status.in_flight, "waiting": status.waiting,
-            "queued": admission.queue_of(status.name) if admission else 0,
-            "idle_s": None if status.last_used is None else round(now - status.last_used, 1),
-            "memory_gb": status.spec.memory_gb, "node": status.spec.node, "failures": status.failures,
-            "last_error": status.last_error.reason if status.last_error else None,
-        })
-    nodes = {name: {"capacity_gb": a.budget.capacity_gb, "held_gb": a.held_gb(), "queued": a.queued,
-                    "live_free_gb": a.probe.free_gb(), "probe": a.probe.name, "high_water_gb": a.high_water_gb}
-             for name, a in waker.admissions.items()}
-    return JSONResponse({"models": models, "nodes": nodes})

@@ -81,6 +81,7 @@ class GatewaySettings(BaseSettings):
     insecure_no_auth: bool = Field(default=False, description="allow binding a non-loopback address without keys")
     cors_origins: list[str] = Field(default_factory=list, description='browser origins allowed, e.g. ["*"]')
     max_header_bytes: int = Field(default=64 * 1024, gt=0, description="larger request headers get 431")
+    watch_config: bool = Field(default=False, description="reload models.d when its files change")
     instance: str = Field(
         default="default", pattern=r"^[A-Za-z0-9_.-]+$",
         description="name of this gateway on its Docker hosts; gateways sharing a daemon need different names",

@@ -73,6 +73,9 @@ class NodeAdmission:
     def register(self, controller: "ModelController") -> None:
         self._controllers[controller.spec.name] = controller
 
+    def unregister(self, name: str) -> None:
+        self._controllers.pop(name, None)
+
     @property
     def queued(self) -> int:
         return sum(len(t.waiters) for t in self._queue.values())
@@ -230,7 +233,7 @@ def _view(c: "ModelController", now: float) -> ModelView:
     waiting = 0 if c.holding_back(now) else c.waiting
     return ModelView(
         name=c.spec.name, state=c.state, footprint_gb=c.spec.memory_gb, held_gb=_held(c), in_flight=c.in_flight,
-        waiting=waiting, last_used=c.last_used or 0.0, pinned=c.spec.pinned, priority=c.spec.priority,
+        waiting=waiting, last_used=c.last_used or 0.0, pinned=c.pinned, priority=c.spec.priority,
     )
 
 

@@ -12,7 +12,7 @@ from waker.backoff import retry_delay
 from waker.clock import Clock
 from waker.durations import format_duration
 from waker.engines.base import Engine
-from waker.errors import QueueFull, ShuttingDown, StartFailed, StartTimeout, WakeFailed
+from waker.errors import ModelNotFound, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
 from waker.options import WakerOptions
 from waker.probe import Prober
@@ -101,6 +101,9 @@ class ModelController:
         self.handle: EngineHandle | None = None
 
         self.drain_deadline: float | None = None  # set by the scheduler: others wait for this memory
+        self.pinned = spec.pinned  # the admin API may pin or unpin at run time
+        self.pending_spec: ModelSpec | None = None  # models.d changed: applied once the engine is stopped
+        self.retired = False  # removed from models.d: stopped when idle, then dropped
         self._admission = admission
         self._on_change = on_change
         self._session = session
@@ -158,23 +161,24 @@ class ModelController:
     async def concurrency_slot(self) -> AsyncIterator[None]:
         """A place among the model's `max_concurrent` requests: wait for one, or QueueFull beyond
         `max_waiting` waiting requests (no limit when max_concurrent is unset)."""
-        if self._slots is None:
+        slots = self._slots  # this one is released, even if a reload swaps it meanwhile
+        if slots is None:
             yield
             return
-        if self._slots.locked() and self.slot_waiters >= self.spec.max_waiting:
+        if slots.locked() and self.slot_waiters >= self.spec.max_waiting:
             raise QueueFull(
                 f"{self.spec.name} already runs {self.spec.max_concurrent} requests (max_concurrent) and "
                 f"{self.slot_waiters} more wait (max_waiting {self.spec.max_waiting}); try again shortly",
                 model=self.spec.name)
         self.slot_waiters += 1
         try:
-            await self._slots.acquire()
+            await slots.acquire()
         finally:
             self.slot_waiters -= 1
         try:
             yield
         finally:
-            self._slots.release()
+            slots.release()
 
     async def acquire(self) -> Endpoint:
         """A ready endpoint, counted as in flight until `release()`; starts the engine if needed.
@@ -214,6 +218,8 @@ class ModelController:
         while True:
             if self._closed:
                 raise ShuttingDown("the gateway is shutting down", model=self.spec.name)
+            if self.retired:
+                raise ModelNotFound(f"The model '{self.spec.name}' was removed from models.d", model=self.spec.name)
             if self.state is S.READY and self.handle is not None:
                 if waited_for_start or not self.holding_back(self._clock.now()):
                     return self.handle
@@ -492,6 +498,23 @@ class ModelController:
             self._watch_task.cancel()
         code = await handle.stop(self.spec.stop_timeout) if handle is not None else None
         self._transition(S.STOPPED, "engine stopped", exit_code=code)
+        self.apply_pending_spec()
+
+    def apply_pending_spec(self) -> bool:
+        """Take the new models.d entry while no engine runs (the next start uses it)."""
+        if self.pending_spec is None or self.state not in (S.STOPPED, S.FAILED):
+            return False
+        self.replace_spec(self.pending_spec)
+        self.pending_spec = None
+        self._events.emit(Event(self._clock.wall(), self.spec.name, "reconfigured", reason="models.d changed"))
+        return True
+
+    def replace_spec(self, spec: ModelSpec) -> None:
+        """A new entry for this model: policy fields apply at once; engine-shaping ones at the next start."""
+        self.spec = spec
+        self._launch = launch_spec(spec)
+        self.pinned = spec.pinned
+        self._slots = asyncio.Semaphore(spec.max_concurrent) if spec.max_concurrent else None
 
     def mark_ready_external(self, handle: EngineHandle) -> None:
         """An always-on endpoint: READY from the start, never started or stopped by us."""

@@ -25,8 +25,18 @@ from waker.runtime.external import ExternalRuntime
 from waker.runtime.process import ProcessRuntime
 from waker.sleep import launch_spec
 from waker.spec import ModelSpec, RuntimeKind
+from waker.state import ModelState
 
 log = logging.getLogger("sparkgate.waker")
+
+
+def _required(prober: Prober | None) -> Prober:
+    assert prober is not None, "the waker has not started"
+    return prober
+
+
+def _same(a: ModelSpec, b: ModelSpec) -> bool:
+    return a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
 
 
 def default_runtimes(
@@ -72,6 +82,7 @@ class Waker:
         self._queue_policy = queue or QueuePolicy()
         self._preload = [registry.resolve(name).name for name in preload]
         self._prober = prober
+        self._prober_in_use: Prober | None = None
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
         self.admissions: dict[str, NodeAdmission] = {}
@@ -94,22 +105,9 @@ class Waker:
             # Live memory is read where the gateway runs; other nodes rely on their ledger alone.
             probe = self._probes.get(node) or (make_probe("auto") if node == "local" else FixedProbe(None))
             self.admissions[node] = NodeAdmission(node, budget, probe, self.clock, self.events, self._queue_policy)
-        for name, spec in self.registry.items():
-            runtime = self._runtimes.get(spec.runtime)
-            if runtime is None:
-                raise ValueError(f"{name}: runtime {spec.runtime} is not available in this gateway")
-            if isinstance(runtime, DockerRuntime):
-                runtime.node(spec.node)  # an unknown node is a config error, found at boot
-            admission = self.admissions[spec.node] if spec.manages_lifecycle else None
-            controller = ModelController(
-                spec, engine_for(spec.engine), runtime, prober, self.events, self.clock, self.options,
-                admission=admission, on_change=admission.kick if admission else None, session=self._session,
-            )
-            self._controllers[name] = controller
-            if admission is not None:
-                admission.register(controller)
-            if not spec.manages_lifecycle:
-                controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
+        self._prober_in_use = prober
+        for spec in self.registry.values():
+            await self._add_controller(spec)
         await self._adopt_running_engines()
         for admission in self.admissions.values():
             admission.start()
@@ -125,6 +123,89 @@ class Waker:
                 self.events.emit(Event(self.clock.wall(), name, "preloaded", reason="listed in preload"))
             except WakerError as exc:
                 log.warning("preload of %s failed: %s", name, exc)
+
+    async def _add_controller(self, spec: ModelSpec) -> ModelController:
+        runtime = self._runtimes.get(spec.runtime)
+        if runtime is None:
+            raise ValueError(f"{spec.name}: runtime {spec.runtime} is not available in this gateway")
+        if isinstance(runtime, DockerRuntime):
+            runtime.node(spec.node)  # an unknown node is a config error, found at boot
+        admission = self.admissions[spec.node] if spec.manages_lifecycle else None
+        controller = ModelController(
+            spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock, self.options,
+            admission=admission, on_change=admission.kick if admission else None, session=self._session,
+        )
+        self._controllers[spec.name] = controller
+        if admission is not None:
+            admission.register(controller)
+        if not spec.manages_lifecycle:
+            controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
+        return controller
+
+    async def reload(self, registry: Registry) -> dict[str, list[str]]:
+        """Take a new models.d without disturbing what runs: unchanged models keep their engines,
+        policy-only changes apply at once, changed models are recreated when idle, removed ones are
+        stopped when idle. A registry the budgets can't hold is refused (ConfigError) and nothing
+        changes."""
+        problems = budget_problems(registry.values(), self.budgets)
+        for spec in registry.values():
+            if spec.runtime not in self._runtimes:
+                problems.append(f"{spec.source or spec.name}: runtime {spec.runtime} is not available")
+        if problems:
+            raise ConfigError(problems)
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": [], "unchanged": []}
+        old = self.registry
+        self.registry = registry
+        for name, spec in registry.items():
+            controller = self._controllers.get(name)
+            if controller is None or controller.retired:
+                if controller is not None:  # re-added while still retiring: keep its engine
+                    controller.retired = False
+                    self._controllers[name].replace_spec(spec)
+                else:
+                    await self._add_controller(spec)
+                report["added"].append(name)
+                continue
+            before = old.get(name, controller.spec)
+            if _same(before, spec):
+                report["unchanged"].append(name)
+            elif launch_spec(before).spec_hash() == launch_spec(spec).spec_hash() and before.node == spec.node \
+                    and before.runtime == spec.runtime:
+                controller.replace_spec(spec)
+                report["updated"].append(name)
+            else:
+                controller.pending_spec = spec
+                if not controller.apply_pending_spec():
+                    controller.stop_if_idle("models.d changed: recreating with the new entry")
+                report["changed"].append(name)
+        for name in list(self._controllers):
+            if name not in registry:
+                controller = self._controllers[name]
+                controller.retired = True
+                report["removed"].append(name)
+                if controller.spec.manages_lifecycle:
+                    controller.stop_if_idle("removed from models.d")
+                    if controller.state is ModelState.FAILED:
+                        await controller.stop("removed from models.d")
+        self.events.emit(Event(self.clock.wall(), "*", "reload", reason="models.d reloaded",
+                               data={k: v for k, v in report.items() if v and k != "unchanged"}))
+        await self.settle_reload()
+        return report
+
+    async def settle_reload(self) -> None:
+        """Finish what reload left pending: models that were busy are stopped once idle; retired
+        ones are dropped once stopped. Called after reload and by the reaper loop."""
+        for name, controller in list(self._controllers.items()):
+            if controller.pending_spec is not None and not controller.apply_pending_spec():
+                controller.stop_if_idle("models.d changed: recreating with the new entry")
+            if controller.retired:
+                if controller.state in (ModelState.STOPPED, ModelState.FAILED) or not controller.spec.manages_lifecycle:
+                    del self._controllers[name]
+                    admission = self.admissions.get(controller.spec.node)
+                    if admission is not None:
+                        admission.unregister(name)
+                else:
+                    controller.stop_if_idle("removed from models.d")
 
     async def _adopt_running_engines(self) -> None:
         """Engines left running by a previous gateway are taken over, never restarted; stale ones
@@ -186,6 +267,9 @@ class Waker:
     def controller(self, name: str) -> ModelController:
         return self._controllers[self.registry.resolve(name).name]
 
+    def controllers(self) -> list[ModelController]:
+        return list(self._controllers.values())
+
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Endpoint]:
         async with self.controller(name).lease() as endpoint:
@@ -216,6 +300,7 @@ class Waker:
         while True:
             await asyncio.sleep(self.options.reap_interval)
             try:
+                await self.settle_reload()
                 await self.reap_once()
             except Exception:  # the reaper must survive one bad stop
                 log.exception("idle reaper")
