@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.routes import require_admin
 from waker.errors import ModelNotFound, WakerError
 from waker.model import ModelController
-from waker.registry import ConfigError, load_dir
+from waker.registry import ConfigError
 from waker.state import ModelState
 from waker.waker import Waker
 
@@ -137,7 +138,7 @@ async def reload(request: Request) -> JSONResponse:
 async def reload_config(app: object) -> dict[str, list[str]]:
     waker: Waker = app.state.waker  # type: ignore[attr-defined]
     settings = app.state.settings  # type: ignore[attr-defined]
-    registry = await asyncio.to_thread(load_dir, settings.config_dir)
+    registry = await asyncio.to_thread(load_models, settings.config_dir, settings.stats_db)
     return await waker.reload(registry)
 
 

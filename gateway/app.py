@@ -5,7 +5,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,13 @@ from starlette.routing import Route
 from gateway.admin import reload_config
 from gateway.admin import router as admin_router
 from gateway.auth import KeyRing, load_keys
+from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
-from waker.registry import ConfigError, Registry, load_dir
+from stats import Sampler, SampleStore
+from waker.registry import ConfigError, Registry
 from waker.waker import Waker, default_runtimes
 
 STATIC = Path(__file__).with_name("static")
@@ -65,12 +67,27 @@ async def watch_config(app: FastAPI, interval: float = 2.0) -> None:
             await reload_logged(app)
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, with the proxy's routes dispatched before the router and middleware stack: they are
+    every token users see, and need none of it (the proxy does its own errors)."""
+
+    fast_proxy: Proxy | None = None
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        proxy = self.fast_proxy
+        if proxy is not None and scope["type"] == "http" and scope["method"] == "POST" \
+                and scope["path"].startswith("/v1/"):
+            await proxy(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
     """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
     keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
     if waker is None:
         options = settings.waker_options()
-        waker = Waker(registry or load_dir(settings.config_dir), options=options,
+        waker = Waker(registry or load_models(settings.config_dir, settings.stats_db), options=options,
                       runtimes=default_runtimes(options, settings.docker_nodes(), settings.instance),
                       budgets=settings.budgets(), probes=settings.probes(), queue=settings.queue_policy(),
                       preload=settings.preload)
@@ -93,6 +110,11 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
         )
         async with waker:
+            sampler = None
+            if settings.stats_interval > 0:
+                sampler = Sampler(waker, SampleStore(settings.stats_db), interval=settings.stats_interval)
+                sampler.start()
+            app.state.sampler = sampler
             watchers = [asyncio.create_task(watch_config(app), name="models.d watch")] if settings.watch_config else []
             loop = asyncio.get_running_loop()
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -105,9 +127,12 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
                     loop.remove_signal_handler(signal.SIGHUP)
                 for task in [*watchers, *app.state.background]:
                     task.cancel()
+                if sampler is not None:
+                    await sampler.close()
+                    sampler.store.close()
                 await session.close()
 
-    app = FastAPI(title="sparkgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = GatewayApp(title="sparkgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.waker = waker
     app.state.settings = settings
     app.state.created = int(time.time())
@@ -121,7 +146,10 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
         """The status page: models, the memory budget, live events (no build step, no CDN)."""
         return FileResponse(STATIC / "status.html", media_type="text/html")
     # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
-    app.router.routes.append(Route("/v1/{path:path}", Proxy(waker, settings, upstream, keys), methods=["POST"]))
+    proxy = Proxy(waker, settings, upstream, keys)
+    app.router.routes.append(Route("/v1/{path:path}", proxy, methods=["POST"]))
+    # Without CORS (which must wrap every response) POST /v1/* skips the framework entirely.
+    app.fast_proxy = None if settings.cors_origins else proxy
     if settings.cors_origins:
         # Open WebUI (and other browser clients) call the API from another origin.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -7,13 +7,19 @@ import sys
 from pathlib import Path
 
 from gateway.auth import AuthError, is_loopback, load_keys
+from gateway.config import load_models
 from gateway.settings import GatewaySettings
 from waker.budget import budget_problems
 from waker.durations import format_duration
-from waker.registry import ConfigError, Registry, load_dir
+from waker.registry import ConfigError, Registry
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        from stats.cli import stats_command
+
+        return stats_command(argv[1:], GatewaySettings().stats_db)
     parser = argparse.ArgumentParser(prog="sparkgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                     }.items() if v is not None}
     settings = GatewaySettings(**overrides)
     try:
-        registry = load_dir(settings.config_dir)
+        registry = load_models(settings.config_dir, settings.stats_db)
         problems = budget_problems(registry.values(), settings.budgets())
         if problems:
             raise ConfigError(problems)

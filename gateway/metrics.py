@@ -82,8 +82,8 @@ class Metrics:
         self.ttfb = Histogram(f"{PREFIX}time_to_first_byte_seconds", "From the request's arrival until the first "
                               "body byte from the engine reached the client.", ["model"], buckets=REQUEST_BUCKETS,
                               registry=r)
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
-        self._timer_children: dict[str, tuple[Histogram, Histogram]] = {}
+        # One dict lookup per request: (model, key, status) -> its counter and the model's two histograms.
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram]] = {}
 
         # -- lifecycle (from waker events) --
         self.events_total = Counter(f"{PREFIX}events_total", "Waker events seen, by kind.", ["kind"], registry=r)
@@ -127,16 +127,14 @@ class Metrics:
         """Record one finished request. `model` is the canonical model name (or UNRESOLVED), `key` the
         API key's *name* (never the key), `status` the HTTP status as a string or "client_gone";
         `ttfb` is None when no engine byte reached the client."""
-        counter = self._request_children.get((model, key, status))
-        if counter is None:
-            counter = self._request_children[(model, key, status)] = self.requests.labels(model, key, status)
-        counter.inc()
-        timers = self._timer_children.get(model)
-        if timers is None:
-            timers = self._timer_children[model] = (self.request_duration.labels(model), self.ttfb.labels(model))
-        timers[0].observe(duration)
+        children = self._request_children.get((model, key, status))
+        if children is None:
+            children = self._request_children[(model, key, status)] = (
+                self.requests.labels(model, key, status), self.request_duration.labels(model), self.ttfb.labels(model))
+        children[0].inc()
+        children[1].observe(duration)
         if ttfb is not None:
-            timers[1].observe(ttfb)
+            children[2].observe(ttfb)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -74,6 +74,18 @@ class Proxy:
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
         request = _Request(self, scope, send, self._waker.controller(spec.name), body, stream)
+        try:
+            await self._serve(request, receive)
+        except Exception:
+            # Never a bare 500 with a stack trace: log it, answer in OpenAI's shape if still possible.
+            log.exception("proxying %s failed", scope["path"])
+            if not request.started:
+                await _send_error(send, ApiError(500, "internal error in the gateway", type="server_error",
+                                                 code="internal_error"))
+            else:
+                raise
+
+    async def _serve(self, request: "_Request", receive: Receive) -> None:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task, request))

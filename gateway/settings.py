@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.auth import ApiKeySpec
+from stats.store import default_db_path
 from waker.admission import QueuePolicy
 from waker.budget import Budget
 from waker.durations import Duration
@@ -81,6 +82,8 @@ class GatewaySettings(BaseSettings):
     insecure_no_auth: bool = Field(default=False, description="allow binding a non-loopback address without keys")
     cors_origins: list[str] = Field(default_factory=list, description='browser origins allowed, e.g. ["*"]')
     max_header_bytes: int = Field(default=64 * 1024, gt=0, description="larger request headers get 431")
+    stats_db: Path = Field(default_factory=default_db_path, description="SQLite file of per-model memory samples")
+    stats_interval: Duration = Field(default=5.0, description="memory sampling interval; 0 = off")
     watch_config: bool = Field(default=False, description="reload models.d when its files change")
     instance: str = Field(
         default="default", pattern=r"^[A-Za-z0-9_.-]+$",

@@ -60,6 +60,7 @@ async def run_gateway(
 ) -> AsyncIterator[Gateway]:
     # One Docker "instance" per test process: concurrent test runs on one daemon leave each other alone.
     settings.setdefault("instance", f"test-{os.getpid()}")
+    settings.setdefault("stats_db", config_dir / ".stats.sqlite3")  # never the user's own stats file
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
     options = gateway_settings.waker_options()
     waker = Waker(load_dir(config_dir), options=options,

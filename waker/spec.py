@@ -84,7 +84,19 @@ class ModelSpec(BaseModel):
     init: bool = Field(default=False, description="docker: run an init as PID 1 (engines that ignore SIGTERM)")
     keep_container: bool = Field(default=False, description="docker: keep it when stopped; faster restart")
 
-    memory_gb: float = Field(default=0.0, ge=0, description="memory the engine may take, in GB")
+    memory_gb: float = Field(
+        default=0.0, ge=0,
+        description='memory the engine may take, in GiB; "auto": the learned peak (stats) x 1.2 once sampled',
+    )
+    memory_auto: bool = Field(default=False, exclude=True, description="memory_gb was 'auto' (resolved at load)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_memory(cls, data: object) -> object:
+        # "auto" is resolved by the loader from learned footprints; until then it holds 0 and is flagged.
+        if isinstance(data, dict) and data.get("memory_gb") == "auto":
+            return {**data, "memory_gb": 0.0, "memory_auto": True}
+        return data
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1, description="fraction of GPU memory given to the engine's memory flag"
     )
@@ -192,5 +204,6 @@ class ModelSpec(BaseModel):
 _POLICY_FIELDS = {
     "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
     "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
+    "memory_auto",
     "wake_timeout", "max_concurrent", "max_waiting",
 }

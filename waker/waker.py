@@ -132,7 +132,8 @@ class Waker:
             runtime.node(spec.node)  # an unknown node is a config error, found at boot
         admission = self.admissions[spec.node] if spec.manages_lifecycle else None
         controller = ModelController(
-            spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock, self.options,
+            spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock,
+            self.options,
             admission=admission, on_change=admission.kick if admission else None, session=self._session,
         )
         self._controllers[spec.name] = controller
