@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
@@ -22,6 +23,7 @@ from gateway.admin import router as admin_router
 from gateway.auth import KeyRing, load_keys
 from gateway.config import load_models
 from gateway.errors import ApiError
+from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
@@ -92,6 +94,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
                       budgets=settings.budgets(), probes=settings.probes(), queue=settings.queue_policy(),
                       preload=settings.preload)
     session: aiohttp.ClientSession | None = None
+    metrics = Metrics(waker, live_memory=lambda: s.latest if (s := getattr(app.state, "sampler", None)) else None)
 
     def upstream() -> aiohttp.ClientSession:
         assert session is not None, "the app's lifespan has not started"
@@ -109,6 +112,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             ),
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
         )
+        _spawn(app, metrics.follow())  # before the waker starts: boot events are counted too
         async with waker:
             sampler = None
             if settings.stats_interval > 0:
@@ -141,12 +145,25 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.include_router(router)
     app.include_router(admin_router)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def gateway_metrics() -> Response:
+        """Prometheus: requests, latency, TTFB, cold starts, wakes, evictions, queue, states, budget, memory."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/metrics/engines", include_in_schema=False)
+    async def engine_metrics() -> Response:
+        """Each ready engine's own metrics (vllm:*, sglang:* ...) with a `model` label; separate so a slow
+        engine never delays /metrics."""
+        return Response(await metrics.scrape_engines(upstream(), timeout=2.0), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", include_in_schema=False)
     async def status_page() -> FileResponse:
         """The status page: models, the memory budget, live events (no build step, no CDN)."""
         return FileResponse(STATIC / "status.html", media_type="text/html")
     # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
-    proxy = Proxy(waker, settings, upstream, keys)
+    app.state.metrics = metrics
+    proxy = Proxy(waker, settings, upstream, keys, metrics)
     app.router.routes.append(Route("/v1/{path:path}", proxy, methods=["POST"]))
     # Without CORS (which must wrap every response) POST /v1/* skips the framework entirely.
     app.fast_proxy = None if settings.cors_origins else proxy

@@ -22,7 +22,7 @@ re-emitted with a `model` label, for a separate route: a slow engine never delay
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -67,7 +67,9 @@ _MAX_ENGINE_METRICS_BYTES = 16 * 1024 * 1024  # vLLM's page is ~100 KB; anything
 class Metrics:
     """Every metric of one gateway, on its own registry. Build one per app (see module docstring)."""
 
-    def __init__(self, waker: Waker, live_memory: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(self, waker: Waker, live_memory: Callable[[], Mapping[str, float] | None] | None = None) -> None:
+        """`live_memory`, read at scrape time: model name -> GiB its engine really uses now (the stats
+        sampler's latest round); None (or returning None) leaves sparkgate_model_memory_live_gb empty."""
         self._waker = waker
         self.registry = CollectorRegistry()
         r = self.registry
@@ -197,7 +199,7 @@ class Metrics:
         except Exception:  # a metrics bug must never stop the counting of later events
             log.exception("metrics: could not count event %s", event.kind)
 
-    def _read_live_memory(self) -> dict[str, float] | None:
+    def _read_live_memory(self) -> Mapping[str, float] | None:
         if self._live_memory is None:
             return None
         try:
@@ -245,7 +247,7 @@ class Metrics:
 class _WakerCollector(Collector):
     """Reads the waker's state when Prometheus scrapes (see module docstring for why not gauges)."""
 
-    def __init__(self, waker: Waker, live_memory: Callable[[], dict[str, float] | None]) -> None:
+    def __init__(self, waker: Waker, live_memory: Callable[[], Mapping[str, float] | None]) -> None:
         self._waker = waker
         self._live_memory = live_memory
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import aiohttp
 from gateway import errors
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
+from gateway.metrics import UNRESOLVED, Metrics
 from gateway.settings import GatewaySettings
 from waker.errors import WakerError
 from waker.model import Endpoint, ModelController
@@ -46,37 +48,44 @@ class ClientGone(Exception):
 
 class Proxy:
     def __init__(self, waker: Waker, settings: GatewaySettings, session: Callable[[], aiohttp.ClientSession],
-                 keys: KeyRing) -> None:
+                 keys: KeyRing, metrics: Metrics) -> None:
         self._waker = waker
         self._settings = settings
         self._session = session
         self._keys = keys
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.monotonic()
+        # Metric labels only ever take resolved names (bounded), never what the client sent.
+        model_label = key_label = UNRESOLVED
         try:
             caller = self._caller(scope)
+            key_label = caller.name
             body = await self._read_body(scope, receive)
             model, stream = _routing_fields(body)
             spec = self._waker.resolve(model)
+            model_label = spec.name
             if not caller.may_use(model, spec.name):
                 raise errors.forbidden(model)
             if model != spec.upstream_name:
                 body = _with_model(body, spec.upstream_name)
-        except ApiError as exc:
-            await _send_error(send, exc)
-            return
-        except WakerError as exc:
-            await _send_error(send, errors.from_waker(exc))
+        except (ApiError, WakerError) as exc:
+            error = exc if isinstance(exc, ApiError) else errors.from_waker(exc)
+            self._metrics.request_done(model_label, key_label, str(error.status), time.monotonic() - arrived, None)
+            await _send_error(send, error)
             return
         except ClientGone:
+            self._metrics.request_done(model_label, key_label, "client_gone", time.monotonic() - arrived, None)
             return
 
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
-        request = _Request(self, scope, send, self._waker.controller(spec.name), body, stream)
+        request = _Request(self, scope, send, self._waker.controller(spec.name), body, stream, arrived)
         try:
             await self._serve(request, receive)
         except Exception:
+            request.status = "500"
             # Never a bare 500 with a stack trace: log it, answer in OpenAI's shape if still possible.
             log.exception("proxying %s failed", scope["path"])
             if not request.started:
@@ -84,6 +93,9 @@ class Proxy:
                                                  code="internal_error"))
             else:
                 raise
+        finally:
+            status = "client_gone" if request.client_gone else request.status
+            self._metrics.request_done(spec.name, caller.name, status, time.monotonic() - arrived, request.ttfb)
 
     async def _serve(self, request: "_Request", receive: Receive) -> None:
         task = asyncio.current_task()
@@ -142,7 +154,10 @@ class _Request:
     """One proxied request: lease the model, call the engine, relay the answer."""
 
     def __init__(self, proxy: Proxy, scope: Scope, send: Send, controller: ModelController,
-                 body: bytes, stream: bool) -> None:
+                 body: bytes, stream: bool, arrived: float) -> None:
+        self.arrived = arrived
+        self.status = "500"
+        self.ttfb: float | None = None
         self.proxy = proxy
         self.scope = scope
         self.send = send
@@ -223,15 +238,19 @@ class _Request:
             await self._start_response(resp.status, headers)
         async for chunk in resp.content.iter_any():
             await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self.ttfb is None:  # the first engine bytes (keep-alive comments don't count)
+                self.ttfb = time.monotonic() - self.arrived
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
+        self.status = str(status)
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def fail(self, error: ApiError) -> None:
         """Report `error`: as a response if nothing was sent yet, else in-band or by cutting off."""
+        self.status = str(error.status)
         if not self.started:
             self.finished = True
             await _send_error(self.send, error)

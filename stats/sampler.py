@@ -83,6 +83,7 @@ class Sampler:
         self._nvml = nvml
         self._nvml_opened = nvml is not None
         self.retention = retention
+        self.latest: dict[str, float] = {}
         self._last_prune: float | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -127,6 +128,8 @@ class Sampler:
                 gpu=_gib(gpu), system_available=_gib(available) if t.local else None, spec_hash=t.spec_hash,
             ))
         await asyncio.to_thread(self.store.add, samples)
+        # The last round's footprints, for the gateway's live-memory gauge.
+        self.latest = {sample.model: sample.footprint for sample in samples if sample.footprint is not None}
         return samples
 
     def _controllers(self) -> Iterable[Controller]:
