@@ -1,10 +1,14 @@
-"""`sparkgate serve | check`."""
+"""`sparkgate`: serve, check, and the operator commands (status, warm, start, stop, logs, reload, stats)."""
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.config import load_models
@@ -93,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str) -> int:
-    import uvicorn
-
     from gateway.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -103,8 +105,18 @@ def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str)
         app, host=settings.host, port=settings.port, log_level=log_level, loop=_loop(), http="httptools",
         timeout_graceful_shutdown=30,
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down gracefully, so the
+            # process would die by the signal (status 143); a drained shutdown is a clean exit (0).
+            self._captured_signals.clear()
 
 
 def _loop() -> str:

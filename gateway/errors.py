@@ -7,7 +7,7 @@ from waker.durations import format_duration
 from waker.errors import ModelNotFound, NoRoom, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakerError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)  # not frozen: frameworks set __traceback__ on exceptions they handle
 class ApiError(Exception):
     status: int
     message: str

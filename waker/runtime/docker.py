@@ -6,9 +6,11 @@ always "no": the waker decides restarts (with backoff), not the daemon.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 from docker.models.containers import Container
 from docker.types import DeviceRequest, Ulimit
 
@@ -73,15 +76,22 @@ class _Node:
                 )
         return self._client
 
-    async def call(self, fn: Callable[[docker.DockerClient], T]) -> T:
-        """Run a blocking SDK call off the event loop; an unreachable daemon is RuntimeUnavailable."""
+    async def call(self, fn: Callable[[docker.DockerClient], T], *, long_poll: bool = False) -> T:
+        """Run a blocking SDK call off the event loop; an unreachable daemon is RuntimeUnavailable.
+
+        `long_poll` calls (waiting for a container to exit: hours) get a daemon thread of their own, so
+        they neither hold a pool thread nor keep the process alive when the gateway exits and leaves its
+        containers running."""
 
         def run() -> T:
             return fn(self._connect())
 
         try:
+            if long_poll:
+                return await _in_daemon_thread(run)
             return await asyncio.get_running_loop().run_in_executor(self._pool, run)
-        except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.ProtocolError, ConnectionError) as exc:
             self._client = None
             raise RuntimeUnavailable(f"Docker on {self.node.describe()} is unreachable: {_short(exc)}") from exc
         except docker.errors.DockerException as exc:
@@ -89,6 +99,32 @@ class _Node:
                 raise
             self._client = None  # e.g. "Error while fetching server API version": daemon down
             raise RuntimeUnavailable(f"Docker on {self.node.describe()} is unreachable: {_short(exc)}") from exc
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="docker wait", daemon=True).start()
+    return await future
 
 
 def _short(exc: BaseException) -> str:
@@ -141,8 +177,16 @@ class DockerHandle:
             state = client.api.inspect_container(container.id)["State"]
             return Exit(int(status.get("StatusCode", -1)), bool(state.get("OOMKilled")))
 
-        self._exit = await self._node.call(wait)
-        return self._exit
+        pause = 0.5
+        while True:
+            try:
+                self._exit = await self._node.call(wait, long_poll=True)
+                return self._exit
+            except RuntimeUnavailable:
+                # The daemon went away (restart, network blip) but the engine may well still be
+                # serving on its port: keep watching once the daemon is back, don't fail the model.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
 
     async def stop(self, grace: float) -> int | None:
         container_id = self._container.id
