@@ -89,6 +89,7 @@ def from_waker(exc: WakerError) -> ApiError:
         if exc.log_tail:
             message += "\nLast engine output:\n" + "\n".join(exc.log_tail)
         code = "model_start_timeout" if isinstance(exc, StartTimeout) else "model_start_failed"
+        # No backoff yet (a first failure): the next request starts it again at once.
         return ApiError(503, message, type="server_error", code=code,
-                        retry_after=exc.retry_after if exc.retry_after else 5)
+                        retry_after=exc.retry_after if exc.retry_after else 1)
     return ApiError(503, exc.message, type="server_error", code="unavailable", retry_after=5)

@@ -6,6 +6,11 @@ Counts what happened at `GET /stats`, including streams the client abandoned.
 
     python tests/fake_engine.py --port P --model NAME [--ready-after S] [--never-ready]
         [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N] [--alloc-mb N]
+        [--hang-requests] [--hang-health]
+
+--hang-requests: completion requests are read in full, then never answered (health stays OK), like an
+engine whose scheduler is wedged. --hang-health: the readiness routes (/health, /v1/models) accept
+the connection and the request, then never answer, like an engine stuck in a blocking load.
 """
 
 import argparse
@@ -17,7 +22,7 @@ import time
 
 from aiohttp import web
 
-STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0}
+STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "hung": 0}
 # vLLM sleep mode, as documented (https://docs.vllm.ai/en/latest/features/sleep_mode/): routes exist
 # only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; POST /sleep?level=1|2, POST /wake_up
 # (optionally ?tags=weights / ?tags=kv_cache), POST /collective_rpc {"method": "reload_weights"},
@@ -43,10 +48,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
     def ready() -> bool:
         return not args.never_ready and time.monotonic() - started >= args.ready_after
 
+    async def hang(request: web.Request) -> web.Response:
+        await request.read()  # the request is read in full: only the answer never comes
+        STATS["hung"] += 1
+        print(f"hanging {request.method} {request.path}", flush=True)
+        await asyncio.Event().wait()  # until the client gives up (or the process ends)
+        raise AssertionError("unreachable")
+
     async def health(request: web.Request) -> web.Response:
+        if args.hang_health:
+            return await hang(request)
         return web.json_response({"status": "ok"} if ready() else {"status": "loading"}, status=200 if ready() else 503)
 
     async def models(request: web.Request) -> web.Response:
+        if args.hang_health:
+            return await hang(request)
         if not ready():
             return web.json_response({"error": {"message": "loading"}}, status=503)
         return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model"}]})
@@ -58,6 +74,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         STATS["requests"] += 1
         if asleep() or SLEEP["level"] == 2:  # level 2 without reload_weights: weights are garbage
             return web.json_response({"error": {"message": "engine is sleeping", "code": "sleeping"}}, status=503)
+        if args.hang_requests:
+            return await hang(request)
         kind = "chat" if request.path.endswith("chat/completions") else "text"
         try:
             body = await request.json()
@@ -164,6 +182,8 @@ def main() -> None:
     ap.add_argument("--no-done", action="store_true", help="end streams without data: [DONE]")
     ap.add_argument("--crash-after-tokens", type=int, default=None)
     ap.add_argument("--alloc-mb", type=int, default=0, help="touch this much memory at start (OOM tests)")
+    ap.add_argument("--hang-requests", action="store_true", help="read completion requests, never answer them")
+    ap.add_argument("--hang-health", action="store_true", help="readiness routes never answer")
     args = ap.parse_args()
     print(f"fake engine {args.model} starting on {args.host}:{args.port}", flush=True)
     if args.alloc_mb:

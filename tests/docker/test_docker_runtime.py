@@ -199,7 +199,7 @@ async def socket_forwarder(path: Path, target: str = "/var/run/docker.sock") -> 
         yield server
     finally:
         server.close()
-        path.unlink(missing_ok=True)  # noqa: ASYNC240 - a tiny local unlink
+        path.unlink(missing_ok=True)
 
 
 async def test_unreachable_docker_fails_clearly_keeps_other_models_serving_and_recovers(
