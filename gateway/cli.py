@@ -104,6 +104,9 @@ def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, loop=_loop(), http="httptools",
         timeout_graceful_shutdown=30,
+        # Longer than clients keep idle connections (httpx 5 s, browsers ~60 s): a client should not
+        # send a request on a connection the server is closing at that instant.
+        timeout_keep_alive=75,
     )
     _Server(config).run()
     return 0
