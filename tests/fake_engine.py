@@ -8,6 +8,14 @@ Counts what happened at `GET /stats`, including streams the client abandoned.
         [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N] [--alloc-mb N]
         [--hang-requests] [--hang-health]
 
+OpenAI request options it honours (each only when the request asks for it, so older tests see the
+same bytes): `stream_options: {"include_usage": true}` (every chunk carries `"usage": null`, and a
+last chunk with empty `choices` and the usage comes before `data: [DONE]`, as OpenAI sends it);
+`tools` in chat requests (when the last message is the user's and names one of the tools' functions,
+the answer is a call of that function: streamed as `tool_calls` deltas, the arguments in fragments,
+finish_reason "tool_calls"); `suffix` on /v1/completions (fill-in-the-middle; counted in /stats as
+`fim_requests`). `--created T` fixes the `created` timestamp, so two answers are byte-identical.
+
 --hang-requests: completion requests are read in full, then never answered (health stays OK), like an
 engine whose scheduler is wedged. --hang-health: the readiness routes (/health, /v1/models) accept
 the connection and the request, then never answer, like an engine stuck in a blocking load.
@@ -22,7 +30,8 @@ import time
 
 from aiohttp import web
 
-STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "hung": 0}
+STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "hung": 0,
+         "fim_requests": 0, "tool_calls": 0}
 # vLLM sleep mode, as documented (https://docs.vllm.ai/en/latest/features/sleep_mode/): routes exist
 # only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; POST /sleep?level=1|2, POST /wake_up
 # (optionally ?tags=weights / ?tags=kv_cache), POST /collective_rpc {"method": "reload_weights"},
@@ -31,15 +40,68 @@ SLEEP = {"level": 0, "weights": True, "kv_cache": True}
 SLEEP_LOG: list[str] = []
 
 
-def chunk(model: str, text: str, finish: str | None, kind: str) -> bytes:
+CREATED: int | None = None  # --created: a fixed timestamp instead of the clock's
+
+
+def created() -> int:
+    return CREATED if CREATED is not None else int(time.time())
+
+
+def sse(event: dict) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def chunk(model: str, text: str, finish: str | None, kind: str, usage: bool = False) -> bytes:
     if kind == "chat":
         choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish}
         obj = "text_completion"
-    event = {"id": "fake-1", "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
+    event = {"id": "fake-1", "object": obj, "created": created(), "model": model, "choices": [choice]}
+    if usage:
+        event["usage"] = None  # OpenAI: with include_usage every chunk has the field, null until the last
+    return sse(event)
+
+
+def tool_call_chunk(model: str, delta: dict, finish: str | None, usage: bool) -> bytes:
+    event = {"id": "fake-1", "object": "chat.completion.chunk", "created": created(), "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage:
+        event["usage"] = None
+    return sse(event)
+
+
+def usage_chunk(model: str, kind: str, completion_tokens: int) -> bytes:
+    """The last chunk OpenAI sends with stream_options.include_usage: no choices, only the usage."""
+    return sse({"id": "fake-1", "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": created(), "model": model, "choices": [],
+                "usage": {"prompt_tokens": 4, "completion_tokens": completion_tokens,
+                          "total_tokens": 4 + completion_tokens}})
+
+
+def requested_tool(body: dict) -> dict | None:
+    """The function the request's last (user) message names, among its `tools`; None otherwise."""
+    tools = body.get("tools")
+    messages = body.get("messages")
+    if not isinstance(tools, list) or not tools or not isinstance(messages, list) or not messages:
+        return None
+    if body.get("tool_choice") == "none":
+        return None
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user" or not isinstance(last.get("content"), str):
+        return None
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"] in last["content"]:
+            return function
+    return None
+
+
+def tool_arguments(function: dict) -> str:
+    """Arguments for a call: every declared parameter gets the value "fake-<name>"."""
+    properties = (function.get("parameters") or {}).get("properties") or {}
+    return json.dumps({name: f"fake-{name}" for name in properties})
 
 
 def make_app(args: argparse.Namespace) -> web.Application:
@@ -87,6 +149,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 status=404,
             )
         tokens = int(body.get("max_tokens") or 8)
+        if kind == "text" and body.get("suffix") is not None:
+            STATS["fim_requests"] += 1
+        tool = requested_tool(body) if kind == "chat" else None
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        if tool is not None and not body.get("stream"):
+            STATS["tool_calls"] += 1
+            call = {"id": "call_fake_1", "type": "function",
+                    "function": {"name": tool["name"], "arguments": tool_arguments(tool)}}
+            return web.json_response({
+                "id": "fake-1", "object": "chat.completion", "created": created(), "model": args.model,
+                "choices": [{"index": 0, "finish_reason": "tool_calls",
+                             "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+                "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
+            })
         if not body.get("stream"):
             if args.token_delay:
                 await asyncio.sleep(args.token_delay * tokens)
@@ -95,18 +172,26 @@ def make_app(args: argparse.Namespace) -> web.Application:
                       if kind == "chat" else {"index": 0, "text": text, "finish_reason": "length"})
             return web.json_response({
                 "id": "fake-1", "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": args.model, "choices": [choice],
+                "created": created(), "model": args.model, "choices": [choice],
                 "usage": {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens},
             })
         STATS["streams_started"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
         try:
-            for i in range(tokens):
-                if args.crash_after_tokens is not None and i == args.crash_after_tokens:
-                    os._exit(137)
-                await resp.write(chunk(args.model, f" t{i}", "length" if i == tokens - 1 else None, kind))
-                await asyncio.sleep(args.token_delay)
+            await resp.prepare(request)  # inside: a client gone already counts as a cancelled stream
+            if tool is not None:
+                STATS["tool_calls"] += 1
+                sent = await stream_tool_call(resp, tool, include_usage)
+            else:
+                for i in range(tokens):
+                    if args.crash_after_tokens is not None and i == args.crash_after_tokens:
+                        os._exit(137)
+                    finish = "length" if i == tokens - 1 else None
+                    await resp.write(chunk(args.model, f" t{i}", finish, kind, include_usage))
+                    await asyncio.sleep(args.token_delay)
+                sent = tokens
+            if include_usage:
+                await resp.write(usage_chunk(args.model, kind, sent))
             if not args.no_done:
                 await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -115,6 +200,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
             raise
         STATS["streams_completed"] += 1
         return resp
+
+    async def stream_tool_call(resp: web.StreamResponse, tool: dict, usage: bool) -> int:
+        """A function call as OpenAI streams it: id, type and name first, then the arguments in pieces."""
+        arguments = tool_arguments(tool)
+        pieces = [arguments[i:i + 8] for i in range(0, len(arguments), 8)]
+        first = {"index": 0, "id": "call_fake_1", "type": "function",
+                 "function": {"name": tool["name"], "arguments": ""}}
+        await resp.write(tool_call_chunk(args.model, {"role": "assistant", "content": None, "tool_calls": [first]},
+                                         None, usage))
+        for piece in pieces:
+            await asyncio.sleep(args.token_delay)
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+            await resp.write(tool_call_chunk(args.model, delta, None, usage))
+        await resp.write(tool_call_chunk(args.model, {}, "tool_calls", usage))
+        return len(pieces) + 2
 
     def asleep() -> bool:
         return not (SLEEP["weights"] and SLEEP["kv_cache"])
@@ -184,7 +284,10 @@ def main() -> None:
     ap.add_argument("--alloc-mb", type=int, default=0, help="touch this much memory at start (OOM tests)")
     ap.add_argument("--hang-requests", action="store_true", help="read completion requests, never answer them")
     ap.add_argument("--hang-health", action="store_true", help="readiness routes never answer")
+    ap.add_argument("--created", type=int, default=None, help="fixed `created` timestamp (byte-identical answers)")
     args = ap.parse_args()
+    global CREATED
+    CREATED = args.created
     print(f"fake engine {args.model} starting on {args.host}:{args.port}", flush=True)
     if args.alloc_mb:
         print(f"allocating {args.alloc_mb} MB", flush=True)
