@@ -9,7 +9,6 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 
 from tests.harness import fake_engine_spec, run_gateway, write_models
 
@@ -25,14 +24,20 @@ def browser() -> webdriver.Chrome:
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 
 
+_ROW_STATE = ("const row = document.querySelector(`tr[data-model='${arguments[0]}']`);"
+              " return row ? row.dataset.state : '';")
+_TEXT = "const el = document.querySelector(arguments[0]); return el ? el.innerText : '';"
+
+
 async def row_state(driver: webdriver.Chrome, model: str, want: str, timeout: float = 20) -> str:
     """The model's state as the page shows it, once it is `want` (the page updates from the events stream)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     state = ""
     while loop.time() < deadline:
-        rows = await asyncio.to_thread(driver.find_elements, By.CSS_SELECTOR, f'tr[data-model="{model}"]')
-        state = await asyncio.to_thread(rows[0].get_attribute, "data-state") if rows else ""
+        # One script call reads the row atomically: the page re-renders its table on every event, so an
+        # element found in one call may be gone (stale) by the next.
+        state = await asyncio.to_thread(driver.execute_script, _ROW_STATE, model)
         if state == want:
             return state
         await asyncio.sleep(0.1)  # polling the DOM: a browser offers the test no event to await
@@ -50,10 +55,8 @@ async def test_status_page_shows_a_model_waking_up(tmp_path: Path) -> None:
                 resp = await client.post(gw.v1 + "/chat/completions", json={"model": "tiny", "messages": []})
                 assert resp.status_code == 200
             assert await row_state(driver, "tiny", "ready") == "ready"
-            bar = await asyncio.to_thread(driver.find_element, By.CSS_SELECTOR, ".bar")
-            assert "tiny 12 GB" in bar.text
-            events = await asyncio.to_thread(driver.find_element, By.ID, "events")
-            assert "starting → ready" in events.text
+            assert "tiny 12 GB" in await asyncio.to_thread(driver.execute_script, _TEXT, ".bar")
+            assert "starting → ready" in await asyncio.to_thread(driver.execute_script, _TEXT, "#events")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "status-page.png"
             await asyncio.to_thread(driver.save_screenshot, str(shot))
