@@ -8,7 +8,9 @@ adapter adds goes through `option()`, which checks the user's args first.
 """
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+from waker.engines.base import Launch
 from waker.spec import ModelSpec
 
 
@@ -46,3 +48,23 @@ def required_model(spec: ModelSpec) -> str:
     if not spec.model:
         raise ValueError(f"model {spec.name!r}: engine {spec.engine} needs `model` to build a command line")
     return spec.model
+
+
+@dataclass(frozen=True, slots=True)
+class ServeFlags:
+    """An engine's spellings of the flags every adapter sets: where to listen, the served name, and
+    its memory fraction. The first spelling is the one emitted; the others are aliases users may write."""
+
+    host: tuple[str, ...]
+    port: tuple[str, ...]
+    served_name: tuple[str, ...]
+    memory: tuple[str, ...]
+
+    def options(self, spec: ModelSpec, launch: Launch) -> list[str]:
+        """Host, port, served name and (when set) the memory fraction, each unless the user set it."""
+        user = spec.args
+        argv = option(user, self.host, launch.host) + option(user, self.port, str(launch.port))
+        argv += option(user, self.served_name, spec.upstream_name)
+        if spec.gpu_memory_utilization is not None:
+            argv += option(user, self.memory, str(spec.gpu_memory_utilization))
+        return argv

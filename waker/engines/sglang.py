@@ -11,7 +11,7 @@ Flag sources:
 """
 
 from waker.engines.base import Launch, Readiness
-from waker.engines.flags import option, required_model
+from waker.engines.flags import ServeFlags, option, required_model
 from waker.spec import EngineKind, ModelSpec
 
 _MODEL = ("--model-path", "--model")
@@ -19,6 +19,7 @@ _HOST = ("--host",)
 _PORT = ("--port",)
 _SERVED_NAME = ("--served-model-name",)
 _MEMORY = ("--mem-fraction-static",)
+_FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
 
 
 class SglangEngine:
@@ -36,12 +37,7 @@ class SglangEngine:
         user = spec.args
         argv = list(spec.command) if spec.command else ["python3", "-m", "sglang.launch_server"]
         argv += option(user, _MODEL, model)
-        argv += option(user, _HOST, launch.host)
-        argv += option(user, _PORT, str(launch.port))
-        argv += option(user, _SERVED_NAME, spec.upstream_name)
-        if spec.gpu_memory_utilization is not None:
-            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
-        return [*argv, *user]
+        return [*argv, *_FLAGS.options(spec, launch), *user]
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")

@@ -20,13 +20,14 @@ Caveats worth knowing when writing a models.d entry:
 """
 
 from waker.engines.base import Launch, Readiness
-from waker.engines.flags import option, required_model
+from waker.engines.flags import ServeFlags, required_model
 from waker.spec import EngineKind, ModelSpec
 
 _HOST = ("--host",)
 _PORT = ("--port",)
 _SERVED_NAME = ("--served_model_name", "--served-model-name")
 _MEMORY = ("--kv_cache_free_gpu_memory_fraction", "--free_gpu_memory_fraction")
+_FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
 
 
 class TrtllmEngine:
@@ -43,12 +44,7 @@ class TrtllmEngine:
         model = required_model(spec)
         user = spec.args
         argv = [*(spec.command or ("trtllm-serve",)), model]
-        argv += option(user, _HOST, launch.host)
-        argv += option(user, _PORT, str(launch.port))
-        argv += option(user, _SERVED_NAME, spec.upstream_name)
-        if spec.gpu_memory_utilization is not None:
-            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
-        return [*argv, *user]
+        return [*argv, *_FLAGS.options(spec, launch), *user]
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")

@@ -12,13 +12,14 @@ Flag sources:
 """
 
 from waker.engines.base import Launch, Readiness
-from waker.engines.flags import has_flag, option, required_model
+from waker.engines.flags import ServeFlags, has_flag, required_model
 from waker.spec import EngineKind, ModelSpec
 
 _HOST = ("--host",)
 _PORT = ("--port",)
 _SERVED_NAME = ("--served-model-name", "--served_model_name")
 _MEMORY = ("--gpu-memory-utilization", "--gpu_memory_utilization")
+_FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
 # The legacy `python -m vllm.entrypoints.openai.api_server` launcher takes the model as `--model`.
 _MODEL = ("--model",)
 
@@ -41,12 +42,7 @@ class VllmEngine:
         argv = list(spec.command) if spec.command else ["vllm", "serve"]
         if not has_flag(user, _MODEL):
             argv.append(model)
-        argv += option(user, _HOST, launch.host)
-        argv += option(user, _PORT, str(launch.port))
-        argv += option(user, _SERVED_NAME, spec.upstream_name)
-        if spec.gpu_memory_utilization is not None:
-            argv += option(user, _MEMORY, str(spec.gpu_memory_utilization))
-        return [*argv, *user]
+        return [*argv, *_FLAGS.options(spec, launch), *user]
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
