@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8009)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log a line per HTTP request (off by default: events and /metrics say more, cheaper)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="serve a non-loopback address without API keys (anyone who can reach it may use it)")
 
@@ -93,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(registry))
         print(f"\n{len(registry)} model(s) OK in {settings.config_dir}")
         return 0
-    return serve_forever(settings, registry, args.log_level)
+    return serve_forever(settings, registry, args.log_level, args.access_log)
 
 
-def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str) -> int:
+def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str, access_log: bool = False) -> int:
     from gateway.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -104,6 +106,7 @@ def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, loop=_loop(), http="httptools",
         timeout_graceful_shutdown=30,
+        access_log=access_log,
         # Longer than clients keep idle connections (httpx 5 s, browsers ~60 s): a client should not
         # send a request on a connection the server is closing at that instant.
         timeout_keep_alive=75,
