@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 import yaml
+from aiohttp import web
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -83,3 +84,16 @@ async def run_gateway(
     finally:
         server.should_exit = True
         await serving
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[int]:
+    """A small aiohttp app (a stand-in engine) on a free loopback port; yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from gateway.cli import main as cli
-from tests.harness import fake_engine_spec, run_gateway, write_models
+from tests.harness import fake_engine_spec, run_gateway, serve_app, write_models
 
 KEYS = [{"key": "sk-laptop-123", "name": "laptop", "models": ["small*"]},
         {"key": "sk-server-456", "name": "server"}]
@@ -56,22 +56,15 @@ async def test_client_key_never_reaches_the_engine_which_gets_its_own(tmp_path: 
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as port:
         models = write_models(tmp_path, {"name": "remote", "runtime": "external", "url": f"http://127.0.0.1:{port}/v1",
                                          "api_key": "engine-own-key"})
         async with run_gateway(models, api_keys=KEYS) as gw, httpx.AsyncClient(timeout=30) as client:
             resp = await client.post(gw.v1 + "/chat/completions", json=chat("remote"),
                                      headers={"Authorization": "Bearer sk-server-456", "X-Api-Key": "sk-server-456"})
             assert resp.status_code == 200
-        assert seen[0]["Authorization"] == "Bearer engine-own-key"
-        assert "sk-server-456" not in json.dumps(seen)
-    finally:
-        await runner.cleanup()
+    assert seen[0]["Authorization"] == "Bearer engine-own-key"
+    assert "sk-server-456" not in json.dumps(seen)
 
 
 async def test_admin_routes_need_the_admin_key(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics
 from tests.fakes import FakeProber, FakeRuntime
+from tests.harness import serve_app
 from waker.admission import QueuePolicy
 from waker.budget import Budget
 from waker.clock import FakeClock
@@ -354,15 +355,8 @@ async def engine_server() -> AsyncIterator[int]:
 
     app = web.Application()
     app.router.add_get("/metrics", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as port:
         yield port
-    finally:
-        await runner.cleanup()
 
 
 async def test_scrape_engines_relabels_every_ready_engine_over_http() -> None:
