@@ -45,6 +45,31 @@ Ulimit = int | UlimitRange
 GpuRequest = Literal["all"] | int | tuple[str, ...] | None
 
 
+class MultiNode(BaseModel):
+    """How the parts of a model that spans several nodes (`nodes` > 1) find each other.
+
+    vLLM: a Ray head container on the first node, a Ray worker container on each other node, then
+    `vllm serve --distributed-executor-backend ray` run in the head container. SGLang: one container
+    per node with `--nnodes N --node-rank i --dist-init-addr <first node>:dist_port`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ray_port: int = Field(default=6379, ge=1, le=65535, description="vLLM: the Ray head's port (GCS)")
+    dist_port: int = Field(default=20000, ge=1, le=65535, description="SGLang: --dist-init-addr port on the head")
+    interface: str | None = Field(
+        default=None, description="network interface between the nodes (QSFP link), e.g. enp1s0f1np1: sets "
+        "NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME and UCX_NET_DEVICES in every part",
+    )
+    parallel: Literal["pipeline", "tensor"] = Field(
+        default="pipeline", description="how the model is split across the nodes: pipeline (--pipeline-parallel-size) "
+        "or tensor (--tensor-parallel-size / --tp)",
+    )
+    head_env: dict[str, str] = Field(default_factory=dict, description="extra environment for the head part only")
+    worker_env: dict[str, str] = Field(default_factory=dict, description="extra environment for worker parts only")
+    join_timeout: Duration = Field(default=300.0, gt=0, description="give up if a part is not up by then")
+
+
 class ModelSpec(BaseModel):
     """What can be served under one name, and how its engine is run.
 
@@ -72,7 +97,20 @@ class ModelSpec(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535, description="engine port; default: a free one")
     api_key: str | None = Field(default=None, description="key the gateway sends to the engine")
 
-    node: str = Field(default="local", description="docker runtime: the node (Docker host) it runs on")
+    node: str | tuple[str, ...] | None = Field(
+        default=None, description="docker runtime: the node (Docker host) it may run on, or a list; default: any"
+    )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="docker runtime: only nodes carrying all these labels, e.g. {gpu: gb10}"
+    )
+    nodes: int = Field(
+        default=1, ge=1, le=16, description="docker runtime: nodes one instance spans (vLLM + Ray, SGLang --nnodes); "
+        "memory_gb is then what it takes on each of them",
+    )
+    multinode: MultiNode = Field(default_factory=MultiNode, description="nodes > 1: how the parts connect")
+    placed_on: tuple[str, ...] = Field(
+        default=(), exclude=True, description="set by the waker when it starts the engine: the node(s) it runs on"
+    )
     volumes: tuple[str, ...] = Field(default=(), description="docker: host:container[:ro|rw]; ~ expanded")
     gpus: GpuRequest = Field(default=None, description='docker: "all", a count, or device ids ["0", "1"]')
     shm_size: str | None = Field(default=None, description='docker: /dev/shm size, e.g. "16g"')
@@ -169,6 +207,22 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"volume {volume!r} must be host_path:/container/path[:ro|rw]")
         if self.runtime is RuntimeKind.PROCESS and self.engine is EngineKind.GENERIC and not self.command:
             raise ValueError("engine generic on runtime process needs command (the program to run)")
+        if self.nodes > 1:
+            if self.runtime is not RuntimeKind.DOCKER:
+                raise ValueError(f"nodes: {self.nodes} needs runtime docker (one container per node)")
+            if self.engine not in (EngineKind.VLLM, EngineKind.SGLANG):
+                raise ValueError(f"nodes: {self.nodes} needs engine vllm (Ray) or sglang (--nnodes); not {self.engine}")
+            if self.network not in (None, "host"):
+                raise ValueError(f"nodes: {self.nodes} runs its parts on the host network; network {self.network!r} "
+                                 "can't be used")
+            if self.idle_action is IdleAction.SLEEP:
+                raise ValueError("idle_action sleep is for models on one node")
+            if isinstance(self.node, tuple) and len(self.node) < self.nodes:
+                raise ValueError(f"nodes: {self.nodes} but node lists only {len(self.node)}")
+            if isinstance(self.node, str):
+                raise ValueError(f"nodes: {self.nodes} can't run on the one node {self.node!r}; list {self.nodes} or more")
+        if isinstance(self.node, tuple) and (not self.node or len(set(self.node)) != len(self.node)):
+            raise ValueError("node: list each node once (or leave it out for any node)")
         if self.idle_action is IdleAction.SLEEP and self.engine not in (EngineKind.VLLM, EngineKind.SGLANG):
             raise ValueError(f"idle_action sleep needs engine vllm or sglang (engine {self.engine} has no sleep API)")
         if self.engine in (EngineKind.VLLM, EngineKind.SGLANG, EngineKind.TRTLLM, EngineKind.LLAMACPP):
@@ -180,6 +234,20 @@ class ModelSpec(BaseModel):
     def upstream_name(self) -> str:
         """The model name the engine itself answers to."""
         return self.served_name or self.name
+
+    @property
+    def candidate_nodes(self) -> tuple[str, ...] | None:
+        """The node names this model may run on, or None for any (labels still apply)."""
+        if self.node is None:
+            return None
+        return (self.node,) if isinstance(self.node, str) else self.node
+
+    @property
+    def home(self) -> str | None:
+        """The node it runs on (the first, the head, for several); None before it is placed."""
+        if self.placed_on:
+            return self.placed_on[0]
+        return self.node if isinstance(self.node, str) else None
 
     @property
     def sleeping_gb(self) -> float:
@@ -204,6 +272,6 @@ class ModelSpec(BaseModel):
 _POLICY_FIELDS = {
     "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
     "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
-    "memory_auto",
+    "memory_auto", "node", "node_labels", "placed_on",
     "wake_timeout", "max_concurrent", "max_waiting",
 }

@@ -240,7 +240,7 @@ class DockerRuntime:
             raise ValueError(f"unknown node {name!r} (configured: {', '.join(self._nodes)})") from None
 
     async def start(self, spec: ModelSpec, engine: Engine) -> DockerHandle:
-        node = self.node(spec.node)
+        node = self.node(spec.home or next(iter(self._nodes)))
         spec_hash = spec.spec_hash()
         name = container_name(spec.name)
 
