@@ -35,13 +35,15 @@ def _controller(request: Request, name: str) -> ModelController:
 def model_state(waker: Waker, controller: ModelController) -> dict[str, object]:
     now = waker.clock.now()
     status = controller.status()
-    admission = waker.admissions.get(status.spec.node) if status.spec.manages_lifecycle else None
+    managed = status.spec.manages_lifecycle
+    held_on = {n: gb for n in controller.candidates if managed and (gb := waker.admissions[n].held_by(controller)) > 0}
     return {
         "name": status.name, "aliases": list(status.spec.aliases), "state": status.state.value,
         "since_s": round(now - status.since, 1), "in_flight": status.in_flight, "waiting": status.waiting,
-        "queued": admission.queue_of(status.name) if admission else 0,
+        "queued": sum(waker.admissions[n].queue_of(status.name) for n in controller.candidates) if managed else 0,
         "idle_s": None if status.last_used is None else round(now - status.last_used, 1),
-        "memory_gb": status.spec.memory_gb, "held_gb": admission_held(controller), "node": status.spec.node,
+        "memory_gb": status.spec.memory_gb, "held_gb": sum(held_on.values()), "held_on": held_on,
+        "node": ",".join(controller.placed) or None, "nodes": list(controller.candidates) if managed else [],
         "pinned": controller.pinned, "engine": status.spec.engine.value, "runtime": status.spec.runtime.value,
         "failures": status.failures,
         "retry_in_s": None if status.retry_at is None else round(max(0.0, status.retry_at - now), 1),
@@ -51,19 +53,13 @@ def model_state(waker: Waker, controller: ModelController) -> dict[str, object]:
     }
 
 
-def admission_held(controller: ModelController) -> float:
-    from waker.scheduler import held_gb
-
-    return held_gb(controller.state, controller.spec.memory_gb, controller.spec.sleeping_gb)
-
-
 @router.get("/state")
 async def state(request: Request) -> JSONResponse:
     """Every model's state, work, queue, memory and last error; each node's budget."""
     waker = _waker(request)
     nodes = {name: {"capacity_gb": a.budget.capacity_gb, "total_gb": a.budget.total_gb, "held_gb": a.held_gb(),
                     "queued": a.queued, "live_free_gb": a.probe.free_gb(), "probe": a.probe.name,
-                    "high_water_gb": a.high_water_gb}
+                    "high_water_gb": a.high_water_gb, "labels": waker.labels.get(name, {})}
              for name, a in waker.admissions.items()}
     return JSONResponse({"models": [model_state(waker, c) for c in waker.controllers()], "nodes": nodes})
 
@@ -121,7 +117,7 @@ async def pin(name: str, request: Request) -> JSONResponse:
 async def unpin(name: str, request: Request) -> JSONResponse:
     controller = _controller(request, name)
     controller.pinned = False
-    _waker(request).admissions[controller.spec.node].kick() if controller.spec.manages_lifecycle else None
+    _waker(request).cluster.kick_nodes(controller.candidates) if controller.spec.manages_lifecycle else None
     return JSONResponse({"model": controller.spec.name, "pinned": False})
 
 

@@ -13,8 +13,8 @@ import uvicorn
 from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.config import load_models
 from gateway.settings import GatewaySettings
-from waker.budget import budget_problems
 from waker.durations import format_duration
+from waker.placement import budget_problems
 from waker.registry import ConfigError, Registry
 
 

@@ -278,8 +278,8 @@ class _WakerCollector(Collector):
             waiting.add_metric([name], status.waiting)
             declared.add_metric([name], status.spec.memory_gb)
             if status.spec.manages_lifecycle:
-                admission = waker.admissions.get(status.spec.node)
-                queue_model.add_metric([name], admission.queue_of(name) if admission is not None else 0)
+                queued = sum(a.queue_of(name) for a in waker.admissions.values())
+                queue_model.add_metric([name], queued)
         yield from (state, in_flight, waiting, queue_model, declared)
 
         live = GaugeMetricFamily(f"{PREFIX}model_memory_live_gb", "Memory the model's engine really uses (GiB), "

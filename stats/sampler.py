@@ -195,7 +195,8 @@ def _target(controller: Controller) -> _Target | None:
     spec = controller.spec
     spec_hash = spec.spec_hash() if callable(getattr(spec, "spec_hash", None)) else None
     # NVML and MemAvailable are this machine's: they say nothing about engines on a remote Docker host.
-    local = getattr(spec, "node", "local") == "local"
+    placed = tuple(getattr(controller, "placed", None) or ())
+    local = (placed[0] if placed else getattr(spec, "node", None) or "local") == "local" and len(placed) <= 1
     target = _Target(model=spec.name, phase=phase, spec_hash=spec_hash, local=local)
     if getattr(handle, "container_id", None) is not None and hasattr(handle, "_node"):
         target.container = handle

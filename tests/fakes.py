@@ -61,6 +61,7 @@ class FakeRuntime:
     def __init__(self, auto_ready: bool = True) -> None:
         self.auto_ready = auto_ready
         self.handles: list[FakeHandle] = []
+        self.specs: list[ModelSpec] = []  # as launched (with placed_on)
         self.started = asyncio.Event()
         self.fail_launch: Exception | None = None
 
@@ -69,6 +70,7 @@ class FakeRuntime:
             raise self.fail_launch
         handle = FakeHandle(len(self.handles) + 1)
         self.handles.append(handle)
+        self.specs.append(spec)
         if self.auto_ready:
             handle.ready.set()
         self.started.set()

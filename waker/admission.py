@@ -85,7 +85,10 @@ class NodeAdmission:
         return len(ticket.waiters) if ticket else 0
 
     def held_gb(self) -> float:
-        return sum(_held(c) for c in self._controllers.values())
+        return sum(_held(c, self.node) for c in self._controllers.values())
+
+    def held_by(self, controller: "ModelController") -> float:
+        return _held(controller, self.node)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class NodeAdmission:
 
     def snapshot(self) -> Snapshot:
         now = self._clock.now()
-        models = {name: _view(c, now) for name, c in self._controllers.items()}
+        models = {name: _view(c, now, self.node) for name, c in self._controllers.items()}
         queue = tuple(
             Ticket(t.model, t.since, _need(self._controllers[t.model])) for t in self._queue.values() if t.waiters
         )
@@ -184,11 +187,9 @@ class NodeAdmission:
             numbers = {"needed_gb": need, "held_gb": round(snap.held_gb, 3), "capacity_gb": snap.capacity_gb,
                        "live_free_gb": snap.live_free_gb, "waited_s": round(snap.now - ticket.since, 3),
                        "requests": len(ticket.waiters)}
-            self._events.emit(Event(wall, name, "admit", reason=f"{need:g} GB fits", data=numbers))
-            if controller.state is S.SLEEPING:
-                controller.begin_wake("request for a sleeping model")
-            else:
-                controller.begin_start("request for a model that is not running")
+            self._events.emit(Event(wall, name, "admit", reason=f"{need:g} GB fits on node {self.node!r}",
+                                    data={**numbers, "node": self.node}))
+            controller.admitted(self.node)  # starts it, or reserves this node's share of a multi-node model
             for waiter in ticket.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -220,7 +221,13 @@ class NodeAdmission:
         self.high_water_gb = max(self.high_water_gb, self.held_gb())
 
 
-def _held(c: "ModelController") -> float:
+def _held(c: "ModelController", node: str) -> float:
+    """What `c` holds in `node`'s ledger: its share where it is placed (each node of a multi-node model
+    holds `memory_gb`), including a node reserved for a multi-node start that waits for its other nodes."""
+    if node in c.reserved:
+        return c.spec.memory_gb
+    if node not in c.placed:
+        return 0.0
     return held_gb(c.state, c.spec.memory_gb, c.spec.sleeping_gb)
 
 
@@ -228,11 +235,13 @@ def _need(c: "ModelController") -> float:
     return c.spec.memory_gb - (c.spec.sleeping_gb if c.state is S.SLEEPING else 0.0)
 
 
-def _view(c: "ModelController", now: float) -> ModelView:
+def _view(c: "ModelController", now: float, node: str) -> ModelView:
     # Requests held back from a draining model don't keep it busy: that is the point of draining.
     waiting = 0 if c.holding_back(now) else c.waiting
+    # A node reserved for a multi-node start is, to this node's plan, an engine starting: held, not evictable.
+    state = S.STARTING if node in c.reserved and c.state in (S.STOPPED, S.FAILED) else c.state
     return ModelView(
-        name=c.spec.name, state=c.state, footprint_gb=c.spec.memory_gb, held_gb=_held(c), in_flight=c.in_flight,
+        name=c.spec.name, state=state, footprint_gb=c.spec.memory_gb, held_gb=_held(c, node), in_flight=c.in_flight,
         waiting=waiting, last_used=c.last_used or 0.0, pinned=c.pinned, priority=c.spec.priority,
     )
 

@@ -80,6 +80,7 @@ class ModelController:
         admission: "Admission | None" = None,
         on_change: Callable[[], None] | None = None,
         session: aiohttp.ClientSession | None = None,
+        nodes: tuple[str, ...] | None = None,
     ) -> None:
         self.spec = spec
         self._engine = engine
@@ -104,6 +105,11 @@ class ModelController:
         self.pinned = spec.pinned  # the admin API may pin or unpin at run time
         self.pending_spec: ModelSpec | None = None  # models.d changed: applied once the engine is stopped
         self.retired = False  # removed from models.d: stopped when idle, then dropped
+        # Placement: the nodes it may run on, the ones it runs on (or was placed on and waits for), and,
+        # for a multi-node start, the nodes whose memory is already reserved while it waits for the rest.
+        self.candidates: tuple[str, ...] = nodes or (spec.home or "local",)
+        self.placed: tuple[str, ...] = self.candidates if len(self.candidates) == spec.nodes else ()
+        self.reserved: set[str] = set()
         self._admission = admission
         self._on_change = on_change
         self._session = session
@@ -125,6 +131,8 @@ class ModelController:
         source, self.state, self.since = self.state, target, self._clock.now()
         if target in (S.STOPPED, S.FAILED, S.SLEEPING):
             self.drain_deadline = None
+        if target in (S.STOPPED, S.FAILED) and source is not S.FAILED:
+            self.unplace()  # it holds nothing anywhere now: the next start is placed afresh
         self._events.emit(
             Event(self._clock.wall(), self.spec.name, "transition", source, target, reason, dict(data))
         )
@@ -248,6 +256,38 @@ class ModelController:
                 # WAKING, and this loop joins that one start like every other waiter.
                 await self._admission.admit(self)
 
+    # -- placement -------------------------------------------------------------------------------
+
+    def set_on_change(self, on_change: Callable[[], None] | None) -> None:
+        self._on_change = on_change
+
+    def place(self, nodes: tuple[str, ...]) -> None:
+        """Bind the next start to `nodes` (chosen by the cluster admission; the first is the head)."""
+        self.placed = nodes
+        self.reserved.clear()
+
+    def unplace(self) -> None:
+        """Forget where it was placed (a model that may run on several nodes is placed at each start)."""
+        self.reserved.clear()
+        if len(self.candidates) > self.spec.nodes:
+            self.placed = ()
+
+    def admitted(self, node: str) -> None:
+        """`node`'s scheduler found room: start (or wake) it, or, for a model spanning several nodes, hold
+        this node's share until every one of its nodes has admitted it."""
+        if not self.placed:
+            self.placed = (node,)
+        if len(self.placed) > 1:
+            self.reserved.add(node)
+            if not self.reserved.issuperset(self.placed):
+                return
+            self.reserved.clear()
+        if self.state is S.SLEEPING:
+            self.begin_wake("request for a sleeping model")
+        else:
+            where = f" on {', '.join(self.placed)}" if len(self.candidates) > 1 else ""
+            self.begin_start(f"request for a model that is not running{where}")
+
     def set_drain(self, deadline: float | None) -> None:
         """Set by the scheduler (None lifts it); requests held back re-check at once."""
         self.drain_deadline = deadline
@@ -303,9 +343,11 @@ class ModelController:
 
     # -- start -----------------------------------------------------------------------------------
 
-    def adopt(self, handle: EngineHandle) -> None:
-        """Take over an engine that is already running (gateway restart): it is probed like a fresh
-        start, never restarted."""
+    def adopt(self, handle: EngineHandle, nodes: tuple[str, ...] = ()) -> None:
+        """Take over an engine that is already running (gateway restart) on `nodes`: it is probed like a
+        fresh start, never restarted."""
+        if nodes:
+            self.place(nodes)
         self._transition(S.STARTING, f"adopting running engine {handle.ident}")
         self._start_task = asyncio.create_task(self._start(handle), name=f"adopt {self.spec.name}")
         self._start_task.add_done_callback(_consume_exception)
@@ -317,7 +359,8 @@ class ModelController:
             handle = adopted
         else:
             try:
-                handle = await self._runtime.start(self._launch, self._engine)
+                launch = self._launch.model_copy(update={"placed_on": self.placed}) if self.placed else self._launch
+                handle = await self._runtime.start(launch, self._engine)
             except asyncio.CancelledError:
                 self._fail(f"start of {spec.name} was cancelled", None, ())
                 raise

@@ -3,19 +3,21 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 
 from waker.admission import NodeAdmission, QueuePolicy
-from waker.budget import Budget, budget_problems
+from waker.budget import Budget
 from waker.clock import Clock, SystemClock
+from waker.cluster import ClusterAdmission
 from waker.engines.registry import engine_for
 from waker.errors import WakerError
 from waker.events import Event, EventLog
 from waker.memory import FixedProbe, MemoryProbe, make_probe
 from waker.model import Endpoint, ModelController, ModelStatus
 from waker.options import WakerOptions
+from waker.placement import budget_problems, candidates
 from waker.probe import Prober, ReadinessProber
 from waker.reaper import idle_stops
 from waker.registry import ConfigError, Registry
@@ -65,6 +67,7 @@ class Waker:
         queue: QueuePolicy | None = None,
         preload: Sequence[str] = (),
         prober: Prober | None = None,
+        labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.options = options or WakerOptions()
@@ -72,7 +75,8 @@ class Waker:
         self.events = events or EventLog()
         self._runtimes = dict(runtimes) if runtimes is not None else default_runtimes(self.options)
         self.budgets = dict(budgets) if budgets is not None else {"local": Budget()}
-        problems = budget_problems(registry.values(), self.budgets)
+        self.labels = {name: dict((labels or {}).get(name, {})) for name in self.budgets}
+        problems = budget_problems(registry.values(), self.budgets, self.labels)
         for name in preload:
             if name not in registry.routes():
                 problems.append(f"preload: {name!r} is not a model in models.d")
@@ -86,6 +90,7 @@ class Waker:
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
         self.admissions: dict[str, NodeAdmission] = {}
+        self.cluster = ClusterAdmission(self.admissions, self.clock, self.events)
         self._reaper: asyncio.Task[None] | None = None
         self._preloader: asyncio.Task[None] | None = None
 
@@ -128,27 +133,56 @@ class Waker:
         runtime = self._runtimes.get(spec.runtime)
         if runtime is None:
             raise ValueError(f"{spec.name}: runtime {spec.runtime} is not available in this gateway")
+        nodes = candidates(spec, self.budgets, self.labels)
         if isinstance(runtime, DockerRuntime):
-            runtime.node(spec.node)  # an unknown node is a config error, found at boot
-        admission = self.admissions[spec.node] if spec.manages_lifecycle else None
+            for node in nodes:
+                runtime.node(node)  # an unknown node is a config error, found at boot
         controller = ModelController(
             spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock,
-            self.options,
-            admission=admission, on_change=admission.kick if admission else None, session=self._session,
+            self.options, admission=self.cluster if spec.manages_lifecycle else None,
+            on_change=self._kicker(nodes) if spec.manages_lifecycle else None, session=self._session, nodes=nodes,
         )
         self._controllers[spec.name] = controller
-        if admission is not None:
-            admission.register(controller)
-        if not spec.manages_lifecycle:
+        if spec.manages_lifecycle:
+            for node in nodes:
+                self.admissions[node].register(controller)
+        else:
             controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
         return controller
+
+    def _kicker(self, nodes: tuple[str, ...]) -> Callable[[], None]:
+        admissions = [self.admissions[n] for n in nodes]
+
+        def kick() -> None:
+            for admission in admissions:
+                admission.kick()
+        return kick
+
+    def _sync_placement(self, controller: ModelController) -> None:
+        """After models.d changed: register the model with the nodes its entry now allows (once it is stopped)."""
+        nodes = candidates(controller.spec, self.budgets, self.labels) if controller.spec.manages_lifecycle else ()
+        if nodes == controller.candidates or controller.state not in (ModelState.STOPPED, ModelState.FAILED):
+            return
+        for node in controller.candidates:
+            if node in self.admissions:
+                self.admissions[node].unregister(controller.spec.name)
+        controller.candidates = nodes
+        controller.placed = nodes if len(nodes) == controller.spec.nodes else ()
+        controller.reserved.clear()
+        controller.set_on_change(self._kicker(nodes))
+        for node in nodes:
+            self.admissions[node].register(controller)
+
+    def nodes_of(self, controller: ModelController) -> tuple[str, ...]:
+        """Where a model runs (or is placed), else where it may run."""
+        return controller.placed or controller.candidates
 
     async def reload(self, registry: Registry) -> dict[str, list[str]]:
         """Take a new models.d without disturbing what runs: unchanged models keep their engines,
         policy-only changes apply at once, changed models are recreated when idle, removed ones are
         stopped when idle. A registry the budgets can't hold is refused (ConfigError) and nothing
         changes."""
-        problems = budget_problems(registry.values(), self.budgets)
+        problems = budget_problems(registry.values(), self.budgets, self.labels)
         for spec in registry.values():
             if spec.runtime not in self._runtimes:
                 problems.append(f"{spec.source or spec.name}: runtime {spec.runtime} is not available")
@@ -170,8 +204,8 @@ class Waker:
             before = old.get(name, controller.spec)
             if _same(before, spec):
                 report["unchanged"].append(name)
-            elif launch_spec(before).spec_hash() == launch_spec(spec).spec_hash() and before.node == spec.node \
-                    and before.runtime == spec.runtime:
+            elif launch_spec(before).spec_hash() == launch_spec(spec).spec_hash() and before.runtime == spec.runtime \
+                    and candidates(before, self.budgets, self.labels) == candidates(spec, self.budgets, self.labels):
                 controller.replace_spec(spec)
                 report["updated"].append(name)
             else:
@@ -202,11 +236,13 @@ class Waker:
             if controller.retired:
                 if controller.state in (ModelState.STOPPED, ModelState.FAILED) or not controller.spec.manages_lifecycle:
                     del self._controllers[name]
-                    admission = self.admissions.get(controller.spec.node)
-                    if admission is not None:
-                        admission.unregister(name)
+                    for node in controller.candidates:
+                        if node in self.admissions:
+                            self.admissions[node].unregister(name)
                 else:
                     controller.stop_if_idle("removed from models.d")
+            else:
+                self._sync_placement(controller)
 
     async def _adopt_running_engines(self) -> None:
         """Engines left running by a previous gateway are taken over, never restarted; stale ones
@@ -229,7 +265,7 @@ class Waker:
         elif found.spec_hash != launch_spec(spec).spec_hash():
             stale = "its model's spec changed"
         elif found.running:
-            self._controllers[spec.name].adopt(found.handle)
+            self._controllers[spec.name].adopt(found.handle, found.nodes)
             return
         elif spec.keep_container:
             return  # kept stopped on purpose: reused by the next start

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from waker.budget import Budget, budget_problems
+from waker.budget import Budget
 from waker.engines.base import Launch
 from waker.engines.registry import engine_for
+from waker.placement import budget_problems
 from waker.registry import Registry, load_dir
 from waker.spec import ModelSpec, RuntimeKind
 

@@ -19,6 +19,8 @@ class Exit:
 
     code: int
     oom_killed: bool = False
+    # Engines of several parts (a model spanning nodes): which one ended, e.g. "worker-1 on node 'b'".
+    part: str | None = None
 
     def describe(self) -> str:
         text = f"code {self.code}"
@@ -31,6 +33,8 @@ class Exit:
             text += f" ({signal.Signals(self.code - 128).name})"
         if self.oom_killed:
             text += ", killed for lack of memory (OOM)"
+        if self.part:
+            text += f" in {self.part}"
         return text
 
 
@@ -89,6 +93,7 @@ class Found:
     spec_hash: str
     running: bool
     handle: EngineHandle
+    nodes: tuple[str, ...] = ()  # where it runs (docker: the node(s)); empty: this machine
 
 
 @runtime_checkable

@@ -36,6 +36,8 @@ LABEL_HASH = "sparkgate.spec-hash"
 LABEL_PORT = "sparkgate.host-port"
 LABEL_NODE = "sparkgate.node"
 LABEL_INSTANCE = "sparkgate.instance"  # which gateway owns it: gateways sharing a daemon leave each other alone
+LABEL_PART = "sparkgate.part"  # a model spanning nodes: this container's role (head, worker-1, ...)
+LABEL_GROUP_SIZE = "sparkgate.group-size"  # ... and how many parts the group has
 
 T = TypeVar("T")
 
@@ -43,12 +45,20 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class DockerNode:
     """A Docker host. `url`: unix://, tcp:// or ssh:// (None: DOCKER_HOST or the local socket).
-    `address`: how the gateway reaches engines published there; `publish_ip`: where they listen."""
+    `address`: how the gateway reaches engines published there; `publish_ip`: where they listen;
+    `cluster_address`: this node's address on the link between nodes (e.g. the QSFP cable between two DGX
+    Sparks), which the parts of a model spanning several nodes use to find each other (default: `address`)."""
 
     name: str = "local"
     url: str | None = None
     address: str = "127.0.0.1"
     publish_ip: str = "127.0.0.1"
+    cluster_address: str | None = None
+
+    @property
+    def link_address(self) -> str:
+        """The address other nodes reach this one at, for the engines' own distributed modes."""
+        return self.cluster_address or self.address
 
     def describe(self) -> str:
         return f"node {self.name!r} ({self.url or 'local socket'})"
@@ -312,7 +322,7 @@ class DockerRuntime:
                 keep = c.status != "running"  # a stopped container we find was kept on purpose
                 handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
                 found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
-                                   c.status == "running", handle))
+                                   c.status == "running", handle, (node.node.name,)))
         return found
 
     async def discard(self, found: Found, reason: str) -> None:
