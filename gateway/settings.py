@@ -1,5 +1,7 @@
 """Gateway settings: environment (SPARKGATE_*), then command-line flags on top."""
 
+import dataclasses
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,8 +13,12 @@ from waker.admission import QueuePolicy
 from waker.budget import Budget
 from waker.durations import Duration
 from waker.memory import FixedProbe, MemoryProbe, make_probe
+from waker.node_probe import DockerMemoryProbe
 from waker.options import WakerOptions
 from waker.runtime.docker import DockerNode
+
+# DockerNode gains cluster_address alongside this change; until both are in, pass it only where it exists.
+_DOCKER_NODE_HAS_CLUSTER_ADDRESS = "cluster_address" in {f.name for f in dataclasses.fields(DockerNode)}
 
 
 class NodeSettings(BaseModel):
@@ -28,8 +34,19 @@ class NodeSettings(BaseModel):
     total_gb: float = Field(default=128.0, gt=0, description="memory of the node in GiB (a DGX Spark: 128)")
     reserve_gb: float = Field(default=8.0, ge=0, description="kept free for the OS, the gateway and page cache")
     memory_probe: str = Field(
-        default="auto", pattern="^(auto|meminfo|nvml|none)$",
-        description="live free memory: auto (NVML, or /proc/meminfo on unified memory), meminfo, nvml, none",
+        default="auto", pattern="^(auto|meminfo|nvml|docker|none)$",
+        description="live free memory: auto (this machine's: NVML, or /proc/meminfo on unified memory; for a remote "
+                    "docker_host: its /proc/meminfo read through Docker), meminfo, nvml, docker, none",
+    )
+    memory_probe_interval: Duration = Field(
+        default=5.0, gt=0, description="seconds between reads of the docker memory probe (stale after 3)"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='facts for placement, e.g. {"gpu": "gb10", "link": "qsfp"}'
+    )
+    cluster_address: str | None = Field(
+        default=None, description="address on the inter-node link (e.g. the QSFP IP) for multi-node engines; "
+                                  "default: address",
     )
 
     @field_validator("docker_host")
@@ -38,6 +55,29 @@ class NodeSettings(BaseModel):
         if value is not None and not value.startswith(("unix://", "tcp://", "ssh://", "http://", "https://")):
             raise ValueError("docker_host must start with unix://, tcp:// or ssh://")
         return value
+
+    def is_local(self) -> bool:
+        """Whether the Docker host is this machine: no docker_host (nor DOCKER_HOST), or a unix socket."""
+        host = self.docker_host or os.environ.get("DOCKER_HOST")
+        return host is None or host.startswith("unix://")
+
+    def probe_kind(self) -> str:
+        """What "auto" stands for here: this machine's probe for a local Docker host, Docker's for a remote one."""
+        if self.memory_probe != "auto":
+            return self.memory_probe
+        return "auto" if self.is_local() else "docker"
+
+    def make_probe(self, name: str) -> MemoryProbe:
+        kind = self.probe_kind()
+        if kind == "docker":
+            # Not started here: it starts on its first reading, or when the waker starts it at boot.
+            return DockerMemoryProbe(self.docker_host or os.environ.get("DOCKER_HOST"), node=name,
+                                     interval=self.memory_probe_interval)
+        if not self.is_local() and kind != "none":
+            # meminfo / nvml read the gateway's machine, which says nothing about a remote node; named
+            # explicitly for one it was ignored before "docker" existed, so it still is: the ledger decides.
+            return FixedProbe(None, name=f"none ({kind} reads this machine, not {name!r})")
+        return make_probe(kind)
 
 
 class GatewaySettings(BaseSettings):
@@ -95,15 +135,24 @@ class GatewaySettings(BaseSettings):
         return {name: Budget(n.total_gb, n.reserve_gb) for name, n in self.nodes.items()}
 
     def probes(self) -> dict[str, MemoryProbe]:
-        # Live memory can only be read on this machine; remote nodes rely on the ledger.
-        return {name: make_probe(n.memory_probe) if name == "local" else FixedProbe(None)
-                for name, n in self.nodes.items()}
+        """A live memory probe per node: this machine's for local Docker hosts, through Docker for remote ones.
+
+        Probes with ``start()``/``close()`` (the Docker one) refresh in a thread: start them at boot, close them at
+        shutdown (a probe never started starts on its first reading)."""
+        return {name: n.make_probe(name) for name, n in self.nodes.items()}
+
+    def node_labels(self) -> dict[str, dict[str, str]]:
+        return {name: dict(n.labels) for name, n in self.nodes.items()}
 
     def queue_policy(self) -> QueuePolicy:
         return QueuePolicy(max_queue=self.max_queue, max_wait=self.max_wait, max_hold=self.max_hold)
 
     def docker_nodes(self) -> dict[str, DockerNode]:
-        return {name: DockerNode(name, n.docker_host, n.address, n.publish_ip) for name, n in self.nodes.items()}
+        nodes = {}
+        for name, n in self.nodes.items():
+            extra = {"cluster_address": n.cluster_address or n.address} if _DOCKER_NODE_HAS_CLUSTER_ADDRESS else {}
+            nodes[name] = DockerNode(name, n.docker_host, n.address, n.publish_ip, **extra)
+        return nodes
 
     def waker_options(self) -> WakerOptions:
         return WakerOptions(

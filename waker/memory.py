@@ -14,7 +14,9 @@ Two sources, chosen by the kind of machine:
 * Discrete GPUs: the engine's weights and KV cache live in the cards' own memory, which ``/proc/meminfo`` cannot see;
   NVML reports it per device: :class:`NvmlProbe`.
 
-:func:`make_probe` picks one. All figures are GiB (``GIB`` bytes), like every "GB" in sparkgate.
+:func:`make_probe` picks one. A node reached through its Docker daemon (another DGX Spark) is read by
+``waker.node_probe.DockerMemoryProbe``, which parses that node's ``/proc/meminfo`` with :func:`meminfo_gb`. All
+figures are GiB (``GIB`` bytes), like every "GB" in sparkgate.
 """
 
 from __future__ import annotations
@@ -73,17 +75,26 @@ class MemInfoProbe:
             text = self._path.read_text()
         except OSError:
             return None
-        for line in text.splitlines():
-            field, _, rest = line.partition(":")
-            if field != key:
-                continue
-            parts = rest.split()
-            try:
-                kib = int(parts[0])
-            except (IndexError, ValueError):
-                return None
-            return kib * _KIB / GIB
-        return None
+        return meminfo_gb(text, key)
+
+
+def meminfo_gb(text: str, key: str) -> float | None:
+    """The ``key`` line of a ``/proc/meminfo`` text (``MemAvailable``, ``MemTotal``) in GiB; None if absent or garbled.
+
+    Shared by :class:`MemInfoProbe` (this machine's file) and ``waker.node_probe`` (a node's file read through its
+    Docker daemon), so both read the same figure the same way.
+    """
+    for line in text.splitlines():
+        field, _, rest = line.partition(":")
+        if field != key:
+            continue
+        parts = rest.split()
+        try:
+            kib = int(parts[0])
+        except (IndexError, ValueError):
+            return None
+        return kib * _KIB / GIB
+    return None
 
 
 class NvmlProbe:

@@ -1,16 +1,20 @@
-"""Live memory probes, against a fixture /proc/meminfo and a stand-in NVML: no GPU needed."""
+"""Live memory probes, against a fixture /proc/meminfo, a stand-in NVML and a stand-in node: no GPU or daemon needed."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from waker.memory import GIB, FixedProbe, MemInfoProbe, NvmlProbe, make_probe
+from waker.clock import FakeClock
+from waker.memory import GIB, FixedProbe, MemInfoProbe, NvmlProbe, make_probe, meminfo_gb
+from waker.node_probe import DockerMemInfo, DockerMemoryProbe, NodeUnreachable
 
 # The stand-in mirrors pynvml: NVMLError(value) turns itself into a generated subclass named after the code, so
 # `except pynvml.NVMLError_NotSupported` and `exc.value == pynvml.NVML_ERROR_NOT_SUPPORTED` both work.
@@ -337,3 +341,303 @@ def test_module_imports_without_pynvml() -> None:
     code = "import sys; sys.modules['pynvml'] = None; import waker.memory as m; print(type(m.make_probe()).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "MemInfoProbe"
+
+
+def test_meminfo_gb_reads_one_line_of_the_text() -> None:
+    assert meminfo_gb(MEMINFO, "MemAvailable") == 99.5
+    assert meminfo_gb(MEMINFO, "MemTotal") == 120.0
+    assert meminfo_gb(MEMINFO, "SwapTotal") is None
+    assert meminfo_gb("MemAvailable: lots kB\n", "MemAvailable") is None
+
+
+# --- a node's memory through its Docker daemon -----------------------------------------------------------------------
+
+
+class FakeNode:
+    """What DockerMemoryProbe asks a node for; each answer is set by the test, and every call is counted."""
+
+    def __init__(self, exec_text: str | None = MEMINFO, run_text: str | None = MEMINFO,
+                 total: int | None = 120 * GIB) -> None:
+        self.exec_text = exec_text
+        self.run_text = run_text
+        self.total = total
+        self.down: str | None = None  # a reason: every call raises NodeUnreachable
+        self.calls: list[str] = []
+        self.closed = False
+        self.read = threading.Event()  # set when a read began
+        self.gate = threading.Event()  # a read finishes only once this is set (a slow daemon, when cleared)
+        self.gate.set()
+
+    def _call(self, what: str) -> None:
+        self.calls.append(what)
+        if self.down is not None:
+            raise NodeUnreachable(self.down)
+
+    def total_bytes(self) -> int | None:
+        self._call("info")
+        return self.total
+
+    def meminfo_by_exec(self) -> str | None:
+        self._call("exec")
+        self.read.set()
+        self.gate.wait(10.0)
+        return self.exec_text
+
+    def meminfo_by_run(self) -> str | None:
+        self._call("run")
+        return self.run_text
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def docker_probe(node: FakeNode, clock: FakeClock, **kwargs: Any) -> DockerMemoryProbe:
+    return DockerMemoryProbe("ssh://me@spark2", node="spark2", interval=5.0, clock=clock, source=node,
+                             autostart=False, **kwargs)
+
+
+def test_docker_probe_is_unknown_until_its_first_reading() -> None:
+    probe = docker_probe(FakeNode(), FakeClock())
+    assert probe.name == "docker (ssh://me@spark2)"
+    assert (probe.free_gb(), probe.total_gb(), probe.source) == (None, None, None)
+
+
+def test_docker_probe_serves_mem_available_read_by_exec_and_total_from_docker_info() -> None:
+    node = FakeNode(total=128 * GIB)
+    probe = docker_probe(node, FakeClock())
+    probe.refresh()
+    assert (probe.free_gb(), probe.total_gb(), probe.source) == (99.5, 128.0, "exec")
+    assert node.calls == ["info", "exec"]  # an exec that works needs no throwaway container
+    probe.refresh()
+    assert node.calls == ["info", "exec", "exec"]  # the total is read once
+
+
+def test_docker_probe_serves_the_cached_reading_without_touching_the_node() -> None:
+    node = FakeNode()
+    probe = docker_probe(node, FakeClock())
+    probe.refresh()
+    calls = len(node.calls)
+    for _ in range(100):  # every admission step asks: none of them may reach the node
+        assert probe.free_gb() == 99.5
+    assert len(node.calls) == calls
+
+
+def test_docker_probe_takes_the_total_from_meminfo_when_docker_info_lacks_it() -> None:
+    probe = docker_probe(FakeNode(total=None), FakeClock())
+    probe.refresh()
+    assert probe.total_gb() == 120.0
+
+
+def test_docker_probe_reading_goes_unknown_when_older_than_three_intervals() -> None:
+    clock = FakeClock()
+    probe = docker_probe(FakeNode(), clock)
+    probe.refresh()
+    clock.advance(15.0)
+    assert probe.free_gb() == 99.5
+    clock.advance(0.1)
+    assert probe.free_gb() is None  # a node gone quiet must not keep offering memory it may no longer have
+    assert probe.total_gb() == 120.0  # the total doesn't change
+
+
+def test_docker_probe_max_age_can_be_set() -> None:
+    clock = FakeClock()
+    probe = docker_probe(FakeNode(), clock, max_age=1.0)
+    probe.refresh()
+    clock.advance(1.5)
+    assert probe.free_gb() is None
+
+
+def test_docker_probe_follows_the_node_between_refreshes() -> None:
+    node = FakeNode()
+    probe = docker_probe(node, FakeClock())
+    probe.refresh()
+    node.exec_text = MEMINFO.replace("104333312", "1572864")
+    assert probe.free_gb() == 99.5  # the cache until the next refresh
+    probe.refresh()
+    assert probe.free_gb() == 1.5
+
+
+def test_docker_probe_runs_a_throwaway_container_at_most_every_run_every_seconds() -> None:
+    clock = FakeClock()
+    node = FakeNode(exec_text=None)  # no engine of ours runs there
+    probe = docker_probe(node, clock)  # run_every defaults to 2 intervals: 10 s
+    probe.refresh()
+    assert (probe.free_gb(), probe.source) == (99.5, "run")
+    assert node.calls == ["info", "exec", "run"]
+    clock.advance(5.0)
+    probe.refresh()  # not due: the reading of 5 s ago stays
+    assert node.calls[-2:] == ["run", "exec"]
+    assert probe.free_gb() == 99.5
+    clock.advance(5.0)
+    node.run_text = MEMINFO.replace("104333312", "1572864")
+    probe.refresh()
+    assert node.calls[-1] == "run"
+    assert probe.free_gb() == 1.5
+
+
+def test_docker_probe_prefers_exec_again_once_an_engine_runs() -> None:
+    clock = FakeClock()
+    node = FakeNode(exec_text=None)
+    probe = docker_probe(node, clock)
+    probe.refresh()
+    node.exec_text = MEMINFO
+    clock.advance(20.0)
+    probe.refresh()
+    assert node.calls[-1] == "exec"
+    assert probe.source == "exec"
+
+
+def test_docker_probe_with_nothing_to_read_by_is_unknown_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    node = FakeNode(exec_text=None, run_text=None)
+    probe = docker_probe(node, clock)
+    with caplog.at_level(logging.INFO, logger="sparkgate.memory"):
+        for _ in range(5):
+            probe.refresh()
+            clock.advance(10.0)
+    assert probe.free_gb() is None
+    assert [r.message for r in caplog.records] == [
+        "memory of node 'spark2' unknown: no container of ours runs there and no image there could run "
+        "`cat /proc/meminfo`"
+    ]
+
+
+def test_docker_probe_of_an_unreachable_node_is_unknown_at_once_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    node = FakeNode()
+    probe = docker_probe(node, clock)
+    probe.refresh()
+    node.down = "Connection refused"
+    with caplog.at_level(logging.INFO, logger="sparkgate.memory"):
+        for _ in range(10):
+            probe.refresh()  # never raises
+            assert probe.free_gb() is None  # not the last figure, although it is younger than max_age
+            clock.advance(5.0)
+        node.down = None
+        probe.refresh()
+    assert probe.free_gb() == 99.5
+    assert [(r.levelname, r.message) for r in caplog.records] == [
+        ("WARNING", "memory of node 'spark2' unknown: Connection refused"),
+        ("INFO", "memory of node 'spark2' readable again"),
+    ]
+
+
+def test_docker_probe_meminfo_without_mem_available_is_unknown() -> None:
+    node = FakeNode()
+    probe = docker_probe(node, FakeClock())
+    probe.refresh()
+    node.exec_text = "MemTotal:       125829120 kB\n"
+    probe.refresh()
+    assert probe.free_gb() is None
+
+
+def test_docker_probe_refreshes_in_its_own_thread_until_closed() -> None:
+    node = FakeNode()
+    probe = DockerMemoryProbe("tcp://spark2:2375", interval=0.01, source=node, autostart=False)
+    probe.start()
+    probe.start()  # idempotent
+    assert node.read.wait(10.0)
+    thread = probe._thread
+    assert thread is not None
+    probe.close()
+    thread.join(10.0)
+    assert not thread.is_alive()
+    assert node.closed
+    assert probe.free_gb() is None  # closed: no more readings, and no restart
+    assert probe._thread is None
+
+
+def test_docker_probe_starts_on_its_first_reading_when_nobody_started_it() -> None:
+    node = FakeNode()
+    node.gate.clear()  # a slow daemon
+    probe = DockerMemoryProbe("tcp://spark2:2375", interval=0.01, source=node)
+    assert probe.free_gb() is None  # the reading is made in the background: the caller never waits for it
+    assert node.read.wait(10.0)
+    assert probe.free_gb() is None
+    node.gate.set()
+    probe.close()
+
+
+def test_docker_probe_closed_before_start_closes_its_client() -> None:
+    node = FakeNode()
+    probe = docker_probe(node, FakeClock())
+    probe.close()
+    assert node.closed
+    probe.start()
+    assert probe._thread is None
+
+
+class FakeApi:
+    """The low-level Docker API calls DockerMemInfo makes, answering from lists the test sets."""
+
+    def __init__(self) -> None:
+        self.running: list[dict[str, Any]] = []
+        self.all: list[dict[str, Any]] = []
+        self.images_: list[dict[str, Any]] = []
+        self.exec_output: dict[str, tuple[int, bytes]] = {}
+        self.execs: list[str] = []
+
+    def containers(self, all: bool = False, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        assert filters is not None and filters["label"] == "sparkgate.managed=true"
+        return self.all if all else self.running
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.images_
+
+    def exec_create(self, container: str, cmd: list[str], stdout: bool, stderr: bool) -> dict[str, str]:
+        assert cmd == ["cat", "/proc/meminfo"]
+        self.execs.append(container)
+        return {"Id": container}
+
+    def exec_start(self, exec_id: str) -> bytes:
+        return self.exec_output[exec_id][1]
+
+    def exec_inspect(self, exec_id: str) -> dict[str, int]:
+        return {"ExitCode": self.exec_output[exec_id][0]}
+
+
+def mem_info_on(api: FakeApi) -> DockerMemInfo:
+    reader = DockerMemInfo("tcp://spark2:2375")
+    reader._client = SimpleNamespace(api=api, close=lambda: None)  # type: ignore[assignment]
+    return reader
+
+
+def test_exec_reads_through_the_first_running_container_of_ours_that_can() -> None:
+    api = FakeApi()
+    api.running = [{"Id": "no-cat"}, {"Id": "engine"}]
+    api.exec_output = {"no-cat": (127, b"cat: not found"), "engine": (0, MEMINFO.encode())}
+    assert mem_info_on(api).meminfo_by_exec() == MEMINFO
+    assert api.execs == ["no-cat", "engine"]
+
+
+def test_exec_without_a_running_container_of_ours_is_none() -> None:
+    assert mem_info_on(FakeApi()).meminfo_by_exec() is None
+
+
+def test_throwaway_images_are_ours_first_then_the_smallest() -> None:
+    api = FakeApi()
+    api.all = [{"ImageID": "sha256:vllm"}, {"ImageID": "sha256:vllm"}]
+    api.images_ = [{"Id": "sha256:big", "Size": 9_000}, {"Id": "sha256:vllm", "Size": 20_000},
+                   {"Id": "sha256:small", "Size": 5}]
+    reader = mem_info_on(api)
+    assert reader._candidates() == ["sha256:vllm", "sha256:small", "sha256:big"]
+    reader._unusable.add("sha256:vllm")
+    assert reader._candidates() == ["sha256:small", "sha256:big"]
+    reader._image = "sha256:big"  # the one that worked last time goes first
+    assert reader._candidates() == ["sha256:big", "sha256:small"]
+
+
+def test_throwaway_images_all_unusable_are_tried_again_next_round() -> None:
+    api = FakeApi()
+    api.images_ = [{"Id": "sha256:scratch", "Size": 1}]
+    reader = mem_info_on(api)
+    reader._unusable.add("sha256:scratch")
+    assert reader._candidates() == []
+    assert reader._candidates() == ["sha256:scratch"]
+
+
+def test_unreachable_daemon_is_node_unreachable_not_a_docker_error() -> None:
+    reader = DockerMemInfo("tcp://127.0.0.1:1", timeout=2.0)
+    with pytest.raises(NodeUnreachable, match=r"Docker at tcp://127\.0\.0\.1:1 is unreachable: Connection refused"):
+        reader.total_bytes()
