@@ -71,8 +71,10 @@ class NodeSettings(BaseModel):
         kind = self.probe_kind()
         if kind == "docker":
             # Not started here: it starts on its first reading, or when the waker starts it at boot.
-            return DockerMemoryProbe(self.docker_host or os.environ.get("DOCKER_HOST"), node=name,
-                                     interval=self.memory_probe_interval)
+            # docker_host None: DOCKER_HOST and its TLS settings, like the runtime's client.
+            where = self.docker_host or os.environ.get("DOCKER_HOST") or "local socket"
+            return DockerMemoryProbe(self.docker_host, node=name, interval=self.memory_probe_interval,
+                                     name=f"docker ({where})")
         if not self.is_local() and kind != "none":
             # meminfo / nvml read the gateway's machine, which says nothing about a remote node; named
             # explicitly for one it was ignored before "docker" existed, so it still is: the ledger decides.

@@ -11,7 +11,8 @@ kernel and see the host's ``/proc/meminfo`` (unless LXCFS is mounted over it), s
 3. the reading is unknown (None) and the scheduler relies on its ledger.
 
 ``MemAvailable`` is the free figure, as for this machine (see :class:`waker.memory.MemInfoProbe` for why), and the right
-one on unified memory (GB10). The total is the daemon's ``info()["MemTotal"]`` (the same number in bytes).
+one on unified memory (GB10). The total is the daemon's ``info()["MemTotal"]`` (the same number in bytes). A remote
+node with discrete GPUs would need NVML's figures instead (system RAM says nothing about the cards): not read here.
 
 The :class:`~waker.memory.MemoryProbe` interface is synchronous and asked on every admission step, while a read
 through a remote daemon takes milliseconds to seconds (ssh). So :class:`DockerMemoryProbe` serves the last reading and
@@ -84,7 +85,8 @@ class DockerMemoryProbe:
     ``interval``: seconds between refreshes. ``max_age``: a reading older than this is unknown (default 3 intervals).
     ``run_every``: least seconds between throwaway containers (default 2 intervals, so their readings stay fresh).
     ``source``: what reads the node (default :class:`DockerMemInfo` on ``url``; a fake in tests). ``autostart``: the
-    first reading starts the refresher when :meth:`start` wasn't called (that reading is still unknown).
+    first reading starts the refresher when :meth:`start` wasn't called (that reading is still unknown). ``name``:
+    what status pages show (default "docker (url)").
 
     Lifecycle: :meth:`start` (at boot, so the first admission already has a reading) and :meth:`close` (at shutdown);
     both are cheap, idempotent and don't need an event loop. :meth:`refresh` is one synchronous round (tests call it).
@@ -92,10 +94,10 @@ class DockerMemoryProbe:
 
     def __init__(self, url: str | None, *, node: str = "node", interval: float = 5.0, max_age: float | None = None,
                  run_every: float | None = None, clock: Clock | None = None, source: MemInfoSource | None = None,
-                 autostart: bool = True) -> None:
+                 autostart: bool = True, name: str | None = None) -> None:
         if interval <= 0:
             raise ValueError("the memory probe interval must be positive")
-        self.name = f"docker ({url or 'local socket'})"
+        self.name = name or f"docker ({url or 'local socket'})"
         self.node = node
         self.interval = interval
         self.max_age = max_age if max_age is not None else 3 * interval
