@@ -9,6 +9,9 @@
 #   tests/docker/build_image.sh            # builds sparkgate-test-engine:1 unless it exists
 #   SPARKGATE_TEST_IMAGE=foo:2 tests/docker/build_image.sh
 #
+# Then, every time (seconds: Docker's build cache), the derived image sparkgate-test-multinode:1
+# (SPARKGATE_TEST_MULTINODE_IMAGE) FROM it, with the fake multi-node engines of tests/docker/multinode/.
+#
 # The image has no entrypoint; tests mount their scripts and run e.g.
 #   docker run --rm -v "$PWD/tests:/opt/tests:ro" -p 127.0.0.1:18777:8000 sparkgate-test-engine:1 \
 #       python3 /opt/tests/fake_engine.py --host 0.0.0.0 --port 8000 --model m
@@ -21,14 +24,29 @@
 set -euo pipefail
 
 TAG="${SPARKGATE_TEST_IMAGE:-sparkgate-test-engine:1}"
+MULTINODE_TAG="${SPARKGATE_TEST_MULTINODE_IMAGE:-sparkgate-test-multinode:1}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SUITE="${SPARKGATE_TEST_SUITE:-bookworm}"
 MIRROR="${SPARKGATE_TEST_MIRROR:-http://deb.debian.org/debian}"
 PACKAGES="python3,python3-aiohttp"
 
 log() { printf '[build_image] %s\n' "$*" >&2; }
 
+build_multinode() {
+    # A local FROM needs no registry; the legacy builder needs no buildx plugin.
+    local out
+    if ! out=$(DOCKER_BUILDKIT=0 docker build -q --build-arg BASE="$TAG" -t "$MULTINODE_TAG" "$HERE/multinode" 2>&1)
+    then
+        log "building $MULTINODE_TAG failed:"
+        printf '%s\n' "$out" >&2
+        exit 1
+    fi
+    echo "built $MULTINODE_TAG (fake ray / vllm / sglang on $TAG)"
+}
+
 if docker image inspect "$TAG" >/dev/null 2>&1; then
-    echo "image $TAG already exists; nothing to do"
+    echo "image $TAG already exists"
+    build_multinode
     exit 0
 fi
 
@@ -123,3 +141,4 @@ end=$(date +%s)
 size=$(docker image inspect -f '{{.Size}}' "$TAG")
 echo "built $TAG in $((end - start))s: python/aiohttp $version," \
      "image size $(numfmt --to=iec-i --suffix=B "$size") ($size bytes)"
+build_multinode

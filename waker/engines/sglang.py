@@ -8,6 +8,10 @@ Flag sources:
 - Native APIs: https://docs.sglang.io/basic_usage/native_api.html (repo: docs/basic_usage/native_api.md):
   `/health` and `/health_generate`. We probe `/health`: `/health_generate` runs a generation on every
   poll, which is load we do not want while waiting for startup.
+- Several nodes (docs/references/multi_node_deployment): the same launch_server on every node with
+  `--nnodes N --node-rank i --dist-init-addr <rank 0's address>:<port>` and the parallel size over all of
+  them, `--tp-size` (alias `--tensor-parallel-size`) or `--pp-size` (alias `--pipeline-parallel-size`;
+  server_args.py). Rank 0 serves HTTP; ranks >= 1 answer only a dummy `/health` on their --host/--port.
 """
 
 from waker.engines.base import Launch, Readiness
@@ -20,6 +24,11 @@ _PORT = ("--port",)
 _SERVED_NAME = ("--served-model-name",)
 _MEMORY = ("--mem-fraction-static",)
 _FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
+_NNODES = ("--nnodes",)
+_NODE_RANK = ("--node-rank",)
+_DIST_INIT = ("--dist-init-addr",)
+_TENSOR = ("--tp-size", "--tensor-parallel-size", "--tp")
+_PIPELINE = ("--pp-size", "--pipeline-parallel-size")
 
 
 class SglangEngine:
@@ -41,3 +50,14 @@ class SglangEngine:
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
+
+    def rank_argv(self, spec: ModelSpec, launch: Launch, nnodes: int, rank: int, dist_init_addr: str) -> list[str]:
+        """launch_server as rank `rank` of `nnodes` (one per node), meeting at `dist_init_addr` (host:port
+        of rank 0), the model split over all of them by tensor (`--tp-size`) or pipeline (`--pp-size`)."""
+        user = spec.args
+        split = _TENSOR if spec.multinode.parallel == "tensor" else _PIPELINE
+        ours = option(user, _NNODES, str(nnodes)) + option(user, _NODE_RANK, str(rank))
+        ours += option(user, _DIST_INIT, dist_init_addr) + option(user, split, str(nnodes))
+        argv = self.argv(spec, launch)
+        cut = len(argv) - len(user)
+        return [*argv[:cut], *ours, *argv[cut:]]

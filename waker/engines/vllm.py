@@ -9,10 +9,14 @@ Flag sources:
 - `GET /health` (vllm/entrypoints/openai/api_server.py) answers 200 once the OpenAI-compatible server
   serves HTTP, which it does only after the engine client, and so the model, is up; it is the liveness
   and readiness probe path in e.g. https://aws.github.io/deep-learning-containers/vllm/deployment/eks/.
+- Several nodes (docs/serving/parallelism_scaling.md, "Multi-node deployment"; NVIDIA's DGX Spark playbook
+  "vLLM on stacked Sparks"): a Ray cluster (`ray start --head` / `ray start --address`), then `vllm serve` on
+  the head with `--distributed-executor-backend ray` and `--pipeline-parallel-size` (`-pp`) or
+  `--tensor-parallel-size` (`-tp`) equal to the number of nodes (one GPU each on a DGX Spark).
 """
 
 from waker.engines.base import Launch, Readiness
-from waker.engines.flags import ServeFlags, has_flag, required_model
+from waker.engines.flags import ServeFlags, has_flag, option, required_model
 from waker.spec import EngineKind, ModelSpec
 
 _HOST = ("--host",)
@@ -22,6 +26,9 @@ _MEMORY = ("--gpu-memory-utilization", "--gpu_memory_utilization")
 _FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
 # The legacy `python -m vllm.entrypoints.openai.api_server` launcher takes the model as `--model`.
 _MODEL = ("--model",)
+_BACKEND = ("--distributed-executor-backend",)
+_PIPELINE = ("--pipeline-parallel-size", "--pipeline_parallel_size", "-pp")
+_TENSOR = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
 
 
 class VllmEngine:
@@ -46,3 +53,14 @@ class VllmEngine:
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
+
+    def ray_argv(self, spec: ModelSpec, launch: Launch, size: int) -> list[str]:
+        """`vllm serve` spread over the `size` nodes of the Ray cluster it runs in: Ray as the executor and
+        `size` pipeline stages (or tensor shards, `multinode.parallel: tensor`). Ours go before the user's
+        args; a flag the user sets wins, as in `argv`."""
+        user = spec.args
+        split = _TENSOR if spec.multinode.parallel == "tensor" else _PIPELINE
+        ours = option(user, _BACKEND, "ray") + option(user, split, str(size))
+        argv = self.argv(spec, launch)
+        cut = len(argv) - len(user)
+        return [*argv[:cut], *ours, *argv[cut:]]

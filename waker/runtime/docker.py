@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
 import docker.errors
@@ -27,6 +27,9 @@ from docker.types import DeviceRequest, Ulimit
 from waker.engines.base import Engine, Launch
 from waker.runtime.base import Exit, Found, RuntimeUnavailable, free_port, http_url
 from waker.spec import ModelSpec, UlimitRange
+
+if TYPE_CHECKING:
+    from waker.runtime.group import GroupHandle
 
 log = logging.getLogger("sparkgate.docker")
 
@@ -249,7 +252,12 @@ class DockerRuntime:
         except KeyError:
             raise ValueError(f"unknown node {name!r} (configured: {', '.join(self._nodes)})") from None
 
-    async def start(self, spec: ModelSpec, engine: Engine) -> DockerHandle:
+    async def start(self, spec: ModelSpec, engine: Engine) -> "DockerHandle | GroupHandle":
+        if spec.nodes > 1:
+            # One container per node in spec.placed_on, head first (waker.runtime.group builds on this module).
+            from waker.runtime.group import start_group
+
+            return await start_group(spec, engine, self._nodes, self.instance)
         node = self.node(spec.home or next(iter(self._nodes)))
         spec_hash = spec.spec_hash()
         name = container_name(spec.name)
@@ -305,8 +313,14 @@ class DockerRuntime:
         return container, port
 
     async def discover(self) -> list[Found]:
-        """Every container of ours on every reachable node; unreachable nodes are logged and skipped."""
+        """Every container of ours on every reachable node; unreachable nodes are logged and skipped.
+
+        The parts of a model spanning nodes are reported together, as one engine (see group.discover_groups).
+        """
+        from waker.runtime.group import discover_groups
+
         found: list[Found] = []
+        parts: list[tuple[_Node, Container]] = []
         for node in self._nodes.values():
             try:
                 containers = await node.call(
@@ -318,15 +332,22 @@ class DockerRuntime:
             for c in containers:
                 if c.labels.get(LABEL_NODE, node.node.name) != node.node.name:
                     continue
+                if LABEL_PART in c.labels:
+                    parts.append((node, c))
+                    continue
                 port = int(c.labels.get(LABEL_PORT, "0"))
                 keep = c.status != "running"  # a stopped container we find was kept on purpose
                 handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
                 found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
                                    c.status == "running", handle, (node.node.name,)))
-        return found
+        return found + await discover_groups(parts)
 
     async def discard(self, found: Found, reason: str) -> None:
         handle = found.handle
+        if not isinstance(handle, DockerHandle):  # a group of parts (waker.runtime.group)
+            log.info("stopping stale engine %s (%s): %s", handle.ident, found.model, reason)
+            await handle.stop(10.0)
+            return
         assert isinstance(handle, DockerHandle)
         container_id = handle.container_id
 
@@ -362,17 +383,26 @@ def container_config(spec: ModelSpec, engine: Engine, node: DockerNode, port: in
         "environment": dict(spec.env),
         "labels": {LABEL_MANAGED: "true", LABEL_MODEL: spec.name, LABEL_HASH: spec_hash,
                    LABEL_PORT: str(port), LABEL_NODE: node.name},
-        "restart_policy": {"Name": "no"},  # the waker decides restarts, with backoff
-        "volumes": [_expand_volume(v) for v in spec.volumes],
+        **resources(spec),
     }
-    if spec.init:
-        config["init"] = True
     if host_network:
         config["network_mode"] = "host"
     else:
         if spec.network:
             config["network"] = spec.network
         config["ports"] = {f"{spec.container_port}/tcp": (node.publish_ip, port)}
+    return config
+
+
+def resources(spec: ModelSpec) -> dict[str, Any]:
+    """The `containers.create` arguments every container of `spec` gets: restart policy, volumes, GPUs,
+    shm, IPC, memory cap, ulimits, init."""
+    config: dict[str, Any] = {
+        "restart_policy": {"Name": "no"},  # the waker decides restarts, with backoff
+        "volumes": [_expand_volume(v) for v in spec.volumes],
+    }
+    if spec.init:
+        config["init"] = True
     if spec.gpus is not None:
         config["device_requests"] = [_gpu_request(spec.gpus)]
     if spec.shm_size:
