@@ -1,6 +1,5 @@
 """Gateway settings: environment (SPARKGATE_*), then command-line flags on top."""
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -16,9 +15,6 @@ from waker.memory import FixedProbe, MemoryProbe, make_probe
 from waker.node_probe import DockerMemoryProbe
 from waker.options import WakerOptions
 from waker.runtime.docker import DockerNode
-
-# DockerNode gains cluster_address alongside this change; until both are in, pass it only where it exists.
-_DOCKER_NODE_HAS_CLUSTER_ADDRESS = "cluster_address" in {f.name for f in dataclasses.fields(DockerNode)}
 
 
 class NodeSettings(BaseModel):
@@ -150,11 +146,8 @@ class GatewaySettings(BaseSettings):
         return QueuePolicy(max_queue=self.max_queue, max_wait=self.max_wait, max_hold=self.max_hold)
 
     def docker_nodes(self) -> dict[str, DockerNode]:
-        nodes = {}
-        for name, n in self.nodes.items():
-            extra = {"cluster_address": n.cluster_address or n.address} if _DOCKER_NODE_HAS_CLUSTER_ADDRESS else {}
-            nodes[name] = DockerNode(name, n.docker_host, n.address, n.publish_ip, **extra)
-        return nodes
+        return {name: DockerNode(name, n.docker_host, n.address, n.publish_ip, cluster_address=n.cluster_address)
+                for name, n in self.nodes.items()}
 
     def waker_options(self) -> WakerOptions:
         return WakerOptions(
