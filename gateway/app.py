@@ -5,7 +5,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
 from stats import Sampler, SampleStore
+from waker.memory import MemoryProbe
 from waker.registry import ConfigError, Registry
 from waker.waker import Waker, default_runtimes
 
@@ -84,15 +85,21 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def build_waker(settings: GatewaySettings, registry: Registry | None = None,
+                probes: Mapping[str, MemoryProbe] | None = None) -> Waker:
+    """The waker for `settings`: models.d (or `registry`), the nodes with their budgets, labels and probes."""
+    options = settings.waker_options()
+    return Waker(registry or load_models(settings.config_dir, settings.stats_db), options=options,
+                 runtimes=default_runtimes(options, settings.docker_nodes(), settings.instance),
+                 budgets=settings.budgets(), probes=probes or settings.probes(), queue=settings.queue_policy(),
+                 preload=settings.preload, labels=settings.node_labels())
+
+
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
     """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
     keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
     if waker is None:
-        options = settings.waker_options()
-        waker = Waker(registry or load_models(settings.config_dir, settings.stats_db), options=options,
-                      runtimes=default_runtimes(options, settings.docker_nodes(), settings.instance),
-                      budgets=settings.budgets(), probes=settings.probes(), queue=settings.queue_policy(),
-                      preload=settings.preload)
+        waker = build_waker(settings, registry)
     session: aiohttp.ClientSession | None = None
     metrics = Metrics(waker, live_memory=lambda: s.latest if (s := getattr(app.state, "sampler", None)) else None)
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings(**overrides)
     try:
         registry = load_models(settings.config_dir, settings.stats_db)
-        problems = budget_problems(registry.values(), settings.budgets())
+        problems = budget_problems(registry.values(), settings.budgets(), settings.node_labels())
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

@@ -13,10 +13,10 @@ import uvicorn
 import yaml
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import build_waker, create_app
 from gateway.settings import GatewaySettings
 from waker.registry import load_dir
-from waker.waker import Waker, default_runtimes
+from waker.waker import Waker
 
 FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))
 
@@ -63,11 +63,7 @@ async def run_gateway(
     settings.setdefault("instance", f"test-{os.getpid()}")
     settings.setdefault("stats_db", config_dir / ".stats.sqlite3")  # never the user's own stats file
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
-    options = gateway_settings.waker_options()
-    waker = Waker(load_dir(config_dir), options=options,
-                  runtimes=default_runtimes(options, gateway_settings.docker_nodes(), gateway_settings.instance),
-                  budgets=gateway_settings.budgets(), probes=probes or gateway_settings.probes(),
-                  queue=gateway_settings.queue_policy(), preload=gateway_settings.preload)
+    waker = build_waker(gateway_settings, load_dir(config_dir), probes)
     app = create_app(gateway_settings, waker=waker)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                             http="httptools", loop="asyncio")

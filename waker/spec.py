@@ -220,7 +220,8 @@ class ModelSpec(BaseModel):
             if isinstance(self.node, tuple) and len(self.node) < self.nodes:
                 raise ValueError(f"nodes: {self.nodes} but node lists only {len(self.node)}")
             if isinstance(self.node, str):
-                raise ValueError(f"nodes: {self.nodes} can't run on the one node {self.node!r}; list {self.nodes} or more")
+                raise ValueError(
+                    f"nodes: {self.nodes} can't run on the one node {self.node!r}; list {self.nodes} or more")
         if isinstance(self.node, tuple) and (not self.node or len(set(self.node)) != len(self.node)):
             raise ValueError("node: list each node once (or leave it out for any node)")
         if self.idle_action is IdleAction.SLEEP and self.engine not in (EngineKind.VLLM, EngineKind.SGLANG):

@@ -110,6 +110,9 @@ class Waker:
             # Live memory is read where the gateway runs; other nodes rely on their ledger alone.
             probe = self._probes.get(node) or (make_probe("auto") if node == "local" else FixedProbe(None))
             self.admissions[node] = NodeAdmission(node, budget, probe, self.clock, self.events, self._queue_policy)
+            start = getattr(probe, "start", None)
+            if start is not None:
+                start()  # a remote node's probe reads in the background: a reading is ready before it is needed
         self._prober_in_use = prober
         for spec in self.registry.values():
             await self._add_controller(spec)
@@ -293,6 +296,10 @@ class Waker:
                 log.error("stopping %s failed: %r", controller.spec.name, result)
         if self._session is not None:
             await self._session.close()
+        for admission in self.admissions.values():
+            close = getattr(admission.probe, "close", None)
+            if close is not None:
+                close()
         for runtime in self._runtimes.values():
             close = getattr(runtime, "close", None)
             if close is not None:
