@@ -20,7 +20,10 @@ async def rank0(args: argparse.Namespace, port: int, model: str) -> None:
     watch: asyncio.Future = asyncio.get_running_loop().create_future()
 
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        rank = json.loads(await reader.readline() or b"{}").get("rank", -1)
+        hello = await reader.readline()
+        if not hello:  # a port probe (the runtime checking that we are up), not a rank
+            return
+        rank = json.loads(hello).get("rank", -1)
         joined[rank] = reader
         say(f"rank {rank} joined ({len(joined) + 1} of {args.nnodes})")
         if len(joined) == args.nnodes - 1:

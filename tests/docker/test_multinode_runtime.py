@@ -1,0 +1,238 @@
+"""Models spanning two nodes, against the real Docker daemon: both "nodes" are the local daemon (two names,
+one host), the engines are the fake ray / vllm / sglang of tests/docker/multinode (build_image.sh)."""
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import docker
+import docker.errors
+import httpx
+import pytest
+
+from tests.docker.conftest import TESTS
+from waker.engines.registry import engine_for
+from waker.runtime.base import free_port
+from waker.runtime.docker import LABEL_MODEL, LABEL_PART, DockerNode, DockerRuntime
+from waker.runtime.group import GroupHandle
+from waker.spec import ModelSpec
+
+pytestmark = pytest.mark.docker
+
+IMAGE = os.environ.get("SPARKGATE_TEST_MULTINODE_IMAGE", "sparkgate-test-multinode:1")
+A = DockerNode(name="node-a", address="127.0.0.1")
+B = DockerNode(name="node-b", address="127.0.0.1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def multinode_image(docker_client: docker.DockerClient) -> None:
+    try:
+        docker_client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"test image {IMAGE} is missing: run tests/docker/build_image.sh")
+
+
+@pytest.fixture
+async def runtime(model_name: str) -> AsyncIterator[DockerRuntime]:
+    rt = DockerRuntime({"node-a": A, "node-b": B}, instance=f"test-{model_name}")
+    yield rt
+    rt.close()
+
+
+def group_spec(name: str, engine: str, **multinode: Any) -> ModelSpec:
+    spec = ModelSpec.model_validate({
+        "name": name, "engine": engine, "runtime": "docker", "image": IMAGE, "model": "org/fake-70b",
+        "nodes": 2, "network": "host", "port": free_port(), "volumes": [f"{TESTS}:/opt/tests:ro"],
+        "multinode": {"ray_port": free_port(), "dist_port": free_port(), "join_timeout": 30, **multinode},
+    })
+    return spec.model_copy(update={"placed_on": ("node-a", "node-b")})
+
+
+def parts(client: docker.DockerClient, model: str) -> dict[str, Any]:
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_MODEL}={model}"})
+    return {c.labels[LABEL_PART]: c for c in found}
+
+
+def started_at(container: Any) -> datetime:
+    return _when(container.attrs["State"]["StartedAt"])
+
+
+def _when(stamp: str) -> datetime:
+    seconds, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{seconds}.{fraction[:6]:0<6}+00:00")
+
+
+def logged_at(container: Any, text: str) -> datetime:
+    for line in container.logs(timestamps=True).decode().splitlines():
+        stamp, _, rest = line.partition(" ")
+        if text in rest:
+            return _when(stamp)
+    raise AssertionError(f"{text!r} not in the logs of {container.name}")
+
+
+async def until_ready(handle: GroupHandle, timeout: float = 30) -> None:
+    exited = asyncio.ensure_future(handle.wait_exit())
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline:
+            assert not exited.done(), f"ended while starting: {exited.result().describe()}"
+            try:
+                if (await client.get(handle.root_url + "/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("not ready in time; " + "\n".join(await handle.log_tail(30)))
+
+
+async def ask(handle: GroupHandle, model: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        reply = await client.post(handle.api_base + "/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["choices"][0]["message"]["content"])
+
+
+async def test_vllm_ray_group_starts_head_then_worker_then_serves_and_stop_removes_every_part(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    spec = group_spec(model_name, "vllm")
+    handle = await runtime.start(spec, engine_for("vllm"))
+    assert isinstance(handle, GroupHandle)
+    await until_ready(handle)
+    assert await ask(handle, model_name) == " t0 t1"
+
+    found = parts(docker_client, model_name)
+    assert set(found) == {"head", "worker-1"}
+    head, worker = found["head"], found["worker-1"]
+    assert head.name != worker.name
+    assert head.attrs["HostConfig"]["NetworkMode"] == "host"
+    # In order: the worker's container starts only after the head's Ray is up; vllm serve waits for both.
+    assert logged_at(head, "Ray runtime started") <= started_at(worker)
+    assert logged_at(head, "node joined: 127.0.0.1 (2 nodes)") <= logged_at(head, "placement group ready on 2 nodes")
+    assert "VLLM_HOST_IP=127.0.0.1" in worker.attrs["Config"]["Env"]
+    tail = await handle.log_tail(50)
+    assert any(line.startswith("[head@node-a] ") and "placement group ready" in line for line in tail)
+    assert any(line.startswith("[worker-1@node-b] ") for line in tail)
+    assert "head@node-a" in handle.ident and "worker-1@node-b" in handle.ident
+
+    await handle.stop(5)
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_killing_the_ray_worker_ends_the_group_and_names_the_worker(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    handle = await runtime.start(group_spec(model_name, "vllm"), engine_for("vllm"))
+    await until_ready(handle)
+    parts(docker_client, model_name)["worker-1"].kill()
+    end = await asyncio.wait_for(handle.wait_exit(), timeout=20)
+    assert end.part == "worker-1 on node 'node-b'"
+    assert end.describe() == "code 137 (SIGKILL) in worker-1 on node 'node-b'"
+    assert handle.exit_code == 137
+    await handle.stop(5)
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_a_worker_that_cannot_join_fails_the_start_naming_it_and_leaves_no_container(
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    # The head's cluster address leads nowhere (TEST-NET-1): the worker can't reach the Ray head.
+    lost = DockerNode(name="node-a", address="127.0.0.1", cluster_address="192.0.2.1")
+    runtime = DockerRuntime({"node-a": lost, "node-b": B}, instance=f"test-{model_name}")
+    spec = group_spec(model_name, "vllm", worker_env={"SPARKGATE_FAKE_CONNECT_TIMEOUT": "1"})
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            await runtime.start(spec, engine_for("vllm"))
+    finally:
+        runtime.close()
+    message = str(failed.value)
+    assert "worker-1 on node 'node-b' exited with code 1 while starting" in message
+    assert "Failed to connect to 192.0.2.1" in message
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_a_head_that_cannot_open_its_rendezvous_port_fails_the_start(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    with socket.socket() as taken:  # bound, not listening: SGLang rank 0 can't bind it
+        taken.bind(("0.0.0.0", 0))
+        spec = group_spec(model_name, "sglang", dist_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="head on node 'node-a' exited with code 1 while starting"):
+            await runtime.start(spec, engine_for("sglang"))
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_a_part_that_is_never_up_fails_at_join_timeout(
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    # Rank 0 runs, but its rendezvous port can't be reached at node-a's address (TEST-NET-1): never "up".
+    unreachable = DockerNode(name="node-a", address="192.0.2.1", cluster_address="127.0.0.1")
+    runtime = DockerRuntime({"node-a": unreachable, "node-b": B}, instance=f"test-{model_name}")
+    began = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="head on node 'node-a' was not up within its join_timeout of 2s"):
+            await runtime.start(group_spec(model_name, "sglang", join_timeout=2), engine_for("sglang"))
+    finally:
+        runtime.close()
+    assert time.monotonic() - began < 15
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_a_missing_image_is_a_clear_error(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    spec = group_spec(model_name, "vllm").model_copy(update={"image": "sparkgate-no-such-image:0"})
+    with pytest.raises(RuntimeError, match="head on node 'node-a': image 'sparkgate-no-such-image:0' is not on"):
+        await runtime.start(spec, engine_for("vllm"))
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_unplaced_group_is_refused() -> None:
+    spec = group_spec("unplaced", "vllm").model_copy(update={"placed_on": ("node-a",)})
+    rt = DockerRuntime({"node-a": A, "node-b": B})
+    try:
+        with pytest.raises(RuntimeError, match="spans 2 nodes but was placed on 1"):
+            await rt.start(spec, engine_for("vllm"))
+    finally:
+        rt.close()
+
+
+async def test_sglang_ranks_meet_rank_0_serves_and_a_lost_worker_ends_the_group(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    spec = group_spec(model_name, "sglang")
+    handle = await runtime.start(spec, engine_for("sglang"))
+    assert isinstance(handle, GroupHandle)
+    await until_ready(handle)
+    assert await ask(handle, model_name) == " t0 t1"
+    found = parts(docker_client, model_name)
+    assert logged_at(found["head"], "Init torch distributed begin") <= started_at(found["worker-1"])
+    assert logged_at(found["head"], "rank 1 joined") <= logged_at(found["head"], "All ranks joined")
+    async with httpx.AsyncClient() as client:  # rank 1's dummy health, beside rank 0's port
+        assert (await client.get(f"http://127.0.0.1:{spec.port + 1}/health")).status_code == 200
+
+    found["worker-1"].kill()
+    end = await asyncio.wait_for(handle.wait_exit(), timeout=20)
+    assert end.part == "worker-1 on node 'node-b'"
+    await asyncio.sleep(1)
+    head = docker_client.containers.get(found["head"].id)
+    assert head.attrs["State"]["ExitCode"] == 1  # rank 0 lost its peer, as NCCL would make it
+    await handle.stop(5)
+    assert parts(docker_client, model_name) == {}
+
+
+async def test_a_restarted_gateway_finds_a_complete_group_as_one_engine_with_its_nodes(
+        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
+    spec = group_spec(model_name, "vllm")
+    handle = await runtime.start(spec, engine_for("vllm"))
+    await until_ready(handle)
+
+    later = DockerRuntime({"node-a": A, "node-b": B}, instance=f"test-{model_name}")
+    try:
+        [found] = [f for f in await later.discover() if f.model == model_name]
+        assert found.running and found.nodes == ("node-a", "node-b")
+        assert found.spec_hash == spec.spec_hash()
+        assert isinstance(found.handle, GroupHandle) and found.handle.serve is not None
+        assert found.handle.root_url == handle.root_url
+        await later.discard(found, "test")
+    finally:
+        later.close()
+    assert parts(docker_client, model_name) == {}
