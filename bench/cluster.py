@@ -64,6 +64,7 @@ from bench.trace import (
     ModelDef,
     Request,
     Result,
+    Served,
     SimConfig,
     SparkgateSim,
     fmt_s,
@@ -235,6 +236,7 @@ class ClusterResult:
     placements: int  # placement decisions (cold model with more candidates than nodes it spans)
     placed_log: list[tuple[float, str, tuple[str, ...]]] = field(default_factory=list)
     evict_log: list[tuple[float, str, str, str]] = field(default_factory=list)
+    served: dict[int, Served] = field(default_factory=dict)  # request id -> start, end
 
 
 class ClusterSim(SparkgateSim):
@@ -419,7 +421,7 @@ class ClusterSim(SparkgateSim):
 
     def run_cluster(self, trace: Sequence[Request]) -> ClusterResult:
         return ClusterResult(self.run(trace), dict(self.node_high_water), self.placements, self.placed_log,
-                             self.evict_log)
+                             self.evict_log, self.served)
 
 
 def simulate(models: Sequence[ClusterModel], nodes: Sequence[Node], cfg: SimConfig, trace: Sequence[Request],
