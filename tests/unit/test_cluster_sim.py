@@ -53,7 +53,7 @@ def test_no_node_is_ever_over_budget_and_every_request_is_answered(seed: int, po
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "placement weakness (bench/CLUSTER.md, Findings 1): `choose` puts a model that fits on the node with the MOST "
+    "placement weakness (bench/CLUSTER.md, Finding 1): `choose` puts a model that fits on the node with the MOST "
     "room left, spreading small models over every Spark, so a 60-100 GB model finds no hole and evicts; first-fit "
     "leaves whole nodes free. Remove this mark once waker/placement.py is fixed."))
 @pytest.mark.parametrize("seed", SEEDS)
@@ -104,7 +104,7 @@ def test_multi_node_model_holds_its_first_node_while_the_second_makes_room() -> 
 
 def test_a_drain_lifted_by_another_node_lets_a_busy_model_starve_a_waiter() -> None:
     # waker/admission.py: every node's step sets the drain of every model registered there, so a node where
-    # `hot` holds nothing lifts the drain n1 asked for (bench/CLUSTER.md, Findings 2; the simulation's default
+    # `hot` holds nothing lifts the drain n1 asked for (bench/CLUSTER.md, Finding 3; the simulation's default
     # keeps each node's drains apart).
     nodes = [_spark("n1"), _spark("n2")]
     models = [_model("hot", 70), _model("big", 80, node=("n1",))]
