@@ -25,21 +25,23 @@ to several nodes the way waker/cluster.py and waker/admission.py extend one node
   decided by one node's plan stops it on all its nodes, and a stopped model is placed afresh next time.
 - After every event every node with a ticket is planned, in settings order, until a pass admits nothing.
   Drains: each node's plan says which of its models must drain; a model's deadline is the earliest any
-  of its nodes asks for (absent = lifted). waker/admission.py instead lets every node's step overwrite
-  the deadline of every model registered there (see bench/CLUSTER.md, Findings); `--shared-drains`
-  simulates that, with the nodes stepping in settings order (the last candidate node wins).
+  of its nodes asks for (absent = lifted), as waker/admission.py does since bench/CLUSTER.md's Finding 3.
+  `--policy sparkgate-shared-drains` simulates the earlier behaviour, where every node's step overwrote the
+  deadline of every model registered there (the last candidate node wins).
 - Idle reaper (idle_timeout, min_uptime) and max_hold as in bench/trace.py. Load time 5 s + 0.5 s/GB,
   stop 2 s; a request holds its model for its duration; nobody gives up waiting.
 
 Policies
 --------
-sparkgate  `waker.placement.choose`: where it fits now, the most room left; else fewest / least valuable
-           victims; ties to the node listed first.
+sparkgate  `waker.placement.choose`: where it fits now, keeping room for models that may run only there,
+           tightest fit first; else fewest / least valuable victims; ties to the node listed first.
 first-fit  the first candidate nodes (settings order) where it fits now after the node's queue; if fewer
            fit, the first other candidates. No scoring; admission is still `plan` per node.
 static     every model pinned up front to one node (a multi-node model to a fixed set), by first-fit
            decreasing bin packing over its candidates (the node with most room left when none has room):
            like a hand-written models.d per machine, each machine running its own sparkgate.
+sparkgate-most-room and sparkgate-shared-drains (only with --policy): the rules before bench/CLUSTER.md's
+           Findings 1 and 3, kept as regression checks.
 
     .venv/bin/python bench/cluster.py                  # 12 nodes, 30 models, 1 h, seed 1 (a few seconds)
     .venv/bin/python bench/cluster.py --seeds 20       # per-seed table and summary
@@ -82,7 +84,7 @@ from waker.spec import ModelSpec
 from waker.state import HOLDING, ModelState
 
 S = ModelState
-POLICIES = ("sparkgate", "first-fit", "static", "sparkgate-best-fit", "sparkgate-shared-drains")
+POLICIES = ("sparkgate", "first-fit", "static", "sparkgate-most-room", "sparkgate-shared-drains")
 DEFAULT_POLICIES = POLICIES[:3]
 
 
@@ -180,11 +182,12 @@ def default_models(nodes: Sequence[Node], base: float = 5.0, per_gb: float = 0.5
 # -- placement policies -------------------------------------------------------------------------------------
 
 
-Placer = Callable[[str, float, int, Sequence[str], Mapping[str, Snapshot]], tuple[str, ...] | None]
+Placer = Callable[[str, float, int, Sequence[str], Mapping[str, Snapshot], Mapping[str, float]],
+                  tuple[str, ...] | None]
 
 
-def first_fit(model: str, need_gb: float, count: int, nodes: Sequence[str],
-              snapshots: Mapping[str, Snapshot]) -> tuple[str, ...] | None:
+def first_fit(model: str, need_gb: float, count: int, nodes: Sequence[str], snapshots: Mapping[str, Snapshot],
+              exclusive_gb: Mapping[str, float]) -> tuple[str, ...] | None:
     """The first `count` nodes where `model` fits now (after the node's queue), filled up with the first others."""
     def free(snap: Snapshot) -> float:
         return snap.capacity_gb - snap.held_gb - sum(t.need_gb for t in snap.queue if t.model != model)
@@ -194,10 +197,10 @@ def first_fit(model: str, need_gb: float, count: int, nodes: Sequence[str],
     return tuple(chosen) if len(chosen) == count else None
 
 
-def best_fit(model: str, need_gb: float, count: int, nodes: Sequence[str],
-             snapshots: Mapping[str, Snapshot]) -> tuple[str, ...] | None:
-    """`waker.placement.choose` with rule 1 reversed (a proposed fix, bench/CLUSTER.md Findings): among nodes
-    where it fits now, the one with the LEAST room left, which keeps the big holes for big models."""
+def most_room(model: str, need_gb: float, count: int, nodes: Sequence[str], snapshots: Mapping[str, Snapshot],
+              exclusive_gb: Mapping[str, float]) -> tuple[str, ...] | None:
+    """The placement rule before bench/CLUSTER.md's Finding 1 (a regression check): among nodes where it fits
+    now, the one with the MOST room left, and no room kept for models that may run only there."""
     scored = []
     for i, n in enumerate(nodes):
         s = score(snapshots[n], model, need_gb, i)
@@ -257,7 +260,7 @@ class ClusterSim(SparkgateSim):
         if unplaceable:
             raise SystemExit(f"models with fewer candidate nodes than they span: {unplaceable}")
         self.candidates = static_assignment(models, allowed, self.capacity) if policy == "static" else allowed
-        self.placer: Placer = {"first-fit": first_fit, "sparkgate-best-fit": best_fit}.get(policy, choose)
+        self.placer: Placer = {"first-fit": first_fit, "sparkgate-most-room": most_room}.get(policy, choose)
         self.registered = {n: [m for m in self.models if n in self.candidates[m]] for n in self.order}
         # ModelController.placed / reserved; placed is fixed where there is no choice (as in the controller).
         self.placed = {m: c if len(c) == self.span[m] else () for m, c in self.candidates.items()}
@@ -332,10 +335,16 @@ class ClusterSim(SparkgateSim):
         else:
             ticket.requests.extend(requests)
 
+    def exclusive_gb(self, node: str, excluding: str) -> float:
+        """NodeAdmission.exclusive_gb: memory of the models that may run only on `node` and hold none there."""
+        return sum(self.models[m].memory_gb for m in self.registered[node]
+                   if m != excluding and len(self.candidates[m]) == self.span[m] and self.held_on(m, node) == 0)
+
     def place(self, name: str, requests: list[Request]) -> bool:
         cands = self.candidates[name]
         snapshots = {n: self.snapshot(n) for n in cands}
-        nodes = self.placer(name, self.models[name].memory_gb, self.span[name], cands, snapshots)
+        nodes = self.placer(name, self.models[name].memory_gb, self.span[name], cands, snapshots,
+                            {n: self.exclusive_gb(n, name) for n in cands})
         if nodes is None:
             for r in requests:
                 self.served[r.id].rejected = f"{name}: no node could ever hold it"

@@ -43,16 +43,21 @@ def _ago(seconds: float | None) -> str:
 
 
 def status_table(state: dict[str, Any]) -> str:
-    rows = [("MODEL", "STATE", "MEMORY", "IN FLIGHT", "QUEUED", "IDLE FOR", "LAST ERROR")]
+    several = len(state["nodes"]) > 1
+    rows = [("MODEL", "STATE", *(("NODE",) if several else ()), "MEMORY", "IN FLIGHT", "QUEUED", "IDLE FOR",
+             "LAST ERROR")]
     for m in state["models"]:
-        rows.append((m["name"] + (" (pinned)" if m["pinned"] else ""), m["state"],
+        where = (m.get("node") or "-",) if several else ()
+        rows.append((m["name"] + (" (pinned)" if m["pinned"] else ""), m["state"], *where,
                      f"{m['held_gb']:g}/{m['memory_gb']:g} GB", str(m["in_flight"]), str(m["queued"]),
                      _ago(m["idle_s"]), (m["last_error"] or "")[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for name, n in state["nodes"].items():
         live = "" if n["live_free_gb"] is None else f", {n['live_free_gb']:.1f} GB free on the machine"
-        lines.append(f"node {name}: {n['held_gb']:g}/{n['capacity_gb']:g} GB held{live}, {n['queued']} queued")
+        labels = ", ".join(f"{k}={v}" for k, v in n.get("labels", {}).items())
+        lines.append(f"node {name}: {n['held_gb']:g}/{n['capacity_gb']:g} GB held{live}, {n['queued']} queued"
+                     + (f" [{labels}]" if labels else ""))
     return "\n".join(lines)
 
 

@@ -87,6 +87,11 @@ class NodeAdmission:
     def held_gb(self) -> float:
         return sum(_held(c, self.node) for c in self._controllers.values())
 
+    def exclusive_gb(self, excluding: str) -> float:
+        """Memory of the models that may run only here (and on no other node) but hold none now."""
+        return sum(c.spec.memory_gb for name, c in self._controllers.items()
+                   if name != excluding and len(c.candidates) == c.spec.nodes and _held(c, self.node) == 0)
+
     def held_by(self, controller: "ModelController") -> float:
         return _held(controller, self.node)
 
@@ -203,13 +208,14 @@ class NodeAdmission:
         drains = dict(decided.drain)
         for name, controller in self._controllers.items():
             deadline = drains.get(name)
-            if deadline == controller.drain_deadline:
-                continue
+            if deadline == controller.drain_from(self.node):
+                continue  # each node sets and lifts only its own deadline
             if deadline is not None and controller.drain_deadline is None:
                 self._events.emit(Event(wall, name, "drain", reason=(
-                    f"holds memory others wait for; takes no new work after {max(deadline - snap.now, 0):.0f}s"),
-                    data={"deadline_in_s": round(deadline - snap.now, 3)}))
-            controller.set_drain(deadline)
+                    f"holds memory others wait for on node {self.node!r}; takes no new work after "
+                    f"{max(deadline - snap.now, 0):.0f}s"), data={"deadline_in_s": round(deadline - snap.now, 3),
+                                                                "node": self.node}))
+            controller.set_drain(deadline, self.node)
         for name, blocked in decided.blocked.items():
             self._blocked[name] = blocked
             ticket = self._queue[name]

@@ -51,7 +51,8 @@ class ClusterAdmission:
     def _place(self, controller: ModelController) -> tuple[str, ...]:
         spec = controller.spec
         snapshots = {n: self._nodes[n].snapshot() for n in controller.candidates}
-        nodes = choose(spec.name, spec.memory_gb, spec.nodes, controller.candidates, snapshots)
+        exclusive = {n: self._nodes[n].exclusive_gb(excluding=spec.name) for n in controller.candidates}
+        nodes = choose(spec.name, spec.memory_gb, spec.nodes, controller.candidates, snapshots, exclusive)
         if nodes is None:
             raise NoRoom(
                 f"{spec.name} needs {spec.memory_gb:g} GB on {spec.nodes} node(s) of {', '.join(controller.candidates)}"

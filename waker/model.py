@@ -101,7 +101,9 @@ class ModelController:
         self.last_error: Failure | None = None
         self.handle: EngineHandle | None = None
 
-        self.drain_deadline: float | None = None  # set by the scheduler: others wait for this memory
+        # Set by each node's scheduler where others wait for this model's memory (a model spanning nodes
+        # can be asked to drain by one node and not by another): the earliest deadline holds.
+        self._drains: dict[str, float] = {}
         self.pinned = spec.pinned  # the admin API may pin or unpin at run time
         self.pending_spec: ModelSpec | None = None  # models.d changed: applied once the engine is stopped
         self.retired = False  # removed from models.d: stopped when idle, then dropped
@@ -130,7 +132,7 @@ class ModelController:
         check_transition(self.spec.name, self.state, target)
         source, self.state, self.since = self.state, target, self._clock.now()
         if target in (S.STOPPED, S.FAILED, S.SLEEPING):
-            self.drain_deadline = None
+            self._drains.clear()
         if target in (S.STOPPED, S.FAILED) and source is not S.FAILED:
             self.unplace()  # it holds nothing anywhere now: the next start is placed afresh
         self._events.emit(
@@ -288,9 +290,19 @@ class ModelController:
             where = f" on {', '.join(self.placed)}" if len(self.candidates) > 1 else ""
             self.begin_start(f"request for a model that is not running{where}")
 
-    def set_drain(self, deadline: float | None) -> None:
-        """Set by the scheduler (None lifts it); requests held back re-check at once."""
-        self.drain_deadline = deadline
+    @property
+    def drain_deadline(self) -> float | None:
+        return min(self._drains.values(), default=None)
+
+    def drain_from(self, node: str) -> float | None:
+        return self._drains.get(node)
+
+    def set_drain(self, deadline: float | None, node: str = "local") -> None:
+        """Set by `node`'s scheduler (None lifts it there); requests held back re-check at once."""
+        if deadline is None:
+            self._drains.pop(node, None)
+        else:
+            self._drains[node] = deadline
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

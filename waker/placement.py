@@ -5,7 +5,9 @@ can hold it). When it is cold, each candidate node is scored from that node's ow
 same one `scheduler.plan` sees) and the best one is taken:
 
 1. a node where it fits now, after the requests already queued there, beats one where something must
-   be stopped; among those, the one with the most room left (spreading load keeps later starts cheap);
+   be stopped; among those, one where it leaves room for the models that may run nowhere else (stopped
+   now, they will come back), then the tightest fit (best fit: small models fill partly used nodes and
+   leave whole nodes free for big ones);
 2. else a node where idle models can be stopped for it: fewest victims, then least valuable victims
    (lowest priority, then least recently used: the same order the scheduler evicts in), then the fewest GB
    thrown away;
@@ -13,6 +15,7 @@ same one `scheduler.plan` sees) and the best one is taken:
 4. else a node where it only has to wait for engines that are starting;
 and a node where it can never fit (pinned models hold the rest) is not a candidate at all.
 Ties go to the node listed first in the settings, so placement is deterministic.
+bench/cluster.py measures the rules on a 12-node trace against first-fit and static placement.
 
 A model that spans `nodes: N` takes the best N distinct candidates. A sleeping model is woken where it
 sleeps. Once placed, the node's own scheduler (`scheduler.plan`) admits it, with the same FIFO,
@@ -37,11 +40,12 @@ class Score:
     """Lower is better; compared field by field."""
 
     tier: int  # FITS, EVICT_IDLE, DRAIN_BUSY or WAIT
+    crowds: int  # 1: fitting here takes room that models which may run only here will need
     victims: int  # how many models must stop
     priority: int  # the highest priority among them
     recency: float  # the most recent use among them (stopping a model used a second ago is costly)
     evicted_gb: float  # memory thrown away
-    room_gb: float  # minus the free room left after the start (more room is better)
+    room_gb: float  # the free room left after the start (best fit: less is better)
     order: int  # position of the node in the settings
 
 
@@ -97,8 +101,9 @@ def budget_problems(specs: Iterable[ModelSpec], budgets: Mapping[str, Budget],
     return [p for spec in specs if spec.manages_lifecycle for p in placement_problems(spec, budgets, labels)]
 
 
-def score(snap: Snapshot, model: str, need_gb: float, order: int) -> Score | None:
-    """How good `snap`'s node is for starting `model` (needing `need_gb`); None if it never fits there."""
+def score(snap: Snapshot, model: str, need_gb: float, order: int, exclusive_gb: float = 0.0) -> Score | None:
+    """How good `snap`'s node is for starting `model` (needing `need_gb`); None if it never fits there.
+    `exclusive_gb`: memory of stopped models that may run only on this node."""
     others = [m for m in snap.models.values() if m.name != model]
     pinned = sum(m.held_gb for m in others if m.pinned)
     if need_gb > snap.capacity_gb - pinned:
@@ -108,7 +113,7 @@ def score(snap: Snapshot, model: str, need_gb: float, order: int) -> Score | Non
         starting = sum(m.held_gb for m in snap.models.values() if m.state in (S.STARTING, S.WAKING))
         free = min(free, snap.live_free_gb - starting)
     if need_gb <= free:
-        return Score(FITS, 0, 0, 0.0, 0.0, -(free - need_gb), order)
+        return Score(FITS, int(need_gb > free - exclusive_gb), 0, 0, 0.0, 0.0, free - need_gb, order)
     shortfall = need_gb - free
     idle = [m for m in others if m.evictable and m.idle]
     busy = [m for m in others if m.evictable and not m.idle]
@@ -116,21 +121,23 @@ def score(snap: Snapshot, model: str, need_gb: float, order: int) -> Score | Non
         victims = choose_victims(pool, shortfall)
         if victims is not None:
             return _victims_score(tier, victims, order)
-    return Score(WAIT, 0, 0, 0.0, 0.0, shortfall, order)
+    return Score(WAIT, 0, 0, 0, 0.0, 0.0, shortfall, order)
 
 
 def _victims_score(tier: int, victims: Sequence[ModelView], order: int) -> Score:
     return Score(
-        tier, len(victims), max((v.priority for v in victims), default=0),
+        tier, 0, len(victims), max((v.priority for v in victims), default=0),
         max((v.last_used for v in victims), default=0.0), sum(v.held_gb for v in victims), 0.0, order,
     )
 
 
-def choose(model: str, need_gb: float, count: int, nodes: Sequence[str],
-           snapshots: Mapping[str, Snapshot]) -> tuple[str, ...] | None:
+def choose(model: str, need_gb: float, count: int, nodes: Sequence[str], snapshots: Mapping[str, Snapshot],
+           exclusive_gb: Mapping[str, float] | None = None) -> tuple[str, ...] | None:
     """The `count` best nodes among `nodes` (in settings order) for `model`, best first; None if fewer
-    than `count` could ever hold it."""
-    scored = [(s, n) for i, n in enumerate(nodes) if (s := score(snapshots[n], model, need_gb, i)) is not None]
+    than `count` could ever hold it. `exclusive_gb`: per node, memory of stopped models that may run only there."""
+    exclusive_gb = exclusive_gb or {}
+    scored = [(s, n) for i, n in enumerate(nodes)
+              if (s := score(snapshots[n], model, need_gb, i, exclusive_gb.get(n, 0.0))) is not None]
     if len(scored) < count:
         return None
     return tuple(n for _, n in sorted(scored)[:count])

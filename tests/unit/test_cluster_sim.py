@@ -52,19 +52,10 @@ def test_no_node_is_ever_over_budget_and_every_request_is_answered(seed: int, po
         assert run.high_water[node.name] <= node.budget.capacity_gb
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "placement weakness (bench/CLUSTER.md, Finding 1): `choose` puts a model that fits on the node with the MOST "
-    "room left, spreading small models over every Spark, so a 60-100 GB model finds no hole and evicts; first-fit "
-    "leaves whole nodes free. Remove this mark once waker/placement.py is fixed."))
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sparkgate_placement_has_no_more_cold_starts_and_evictions_than_first_fit(seed: int) -> None:
+    # Failed with the earlier most-room rule (bench/CLUSTER.md, Finding 1; `sparkgate-most-room`).
     assert _churn(_default_run(seed, "sparkgate")) <= _churn(_default_run(seed, "first-fit"))
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_best_fit_variant_has_no_more_cold_starts_and_evictions_than_first_fit(seed: int) -> None:
-    # The fix proposed for the xfail above: the same `score`, with the room rule reversed among nodes where it fits.
-    assert _churn(_default_run(seed, "sparkgate-best-fit")) <= _churn(_default_run(seed, "first-fit"))
 
 
 def test_cold_model_goes_to_the_empty_node_rather_than_evicting_on_a_full_one() -> None:
@@ -103,12 +94,13 @@ def test_multi_node_model_holds_its_first_node_while_the_second_makes_room() -> 
 
 
 def test_a_drain_lifted_by_another_node_lets_a_busy_model_starve_a_waiter() -> None:
-    # waker/admission.py: every node's step sets the drain of every model registered there, so a node where
-    # `hot` holds nothing lifts the drain n1 asked for (bench/CLUSTER.md, Finding 3; the simulation's default
-    # keeps each node's drains apart).
+    # Before the fix of bench/CLUSTER.md's Finding 3, every node's step set the drain of every model registered
+    # there, so a node where `hot` holds nothing lifted the drain n1 asked for (`sparkgate-shared-drains`).
+    # waker/admission.py now keeps each node's deadline apart, as the simulation's default does.
     nodes = [_spark("n1"), _spark("n2")]
-    models = [_model("hot", 70), _model("big", 80, node=("n1",))]
-    trace = _trace(*((t, "hot", 30.0) for t in range(0, 600, 10)), (100, "big", 5))
+    # `fill` keeps n2 busy, so `hot` (which may run on either) is placed on n1, where `big` needs its memory.
+    models = [_model("hot", 70), _model("big", 80, node=("n1",)), _model("fill", 60, node=("n2",))]
+    trace = _trace((0, "fill", 900.0), *((t, "hot", 30.0) for t in range(1, 600, 10)), (100, "big", 5))
     waits = {}
     for policy in ("sparkgate", "sparkgate-shared-drains"):
         run = simulate(models, nodes, CFG, trace, policy)

@@ -49,10 +49,21 @@ def test_a_node_where_it_fits_beats_one_where_something_must_stop() -> None:
     assert score(snaps["b"], "new", 40, 1).tier == FITS  # type: ignore[union-attr]
 
 
-def test_among_nodes_where_it_fits_the_one_with_most_room_left_wins_ties_go_to_settings_order() -> None:
+def test_among_nodes_where_it_fits_the_tightest_fit_wins_ties_go_to_settings_order() -> None:
+    # Best fit: a small model fills a partly used node and leaves whole nodes free for big ones.
     snaps = {"a": snap(100, view("x", 50)), "b": snap(100, view("y", 20)), "c": snap(100, view("z", 20))}
-    assert choose("new", 10, 1, ["a", "b", "c"], snaps) == ("b",)
-    assert choose("new", 10, 1, ["c", "b", "a"], snaps) == ("c",)
+    assert choose("new", 10, 1, ["a", "b", "c"], snaps) == ("a",)
+    assert choose("new", 10, 1, ["c", "b", "a"], snaps) == ("a",)
+    assert choose("new", 60, 1, ["a", "b", "c"], snaps) == ("b",)
+    assert choose("new", 60, 1, ["c", "b", "a"], snaps) == ("c",)
+
+
+def test_room_kept_for_models_that_may_run_only_there_beats_a_tighter_fit() -> None:
+    snaps = {"a": snap(100, view("x", 30)), "b": snap(100)}
+    assert choose("new", 40, 1, ["a", "b"], snaps) == ("a",)
+    # A stopped 50 GB model may run only on a: taking 40 of a's 70 free GB would crowd it out.
+    assert choose("new", 40, 1, ["a", "b"], snaps, {"a": 50.0}) == ("b",)
+    assert choose("new", 10, 1, ["a", "b"], snaps, {"a": 50.0}) == ("a",)  # 10 GB still leave it room
 
 
 def test_queued_requests_on_a_node_claim_its_room_first() -> None:
@@ -87,7 +98,7 @@ def test_idle_victims_beat_draining_busy_ones_and_pinned_memory_rules_a_node_out
 
 def test_a_model_spanning_two_nodes_takes_the_two_best() -> None:
     snaps = {"a": snap(100, view("x", 90)), "b": snap(100), "c": snap(100, view("y", 10))}
-    assert choose("g", 50, 2, ["a", "b", "c"], snaps) == ("b", "c")
+    assert choose("g", 50, 2, ["a", "b", "c"], snaps) == ("c", "b")  # best first: c is the head
     assert choose("g", 50, 4, ["a", "b", "c"], snaps) is None
 
 
@@ -189,15 +200,23 @@ async def test_when_every_node_is_full_the_least_valuable_idle_model_is_evicted(
 
 
 async def test_a_stopped_model_is_placed_afresh_at_its_next_start() -> None:
-    async with cluster(spec("x", 60), spec("blocker", 90, node="a"), budgets={"a": 100, "b": 100}) as w:
+    async with cluster(spec("x", 60), spec("other", 90), budgets={"a": 100, "b": 100}) as w:
         await use(w, "x")
-        assert launched_on(w, "x") == ("a",)
+        assert launched_on(w, "x") == ("a",)  # a tie: the first node listed
         await w.stop("x")
         assert w.controller("x").placed == ()
-        await use(w, "blocker")
+        await use(w, "other")
         await use(w, "x")
-        assert launched_on(w, "x") == ("b",)
+        assert launched_on(w, "other") == ("a",) and launched_on(w, "x") == ("b",)
         assert held(w) == {"a": 90, "b": 60}
+
+
+async def test_a_model_that_may_run_anywhere_leaves_room_for_one_that_may_not() -> None:
+    async with cluster(spec("any", 60), spec("only-a", 50, node="a"), budgets={"a": 100, "b": 120}) as w:
+        await use(w, "any")  # a is the tighter fit, but only-a may run nowhere else
+        await use(w, "only-a")
+        assert launched_on(w, "any") == ("b",) and launched_on(w, "only-a") == ("a",)
+        assert not [e for e in w.events.recent() if e.kind == "evict"]
 
 
 def group(name: str = "g", gb: float = 30, **fields: object) -> ModelSpec:
@@ -247,3 +266,23 @@ async def test_a_reservation_is_given_back_when_nobody_waits_any_more() -> None:
         await use(w, "other")  # a's memory is free again
         assert held(w) == {"a": 80, "b": 90}
         await lease.__aexit__(None, None, None)
+
+
+async def test_a_drain_set_by_one_node_is_not_lifted_by_another() -> None:
+    async with cluster(spec("filler", 50, node="a"), spec("hot", 60), spec("cold", 60, node="b"),
+                       budgets={"a": 100, "b": 100}, policy=QueuePolicy(max_hold=30)) as w:
+        await use(w, "filler")
+        lease = w.lease("hot")
+        await lease.__aenter__()
+        assert launched_on(w, "hot") == ("b",)  # a would need an eviction
+        cold = asyncio.create_task(use(w, "cold"))
+        await w.events.wait_for(lambda e: e.kind == "drain" and e.model == "hot", 1)
+        deadline = w.controller("hot").drain_deadline
+        assert deadline is not None
+        # Node a (where hot is registered but holds nothing) plans again: b's deadline stands.
+        w.admissions["a"].step()
+        await use(w, "filler")
+        assert w.controller("hot").drain_deadline == deadline
+        await lease.__aexit__(None, None, None)
+        await asyncio.wait_for(cold, 1)
+        assert w.controller("hot").state is S.STOPPED and w.controller("hot").drain_deadline is None
