@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -15,9 +16,10 @@ import httpx
 import pytest
 
 from tests.docker.conftest import TESTS
+from tests.harness import run_gateway, write_models
 from waker.engines.registry import engine_for
 from waker.runtime.base import free_port
-from waker.runtime.docker import LABEL_MODEL, LABEL_PART, DockerNode, DockerRuntime
+from waker.runtime.docker import LABEL_MODEL, LABEL_NODE, LABEL_PART, DockerNode, DockerRuntime
 from waker.runtime.group import GroupHandle
 from waker.spec import ModelSpec
 
@@ -43,11 +45,28 @@ async def runtime(model_name: str) -> AsyncIterator[DockerRuntime]:
     rt.close()
 
 
+def ports() -> dict[str, int]:
+    """Free ports for the engine (and, SGLang, rank 1's dummy /health on the next one), Ray and the rendezvous:
+    the kernel hands out neighbours, and port + 1 must be none of the others."""
+    ray, dist = free_port(), free_port()
+    while True:
+        port = free_port()
+        if not {port, port + 1} & {ray, dist}:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("0.0.0.0", port + 1))
+                except OSError:
+                    continue
+            return {"port": port, "ray_port": ray, "dist_port": dist}
+
+
 def group_spec(name: str, engine: str, **multinode: Any) -> ModelSpec:
+    chosen = ports()
     spec = ModelSpec.model_validate({
         "name": name, "engine": engine, "runtime": "docker", "image": IMAGE, "model": "org/fake-70b",
-        "nodes": 2, "network": "host", "port": free_port(), "volumes": [f"{TESTS}:/opt/tests:ro"],
-        "multinode": {"ray_port": free_port(), "dist_port": free_port(), "join_timeout": 30, **multinode},
+        "nodes": 2, "network": "host", "port": chosen["port"], "volumes": [f"{TESTS}:/opt/tests:ro"],
+        "multinode": {"ray_port": chosen["ray_port"], "dist_port": chosen["dist_port"], "join_timeout": 30,
+                      **multinode},
     })
     return spec.model_copy(update={"placed_on": ("node-a", "node-b")})
 
@@ -79,7 +98,9 @@ async def until_ready(handle: GroupHandle, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2) as client:
         while time.monotonic() < deadline:
-            assert not exited.done(), f"ended while starting: {exited.result().describe()}"
+            if exited.done():
+                tail = "\n".join(await handle.log_tail(30))
+                raise AssertionError(f"ended while starting: {exited.result().describe()}\n{tail}")
             try:
                 if (await client.get(handle.root_url + "/health")).status_code == 200:
                     return
@@ -235,4 +256,48 @@ async def test_a_restarted_gateway_finds_a_complete_group_as_one_engine_with_its
         await later.discard(found, "test")
     finally:
         later.close()
+    assert parts(docker_client, model_name) == {}
+
+
+def models_d_entry(name: str, engine: str) -> dict[str, Any]:
+    chosen = ports()
+    return {"name": name, "engine": engine, "runtime": "docker", "image": IMAGE, "model": "org/fake-70b",
+            "nodes": 2, "network": "host", "port": chosen["port"], "volumes": [f"{TESTS}:/opt/tests:ro"],
+            "memory_gb": 10,
+            "multinode": {"ray_port": chosen["ray_port"], "dist_port": chosen["dist_port"], "join_timeout": "30s"},
+            "start_timeout": "60s", "stop_timeout": "5s", "min_uptime": 0}
+
+
+GATEWAY_NODES = {"a": {"total_gb": 20, "reserve_gb": 0, "memory_probe": "none"},
+                 "b": {"total_gb": 20, "reserve_gb": 0, "memory_probe": "none"}}
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+async def test_through_the_gateway_a_two_node_model_serves_fails_by_part_restarts_and_is_adopted(
+        tmp_path: Path, docker_client: docker.DockerClient, model_name: str, engine: str) -> None:
+    models = write_models(tmp_path, models_d_entry(model_name, engine))
+    body = {"model": model_name, "messages": [], "max_tokens": 2}
+    async with run_gateway(models, nodes=GATEWAY_NODES) as gw, httpx.AsyncClient(timeout=60) as client:
+        reply = await client.post(gw.v1 + "/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        found = parts(docker_client, model_name)
+        assert {role: c.labels[LABEL_NODE] for role, c in found.items()} == {"head": "a", "worker-1": "b"}
+
+        found["worker-1"].kill()
+        failed = await gw.waker.events.wait_for(lambda e: e.target == "failed", timeout=30)
+        assert "exited unexpectedly with code 137 (SIGKILL) in worker-1 on node 'b'" in failed.reason
+        assert (await client.post(gw.v1 + "/chat/completions", json=body)).status_code == 200
+        assert gw.starts(model_name) == 2
+    before = parts(docker_client, model_name)
+    assert {c.status for c in before.values()} == {"running"}  # the gateway's exit leaves them running
+
+    async with run_gateway(models, nodes=GATEWAY_NODES) as gw, httpx.AsyncClient(timeout=60) as client:
+        await gw.waker.events.wait_for(lambda e: e.target == "ready", timeout=30)
+        assert any("adopting running engine" in e.reason for e in gw.waker.events.recent(model_name))
+        assert (await client.post(gw.v1 + "/chat/completions", json=body)).status_code == 200
+        after = parts(docker_client, model_name)
+        assert {r: c.id for r, c in after.items()} == {r: c.id for r, c in before.items()}
+        assert {r: c.attrs["State"]["StartedAt"] for r, c in after.items()} == {
+            r: c.attrs["State"]["StartedAt"] for r, c in before.items()}
+        await gw.waker.stop(model_name)
     assert parts(docker_client, model_name) == {}

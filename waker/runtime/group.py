@@ -199,11 +199,32 @@ class GroupHandle:
         finally:
             for task in watches:
                 task.cancel()
-        # Several at once (a head taking its workers along): report the first in start order.
         first = next(task for task in watches if task in done)
+        if len(done) > 1:
+            # Several seen at once (a killed worker taking the head along): the one that ended first is the
+            # cause; the serve process (no end time) comes last.
+            ends = await asyncio.gather(*(self._finished_at(watches[task]) for task in done))
+            first = min(zip(ends, (list(watches).index(t) for t in done), done, strict=True))[2]
         end = first.result()
         self._exit = Exit(end.code, end.oom_killed, end.part or watches[first])
         return self._exit
+
+    async def _finished_at(self, part: str) -> str:
+        member = next((m for m in self.members if m.part.describe() == part), None)
+        if member is None:
+            return "~"  # after any RFC 3339 time
+        container_id = member.handle.container_id
+
+        def finished(client: docker.DockerClient) -> str:
+            try:
+                return _sortable(str(client.api.inspect_container(container_id)["State"].get("FinishedAt", "~")))
+            except docker.errors.NotFound:
+                return "~"
+
+        try:
+            return await member.node.call(finished)
+        except RuntimeUnavailable:
+            return "~"
 
     async def stop(self, grace: float) -> int | None:
         """Stop and remove every part: the serving process first, then the workers, the head last.
