@@ -114,6 +114,9 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             # Bytes pass through untouched: no decompression, no re-encoding.
             auto_decompress=False,
+            # One session serves every client: an engine's cookies must never reach another client's
+            # requests (and not keeping any saves a jar lookup per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
             ),
