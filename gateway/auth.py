@@ -6,6 +6,7 @@ neither a key nor which key exists leaks through timing.
 """
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -36,7 +37,12 @@ class Caller:
 
     def may_use(self, *names: str) -> bool:
         """True if any of `names` (the name asked for, the model it resolves to) matches a glob."""
-        return any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.models)
+        return _may_use(self.models, names)
+
+
+@functools.lru_cache(maxsize=4096)  # per request otherwise; names are configured ones (resolved before)
+def _may_use(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in patterns)
 
 
 ANONYMOUS = Caller("anonymous", ("*",))

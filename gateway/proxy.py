@@ -42,6 +42,13 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
                 (b"x-accel-buffering", b"no")]
 
 
+# A client that leaves is noticed at most this long after its request arrived (then at once): watching
+# for a disconnect costs a task per request, which answers faster than this never need.
+_WATCH_AFTER = 0.05
+# Answers with a Content-Length up to this size are read whole, then sent in one message.
+_WHOLE_BODY = 1024 * 1024
+
+
 class ClientGone(Exception):
     """The client disconnected; the request is abandoned and upstream work cancelled."""
 
@@ -100,20 +107,28 @@ class Proxy:
     async def _serve(self, request: "_Request", receive: Receive) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task, request))
-        limit = self._settings.request_timeout or None
+        loop = asyncio.get_running_loop()
+        # Two timers instead of a watcher task and an asyncio.timeout per request (profile: ~6% of the
+        # gateway's time at 64 clients): most answers are done before the watcher would be needed.
+        watch = loop.call_later(_WATCH_AFTER, request.watch_disconnect, receive, task)
+        limit = self._settings.request_timeout
+        deadline = loop.call_later(limit, request.interrupt, task, "timeout") if limit else None
+        cancelling = task.cancelling()
         try:
-            async with asyncio.timeout(limit):
-                await request.run()
+            await request.run()
         except asyncio.CancelledError:
-            if not request.client_gone:
+            # Ours (client left, or the time is up) unless someone else cancelled the task too.
+            if request.interrupted is None or task.uncancel() > cancelling:
                 raise
-            # The cancellation was ours (client left); swallow it so the server logs nothing.
-            task.uncancel()
-        except TimeoutError:
-            await request.fail(errors.request_timeout(self._settings.request_timeout))
+            if request.interrupted == "timeout":
+                await request.fail(errors.request_timeout(self._settings.request_timeout))
+            # A client that left gets nothing, and the server logs nothing.
         finally:
-            watcher.cancel()
+            watch.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            if request.watcher is not None:
+                request.watcher.cancel()
 
     def _caller(self, scope: Scope) -> Caller:
         """Header size limit and the API key, in one pass over the headers."""
@@ -165,8 +180,22 @@ class _Request:
         self.body = body
         self.stream = stream
         self.started = False  # response headers sent
-        self.client_gone = False
         self.finished = False
+        self.interrupted: str | None = None  # "client_gone" or "timeout": why run() was cancelled
+        self.watcher: asyncio.Task[None] | None = None
+
+    @property
+    def client_gone(self) -> bool:
+        return self.interrupted == "client_gone"
+
+    def interrupt(self, task: asyncio.Task[Any], reason: str) -> None:
+        """Cancel the request's task for `reason`, once, unless its answer is complete already."""
+        if self.interrupted is None and not self.finished:
+            self.interrupted = reason
+            task.cancel()
+
+    def watch_disconnect(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, self))
 
     async def run(self) -> None:
         try:
@@ -236,10 +265,24 @@ class _Request:
         else:
             headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_DOWNSTREAM]
             await self._start_response(resp.status, headers)
-        async for chunk in resp.content.iter_any():
-            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if self.ttfb is None:  # the first engine bytes (keep-alive comments don't count)
+        if resp.content_length is not None and resp.content_length <= _WHOLE_BODY:
+            # A plain answer of known, small size goes out as one message: one write and one turn of
+            # the loop fewer than relaying it chunk by chunk and then ending the body.
+            body = await resp.read()
+            self.finished = True
+            await self.send({"type": "http.response.body", "body": body, "more_body": False})
+            if body:
                 self.ttfb = time.monotonic() - self.arrived
+            return
+        # Per chunk: one read of whatever has arrived, one send (readany, not iter_any: no iterator
+        # object in between; the first chunk apart so that the loop checks nothing).
+        content, send = resp.content, self.send
+        chunk = await content.readany()
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.ttfb = time.monotonic() - self.arrived  # the first engine bytes (keep-alives don't count)
+            while chunk := await content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -268,9 +311,7 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], reque
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not request.finished:
-                request.client_gone = True
-                task.cancel()
+            request.interrupt(task, "client_gone")
             return
 
 
