@@ -39,7 +39,8 @@ def num(v: str) -> float:
     return float(v) if v not in ("", None) else float("nan")
 
 
-def chart(series: dict[str, list[dict]], fields: list[tuple[str, str]], ylabel: str, title: str, out: Path) -> None:
+def chart(series: dict[str, list[dict]], fields: list[tuple[str, str]], ylabel: str, title: str, out: Path,
+          note: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (label, rows) in enumerate(series.items()):
         x = [int(r["concurrency"]) for r in rows]
@@ -50,7 +51,7 @@ def chart(series: dict[str, list[dict]], fields: list[tuple[str, str]], ylabel: 
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{note}" if note else title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -63,17 +64,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv", nargs="+", type=Path, help="sweep.py CSV files")
     ap.add_argument("--out", type=Path, default=Path("charts"), help="output directory (default charts/)")
+    ap.add_argument("--note", default="", help="added to every chart's title, e.g. 'in 128 / out 128 tokens'")
     a = ap.parse_args()
     series = load(a.csv)
     if not series:
         raise SystemExit("no rows in the CSV files")
     a.out.mkdir(parents=True, exist_ok=True)
     chart(series, [("output_tokens_per_s", "-")], "output tokens/s", "Throughput vs concurrency",
-          a.out / "throughput.png")
+          a.out / "throughput.png", a.note)
     chart(series, [("ttft_avg_ms", "-"), ("ttft_p95_ms", "--")], "TTFT, ms", "Time to first token vs concurrency",
-          a.out / "ttft.png")
+          a.out / "ttft.png", a.note)
     chart(series, [("latency_avg_ms", "-"), ("latency_p95_ms", "--")], "request latency, ms",
-          "Request latency vs concurrency", a.out / "latency.png")
+          "Request latency vs concurrency", a.out / "latency.png", a.note)
 
 
 if __name__ == "__main__":

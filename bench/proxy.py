@@ -7,6 +7,7 @@ fake engine on :18200 and nginx on :18201 itself), prints its table and stops th
 
     .venv/bin/python bench/proxy.py                  # 3 rounds (compare.py's default)
     .venv/bin/python bench/proxy.py --rounds 1 --harness ../shared/bench
+    .venv/bin/python bench/proxy.py --rounds 2 --floor --baseline /tmp/sparkgate-base   # + floor.py, + a checkout
 
 The helpers `start_gateway` / `stop_gateway` / `free_port` are used by sweep.py and wake.py too.
 """
@@ -50,8 +51,11 @@ def wait_http(url: str, seconds: float = 30, proc: subprocess.Popen | None = Non
 
 
 def start_gateway(config_dir: Path, port: int, keys: bool = True, log: Path | None = None,
-                  extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`sparkgate serve` on 127.0.0.1:port; returns once /health answers 200."""
+                  extra_env: dict[str, str] | None = None, command: list[str] | None = None,
+                  cwd: Path = REPO) -> subprocess.Popen:
+    """`sparkgate serve` on 127.0.0.1:port; returns once /health answers 200. `command` replaces the
+    `sparkgate` executable (e.g. a profiler in front of `-m gateway.cli`); `cwd` with
+    `command=[python, "-m", "gateway.cli"]` runs another checkout's code."""
     env = dict(os.environ, SPARKGATE_STATS_INTERVAL="0")
     env.pop("SPARKGATE_API_KEYS", None)
     env.pop("SPARKGATE_API_KEYS_FILE", None)
@@ -59,8 +63,8 @@ def start_gateway(config_dir: Path, port: int, keys: bool = True, log: Path | No
         env["SPARKGATE_API_KEYS"] = json.dumps([{"key": BENCH_KEY, "name": "bench"}])
     env.update(extra_env or {})
     out = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen([str(SPARKGATE), "serve", "--config-dir", str(config_dir), "--port", str(port)],
-                            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen([*(command or [str(SPARKGATE)]), "serve", "--config-dir", str(config_dir.resolve()),
+                             "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     except BaseException:
@@ -86,22 +90,55 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     ap.add_argument("--config-dir", type=Path, default=REPO / "bench" / "models.d")
     ap.add_argument("--log", type=Path, default=None, help="write the gateway's output here")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure bench/floor.py, the smallest uvicorn + aiohttp proxy (target `floor`), and "
+                         "its hand-written upstream variant (`floor-raw`)")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also measure the gateway from another checkout (e.g. a `git worktree` of the last "
+                         "release) as target `baseline`, in the same run")
     a = ap.parse_args()
     compare = a.harness / "compare.py"
     if not compare.exists():
         raise SystemExit(f"no {compare}; pass --harness DIR")
-    port = a.port or free_port()
-    gw = start_gateway(a.config_dir, port, keys=True, log=a.log)
-    print(f"sparkgate on :{port} (pid {gw.pid}), running {compare}", file=sys.stderr, flush=True)
+    procs: list[subprocess.Popen] = []
+    targets: list[str] = []
     env = dict(os.environ, BENCH_API_KEY=BENCH_KEY)
     if a.rounds is not None:
         env["BENCH_ROUNDS"] = str(a.rounds)
     try:
-        rc = subprocess.run([sys.executable, str(compare), f"sparkgate=http://127.0.0.1:{port}/v1/chat/completions"],
-                            env=env).returncode
+        if a.baseline is not None:
+            port = free_port()
+            procs.append(start_gateway(a.config_dir, port, keys=True, cwd=a.baseline.resolve(),
+                                       command=[sys.executable, "-m", "gateway.cli"]))
+            targets.append(f"baseline=http://127.0.0.1:{port}/v1/chat/completions")
+        port = a.port or free_port()
+        procs.append(start_gateway(a.config_dir, port, keys=True, log=a.log))
+        targets.append(f"sparkgate=http://127.0.0.1:{port}/v1/chat/completions")
+        if a.floor:
+            for name, flags in (("floor", []), ("floor-raw", ["--raw"])):
+                port = free_port()
+                procs.append(subprocess.Popen([sys.executable, str(REPO / "bench" / "floor.py"), "--port", str(port),
+                                               *flags]))
+                _wait_port(port, procs[-1])  # no /health route: up once it listens
+                targets.append(f"{name}=http://127.0.0.1:{port}/v1/chat/completions")
+        print(f"running {compare} with {', '.join(targets)}", file=sys.stderr, flush=True)
+        rc = subprocess.run([sys.executable, str(compare), *targets], env=env).returncode
     finally:
-        stop_gateway(gw)
+        for proc in reversed(procs):
+            stop_gateway(proc)
     sys.exit(rc)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"exited with {proc.returncode} before :{port} listened")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on :{port} after {seconds:g} s")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ without `data: [DONE]` is an error.
 
 By default it runs standalone: it starts ../shared/bench/fake_upstream.py (--token-delay-ms) on a
 free port and a gateway (`sparkgate serve`, API key on, as proxy.py does) routing `bench-model` to it.
-With --url it measures that endpoint instead (a /v1 base URL, with --model and --api-key).
+With --direct it starts the same fake engine and measures it directly (no gateway): the reference line
+for the gateway's sweep. With --url it measures that endpoint instead (a /v1 base URL, with --model and
+--api-key).
 
     .venv/bin/python bench/sweep.py --max-concurrency 16 --duration 3 --label sparkgate --out sg.csv
+    .venv/bin/python bench/sweep.py --max-concurrency 16 --duration 3 --direct --label direct --out direct.csv
     .venv/bin/python bench/sweep.py --url http://127.0.0.1:8009/v1 --model tiny-llama --label tiny --out tiny.csv
     .venv/bin/python bench/plot.py sg.csv tiny.csv --out charts/
 """
@@ -161,6 +164,7 @@ async def sweep(a: argparse.Namespace, base: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="a /v1 base URL; default: start a gateway + fake engine here")
+    ap.add_argument("--direct", action="store_true", help="start the fake engine only and measure it directly")
     ap.add_argument("--model", default="bench-model")
     ap.add_argument("--api-key", default=None, help=f"Bearer key (default: {BENCH_KEY} for the own gateway)")
     ap.add_argument("--max-concurrency", type=int, default=128)
@@ -188,12 +192,15 @@ def main() -> None:
                                            "--token-delay-ms", str(a.token_delay_ms), "--model", a.model],
                                           stderr=subprocess.DEVNULL))
             wait_http(f"http://127.0.0.1:{eport}/health", proc=procs[0])
-            tmp = tempfile.TemporaryDirectory(prefix="sparkgate-sweep-")
-            cfg = Path(tmp.name)
-            (cfg / "bench-model.yaml").write_text(json.dumps(
-                {"name": a.model, "runtime": "external", "url": f"http://127.0.0.1:{eport}/v1"}))
-            procs.append(start_gateway(cfg, gport, keys=True, log=a.log))
-            base = f"http://127.0.0.1:{gport}/v1"
+            if a.direct:
+                base, a.api_key = f"http://127.0.0.1:{eport}/v1", ""
+            else:
+                tmp = tempfile.TemporaryDirectory(prefix="sparkgate-sweep-")
+                cfg = Path(tmp.name)
+                (cfg / "bench-model.yaml").write_text(json.dumps(
+                    {"name": a.model, "runtime": "external", "url": f"http://127.0.0.1:{eport}/v1"}))
+                procs.append(start_gateway(cfg, gport, keys=True, log=a.log))
+                base = f"http://127.0.0.1:{gport}/v1"
         try:
             import uvloop
             runner = uvloop.run

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""The floor of the gateway's stack: the smallest uvicorn (httptools, uvloop) + aiohttp reverse proxy.
+
+No auth, no metrics, no routing, no lifecycle, no error mapping, no disconnect handling: it forwards
+every POST to one upstream with one pooled aiohttp session and relays the answer chunk by chunk. What
+sparkgate adds over this is its own work; what this adds over nginx is the Python stack's.
+
+With --raw the upstream client is not aiohttp but ~60 lines of asyncio.Protocol + httptools' response
+parser with a keep-alive pool (no timeouts, no retries, no error handling: an experiment, not a client):
+what a hand-written upstream client could win over aiohttp on the same server.
+
+    .venv/bin/python bench/floor.py --port 18300 --upstream http://127.0.0.1:18200 [--raw]
+    .venv/bin/python bench/proxy.py --floor        # compare.py with floor.py and floor.py --raw beside sparkgate
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import httptools
+import uvicorn
+
+Message = MutableMapping[str, Any]
+_SKIP = {b"host", b"content-length", b"connection", b"transfer-encoding", b"authorization"}
+
+
+def make_app(upstream: str) -> Callable[..., Awaitable[None]]:
+    session: aiohttp.ClientSession | None = None
+
+    async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
+                  send: Callable[[Message], Awaitable[None]]) -> None:
+        nonlocal session
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+                await send({"type": "lifespan.startup.complete"})
+            assert session is not None
+            await session.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert session is not None
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in _SKIP]
+        async with session.request(scope["method"], upstream + scope["path"], data=body, headers=headers) as resp:
+            out = [(k, v) for k, v in resp.raw_headers if k.lower() not in (b"connection", b"transfer-encoding")]
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            async for chunk in resp.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive upstream connection; one response at a time."""
+
+    def __init__(self, pool: list[_Conn]) -> None:
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
+        self.head: asyncio.Future[int] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.complete = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.complete = True
+        if self in self.pool:
+            self.pool.remove(self)
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.head is not None
+        self.head.set_result(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def request(self, raw: bytes) -> int:
+        self.headers, self.chunks, self.complete = [], [], False
+        self.head = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(raw)
+        return await self.head
+
+    async def read(self) -> bytes:
+        """What has arrived since the last read; b"" once the response is complete."""
+        while not self.chunks and not self.complete:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        chunks, self.chunks = self.chunks, []
+        return b"".join(chunks)
+
+
+def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
+    url = urlsplit(upstream)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    idle: list[_Conn] = []
+
+    async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
+                  send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
+        head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        if idle:
+            conn = idle.pop()
+        else:
+            _, conn = await asyncio.get_running_loop().create_connection(lambda: _Conn(idle), host, port)
+        status = await conn.request(b"".join(head) + body)
+        out = [(k, v) for k, v in conn.headers if k.lower() not in (b"connection", b"transfer-encoding")]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        while chunk := await conn.read():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
+            idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--upstream", default="http://127.0.0.1:18200")
+    ap.add_argument("--raw", action="store_true", help="asyncio.Protocol + httptools upstream instead of aiohttp")
+    a = ap.parse_args()
+    app = (make_raw_app if a.raw else make_app)(a.upstream)
+    uvicorn.run(app, host="127.0.0.1", port=a.port, loop="uvloop", http="httptools", access_log=False,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
