@@ -199,6 +199,25 @@ async def test_a_part_that_is_never_up_fails_at_join_timeout(
     assert parts(docker_client, model_name) == {}
 
 
+async def test_a_start_cancelled_while_a_worker_joins_leaves_no_container(
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    lost = DockerNode(name="node-a", address="127.0.0.1", cluster_address="192.0.2.1")
+    runtime = DockerRuntime({"node-a": lost, "node-b": B}, instance=f"test-{model_name}")
+    spec = group_spec(model_name, "vllm", worker_env={"SPARKGATE_FAKE_CONNECT_TIMEOUT": "60"})
+    try:
+        starting = asyncio.ensure_future(runtime.start(spec, engine_for("vllm")))
+        deadline = time.monotonic() + 20
+        while "worker-1" not in parts(docker_client, model_name):  # the head is up, the worker trying to join
+            assert time.monotonic() < deadline and not starting.done()
+            await asyncio.sleep(0.1)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+    finally:
+        runtime.close()
+    assert parts(docker_client, model_name) == {}
+
+
 async def test_a_missing_image_is_a_clear_error(
         docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
     spec = group_spec(model_name, "vllm").model_copy(update={"image": "sparkgate-no-such-image:0"})

@@ -392,8 +392,15 @@ async def _create(node: _Node, spec: ModelSpec, part: Part, config: dict[str, An
             raise
         return container
 
+    creating = asyncio.ensure_future(node.call(create))
     try:
-        container = await node.call(create)
+        container = await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        # Cancelled while Docker was creating it: let that finish, then remove what it made.
+        with contextlib.suppress(Exception):
+            made = await creating
+            await node.call(lambda client: _remove(client, str(made.id)))
+        raise
     except docker.errors.ImageNotFound:
         raise PartFailed(f"{spec.name}: {part.describe()}: image {spec.image!r} is not on "
                          f"{node.node.describe()}: pull or build it there first") from None
