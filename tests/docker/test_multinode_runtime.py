@@ -287,6 +287,10 @@ def models_d_entry(name: str, engine: str) -> dict[str, Any]:
             "start_timeout": "60s", "stop_timeout": "5s", "min_uptime": 0}
 
 
+def held(gw: Any) -> dict[str, float]:
+    return {name: admission.held_gb() for name, admission in gw.waker.admissions.items()}
+
+
 GATEWAY_NODES = {"a": {"total_gb": 20, "reserve_gb": 0, "memory_probe": "none"},
                  "b": {"total_gb": 20, "reserve_gb": 0, "memory_probe": "none"}}
 
@@ -301,10 +305,13 @@ async def test_through_the_gateway_a_two_node_model_serves_fails_by_part_restart
         assert reply.status_code == 200, reply.text
         found = parts(docker_client, model_name)
         assert {role: c.labels[LABEL_NODE] for role, c in found.items()} == {"head": "a", "worker-1": "b"}
+        assert held(gw) == {"a": 10, "b": 10}  # memory_gb on each node it spans
 
         found["worker-1"].kill()
         failed = await gw.waker.events.wait_for(lambda e: e.target == "failed", timeout=30)
         assert "exited unexpectedly with code 137 (SIGKILL) in worker-1 on node 'b'" in failed.reason
+        assert parts(docker_client, model_name) == {}  # the head went down with its worker
+        assert held(gw) == {"a": 0, "b": 0}
         assert (await client.post(gw.v1 + "/chat/completions", json=body)).status_code == 200
         assert gw.starts(model_name) == 2
     before = parts(docker_client, model_name)
@@ -313,10 +320,12 @@ async def test_through_the_gateway_a_two_node_model_serves_fails_by_part_restart
     async with run_gateway(models, nodes=GATEWAY_NODES) as gw, httpx.AsyncClient(timeout=60) as client:
         await gw.waker.events.wait_for(lambda e: e.target == "ready", timeout=30)
         assert any("adopting running engine" in e.reason for e in gw.waker.events.recent(model_name))
+        assert held(gw) == {"a": 10, "b": 10}
         assert (await client.post(gw.v1 + "/chat/completions", json=body)).status_code == 200
         after = parts(docker_client, model_name)
         assert {r: c.id for r, c in after.items()} == {r: c.id for r, c in before.items()}
         assert {r: c.attrs["State"]["StartedAt"] for r, c in after.items()} == {
             r: c.attrs["State"]["StartedAt"] for r, c in before.items()}
         await gw.waker.stop(model_name)
+        assert held(gw) == {"a": 0, "b": 0}
     assert parts(docker_client, model_name) == {}
