@@ -104,6 +104,7 @@ class ModelController:
         # Set by each node's scheduler where others wait for this model's memory (a model spanning nodes
         # can be asked to drain by one node and not by another): the earliest deadline holds.
         self._drains: dict[str, float] = {}
+        self.drain_deadline: float | None = None  # the earliest of them (read on every request)
         self.pinned = spec.pinned  # the admin API may pin or unpin at run time
         self.pending_spec: ModelSpec | None = None  # models.d changed: applied once the engine is stopped
         self.retired = False  # removed from models.d: stopped when idle, then dropped
@@ -133,6 +134,7 @@ class ModelController:
         source, self.state, self.since = self.state, target, self._clock.now()
         if target in (S.STOPPED, S.FAILED, S.SLEEPING):
             self._drains.clear()
+            self.drain_deadline = None
         if target in (S.STOPPED, S.FAILED) and source is not S.FAILED:
             self.unplace()  # it holds nothing anywhere now: the next start is placed afresh
         self._events.emit(
@@ -290,9 +292,6 @@ class ModelController:
             where = f" on {', '.join(self.placed)}" if len(self.candidates) > 1 else ""
             self.begin_start(f"request for a model that is not running{where}")
 
-    @property
-    def drain_deadline(self) -> float | None:
-        return min(self._drains.values(), default=None)
 
     def drain_from(self, node: str) -> float | None:
         return self._drains.get(node)
@@ -303,6 +302,7 @@ class ModelController:
             self._drains.pop(node, None)
         else:
             self._drains[node] = deadline
+        self.drain_deadline = min(self._drains.values(), default=None)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
