@@ -120,7 +120,6 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
             ),
-            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
         )
         _spawn(app, metrics.follow())  # before the waker starts: boot events are counted too
         async with waker:

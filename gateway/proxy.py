@@ -198,19 +198,25 @@ class _Request:
         self.watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, self))
 
     async def run(self) -> None:
+        if not self.controller.limited:  # no max_concurrent: no slot to take (and no context manager)
+            await self._lease_and_forward()
+            return
         try:
             async with self.controller.concurrency_slot():
-                try:
-                    endpoint = await self._acquire()
-                except WakerError as exc:
-                    await self.fail(errors.from_waker(exc))
-                    return
-                try:
-                    await self._forward(endpoint)
-                finally:
-                    self.controller.release()
+                await self._lease_and_forward()
         except WakerError as exc:  # no slot: too many requests wait for this model already
             await self.fail(errors.from_waker(exc))
+
+    async def _lease_and_forward(self) -> None:
+        try:
+            endpoint = await self._acquire()
+        except WakerError as exc:
+            await self.fail(errors.from_waker(exc))
+            return
+        try:
+            await self._forward(endpoint)
+        finally:
+            self.controller.release()
 
     async def _acquire(self) -> Endpoint:
         interval = self.proxy._settings.keepalive_interval
@@ -244,8 +250,22 @@ class _Request:
         url = endpoint.api_base + self.scope["path"][3:]  # "/v1/x" -> base + "/x"
         if self.scope.get("query_string"):
             url += "?" + self.scope["query_string"].decode("latin-1")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.scope["headers"]
-                   if k not in _NOT_UPSTREAM]
+        headers = []
+        typed = encodings = False
+        for k, v in self.scope["headers"]:
+            if k in _NOT_UPSTREAM:
+                continue
+            if k == b"content-type":
+                typed = True
+            elif k == b"accept-encoding":
+                encodings = True
+            headers.append((k.decode("latin-1"), v.decode("latin-1")))
+        # Said outright rather than left to the client library (its defaults: octet-stream, gzip): the
+        # body is JSON, and bytes come back as the engine sends them, so no compression unless asked for.
+        if not typed:
+            headers.append(("Content-Type", "application/json"))
+        if not encodings:
+            headers.append(("Accept-Encoding", "identity"))
         if spec.api_key:
             headers.append(("Authorization", f"Bearer {spec.api_key}"))
         try:

@@ -169,6 +169,11 @@ class ModelController:
 
     # -- leases ----------------------------------------------------------------------------------
 
+    @property
+    def limited(self) -> bool:
+        """True when `max_concurrent` bounds the requests at once (take a `concurrency_slot`)."""
+        return self._slots is not None
+
     @contextlib.asynccontextmanager
     async def concurrency_slot(self) -> AsyncIterator[None]:
         """A place among the model's `max_concurrent` requests: wait for one, or QueueFull beyond

@@ -112,3 +112,29 @@ async def test_plain_answers_pass_through_byte_for_byte_small_and_large(tmp_path
                 assert resp.content == expected
                 assert resp.headers["x-engine"] == "yes"
                 assert resp.headers["content-length"] == str(len(expected))
+
+
+async def test_engine_gets_json_and_no_compression_unless_the_client_says_otherwise(tmp_path: Path) -> None:
+    seen: list[tuple[str | None, str | None, str | None]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Content-Type"), request.headers.get("Accept-Encoding"),
+                     request.headers.get("Authorization")))
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    async with serve_app(app) as port:
+        models = write_models(tmp_path, {"name": "m", "runtime": "external", "url": f"http://127.0.0.1:{port}/v1"})
+        async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as client:
+            raw = b'{"model": "m", "messages": []}'
+            # A bare client: no Content-Type, no Accept-Encoding (httpx sends gzip unless told otherwise).
+            del client.headers["Accept-Encoding"]
+            bare = await client.post(gw.v1 + "/chat/completions", content=raw,
+                                     headers={"Authorization": "Bearer client-key"})
+            assert bare.status_code == 200
+            said = await client.post(gw.v1 + "/chat/completions", content=raw,
+                                     headers={"Content-Type": "application/json; charset=utf-8",
+                                              "Accept-Encoding": "br"})
+            assert said.status_code == 200
+    assert seen == [("application/json", "identity", None), ("application/json; charset=utf-8", "br", None)]

@@ -56,3 +56,13 @@ def test_keys_load_from_a_file_and_duplicates_are_errors(tmp_path: Path) -> None
 def test_loopback_addresses() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_an_accepted_key_is_remembered_and_wrong_keys_are_never() -> None:
+    ring = KeyRing([ApiKeySpec(key="sk-first-0001", name="one"), ApiKeySpec(key="sk-second-0002", name="two")])
+    for _ in range(2):  # the second time from what was remembered
+        assert ring.caller("Bearer sk-first-0001").name == "one"  # type: ignore[union-attr]
+        assert ring.caller("Bearer sk-second-0002").name == "two"  # type: ignore[union-attr]
+        assert ring.caller("Bearer sk-third-0003") is None
+        assert ring.caller("Bearer sk-first-000") is None
+    assert set(ring._accepted) == {"Bearer sk-first-0001", "Bearer sk-second-0002"}
