@@ -94,7 +94,7 @@ class GatewaySettings(BaseSettings):
         default=900.0, description="longest silence from an engine mid-request before 504"
     )
 
-    probe_interval: Duration = 0.1
+    probe_interval: Duration = 0.05
     probe_timeout: Duration = 2.0
     reap_interval: Duration = 1.0
     log_tail_lines: int = Field(default=40, ge=0)

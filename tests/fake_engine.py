@@ -106,6 +106,9 @@ def tool_arguments(function: dict) -> str:
 
 def make_app(args: argparse.Namespace) -> web.Application:
     started = time.monotonic()
+    # When /health turns 200, on the wall clock: every answer says it (bench/wake.py measures what a cold
+    # request waits beyond this moment).
+    ready_at = f"{time.time() + args.ready_after:.6f}"
 
     def ready() -> bool:
         return not args.never_ready and time.monotonic() - started >= args.ready_after
@@ -251,7 +254,11 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"object": "list", "data": data, "model": args.model,
                                   "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Fake-Ready-At"] = ready_at
+
     app = web.Application()
+    app.on_response_prepare.append(stamp)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)

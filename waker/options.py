@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class WakerOptions:
-    probe_interval: float = 0.1  # seconds between readiness probes (DESIGN: <= 100 ms)
+    probe_interval: float = 0.05  # seconds between readiness probes (DESIGN: <= 100 ms; bench/wake.py)
     probe_timeout: float = 2.0  # each probe's own limit, so a hung engine can't stall the loop
     reap_interval: float = 1.0  # how often idle models are looked for
     log_tail_lines: int = 40  # lines of engine output quoted in errors
