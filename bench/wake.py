@@ -205,8 +205,8 @@ def main() -> None:
     h = res["herd"]
     print(f"cold TTFB through the gateway ({a.rounds} rounds): p50 {res['ttfb_p50_ms']} ms, p95 {res['ttfb_p95_ms']} ms"
           f"{', FAILED ' + str(res['failed_rounds']) if res['failed_rounds'] else ''}")
-    print(f"overhead (first byte after the engine was ready): p50 {res['overhead_p50_ms']} ms, p95 {res['overhead_p95_ms']} ms, "
-          f"mean {res['overhead_mean_ms']} ms")
+    print(f"overhead (first byte after the engine was ready): p50 {res['overhead_p50_ms']} ms, "
+          f"p95 {res['overhead_p95_ms']} ms, mean {res['overhead_mean_ms']} ms")
     print(f"herd: {h['requests']} concurrent cold requests -> {h['starts_metric']:g} start(s) (metric), "
           f"{h['starts_events']} (events), {h['answered']} answered, errors {h['errors'] or 0}, "
           f"wall {h['wall_s']} s, TTFB p50 {h['ttfb_p50_ms']} ms max {h['ttfb_max_ms']} ms")
