@@ -117,9 +117,8 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             # One session serves every client: an engine's cookies must never reach another client's
             # requests (and not keeping any saves a jar lookup per request).
             cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=settings.upstream_connect_timeout, sock_read=settings.upstream_read_timeout
-            ),
+            # Silence from an engine (upstream_read_timeout) is watched by the proxy, one timer per request.
+            timeout=aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout),
         )
         _spawn(app, metrics.follow())  # before the waker starts: boot events are counted too
         async with waker:

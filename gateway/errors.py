@@ -69,6 +69,11 @@ def upstream_unreachable(model: str, detail: str) -> ApiError:
                     type="upstream_error", code="bad_gateway")
 
 
+def upstream_connect_timeout(model: str, seconds: float) -> ApiError:
+    return ApiError(504, f"The engine for '{model}' did not accept a connection within {format_duration(seconds)}.",
+                    type="upstream_error", code="gateway_timeout")
+
+
 def upstream_timeout(model: str, seconds: float) -> ApiError:
     return ApiError(504, f"The engine for '{model}' sent nothing for {format_duration(seconds)}.",
                     type="upstream_error", code="gateway_timeout")

@@ -110,6 +110,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         # Two timers instead of a watcher task and an asyncio.timeout per request (profile: ~6% of the
         # gateway's time at 64 clients): most answers are done before the watcher would be needed.
+        request.task = task
         watch = loop.call_later(_WATCH_AFTER, request.watch_disconnect, receive, task)
         limit = self._settings.request_timeout
         deadline = loop.call_later(limit, request.interrupt, task, "timeout") if limit else None
@@ -122,6 +123,9 @@ class Proxy:
                 raise
             if request.interrupted == "timeout":
                 await request.fail(errors.request_timeout(self._settings.request_timeout))
+            elif request.interrupted == "silent":
+                await request.fail(errors.upstream_timeout(request.controller.spec.name,
+                                                           self._settings.upstream_read_timeout))
             # A client that left gets nothing, and the server logs nothing.
         finally:
             watch.cancel()
@@ -181,7 +185,10 @@ class _Request:
         self.stream = stream
         self.started = False  # response headers sent
         self.finished = False
-        self.interrupted: str | None = None  # "client_gone" or "timeout": why run() was cancelled
+        self.interrupted: str | None = None  # "client_gone", "timeout" or "silent": why run() was cancelled
+        self.task: asyncio.Task[Any] | None = None
+        self.last_read = 0.0  # loop time of the engine's last sign of life (sent to, headers, a chunk)
+        self._silence: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
     @property
@@ -268,15 +275,34 @@ class _Request:
             headers.append(("Accept-Encoding", "identity"))
         if spec.api_key:
             headers.append(("Authorization", f"Bearer {spec.api_key}"))
+        # The engine's silence is bounded by one timer per request, re-armed only when it fires early
+        # (aiohttp's sock_read re-arms a timer on every read: ~8% of a stream's relay cost).
+        loop = asyncio.get_running_loop()
+        self.last_read = loop.time()
+        if settings.upstream_read_timeout:
+            self._silence = loop.call_later(settings.upstream_read_timeout, self._check_silence)
         try:
             async with self.proxy._session().post(url, data=self.body, headers=headers) as resp:
-                await self._relay(resp, spec.name)
-        except TimeoutError:
-            await self.fail(errors.upstream_timeout(spec.name, settings.upstream_read_timeout))
+                self.last_read = loop.time()
+                await self._relay(resp, spec.name, loop)
+        except TimeoutError:  # connecting took longer than upstream_connect_timeout
+            await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
         except aiohttp.ClientError as exc:
             await self.fail(errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
+        finally:
+            if self._silence is not None:
+                self._silence.cancel()
 
-    async def _relay(self, resp: aiohttp.ClientResponse, model: str) -> None:
+    def _check_silence(self) -> None:
+        timeout = self.proxy._settings.upstream_read_timeout
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self.last_read
+        if quiet < timeout:
+            self._silence = loop.call_later(timeout - quiet, self._check_silence)
+        elif self.task is not None:
+            self.interrupt(self.task, "silent")
+
+    async def _relay(self, resp: aiohttp.ClientResponse, model: str, loop: asyncio.AbstractEventLoop) -> None:
         if self.started:
             # Status already sent (keep-alives): an engine error must travel as an SSE event.
             if resp.status != 200:
@@ -296,12 +322,14 @@ class _Request:
             return
         # Per chunk: one read of whatever has arrived, one send (readany, not iter_any: no iterator
         # object in between; the first chunk apart so that the loop checks nothing).
-        content, send = resp.content, self.send
+        content, send, now = resp.content, self.send, loop.time
         chunk = await content.readany()
         if chunk:
+            self.last_read = now()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.ttfb = time.monotonic() - self.arrived  # the first engine bytes (keep-alives don't count)
             while chunk := await content.readany():
+                self.last_read = now()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -138,3 +138,39 @@ async def test_engine_gets_json_and_no_compression_unless_the_client_says_otherw
                                               "Accept-Encoding": "br"})
             assert said.status_code == 200
     assert seen == [("application/json", "identity", None), ("application/json; charset=utf-8", "br", None)]
+
+
+async def test_engine_silence_is_bounded_per_gap_not_per_request(tmp_path: Path) -> None:
+    """upstream_read_timeout bounds each silence: a slow, steady stream runs longer than it; a stream that
+    stops mid-way ends with a 504-shaped SSE error event one timeout after its last chunk."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stall = (await request.json())["stall"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(6):
+            await resp.write(f'data: {{"n": {i}}}\n\n'.encode())
+            await asyncio.sleep(0.3)
+            if stall and i == 2:
+                await asyncio.sleep(30)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/v1/chat/completions", handler)
+    async with serve_app(app) as port:
+        models = write_models(tmp_path, {"name": "m", "runtime": "external", "url": f"http://127.0.0.1:{port}/v1"})
+        async with run_gateway(models, upstream_read_timeout=1) as gw, httpx.AsyncClient(timeout=30) as client:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            steady = await client.post(gw.v1 + "/chat/completions", json=chat("m", stream=True, stall=False))
+            assert steady.status_code == 200 and steady.text.endswith("data: [DONE]\n\n")
+            assert loop.time() - began > 1.5  # longer than the timeout in all, never silent for 1 s
+            began = loop.time()
+            stalled = await client.post(gw.v1 + "/chat/completions", json=chat("m", stream=True, stall=True))
+            waited = loop.time() - began
+            assert stalled.status_code == 200
+            assert stalled.text.count('"n":') == 3
+            assert '"code": "gateway_timeout"' in stalled.text or '"code":"gateway_timeout"' in stalled.text
+            assert "sent nothing for 1s" in stalled.text
+            assert 1.5 <= waited < 5
