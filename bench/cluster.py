@@ -410,19 +410,7 @@ class ClusterSim(SparkgateSim):
             else:  # the earliest any of its nodes asks for
                 deadline = min((d for n in self.candidates[name] if (d := self.node_drains[n].get(name)) is not None),
                                default=None)
-            current = self.drain_deadline.get(name)
-            if deadline == current:
-                continue
-            if deadline is None:
-                del self.drain_deadline[name]
-            else:
-                self.drains_set += current is None
-                self.drain_deadline[name] = deadline
-                self.replan_at(deadline)
-            if self.state[name] is S.READY and not self.holding_back(name):
-                held, self.held_back[name] = self.held_back[name], []
-                for r in held:
-                    self.begin(r)
+            self.set_drain(name, deadline)
 
     def stuck(self) -> str:
         where = {n: f" queued on {self.ticket_node[n]}" for n in self.tickets}

@@ -572,19 +572,23 @@ class SparkgateSim(Sim):
         # ModelController.set_drain wakes the held-back requests, which run if the model takes work again.
         drains = dict(decided.drain)
         for name in self.models:
-            deadline, current = drains.get(name), self.drain_deadline.get(name)
-            if deadline == current:
-                continue
-            if deadline is None:
-                del self.drain_deadline[name]
-            else:
-                self.drains_set += current is None
-                self.drain_deadline[name] = deadline
-                self.replan_at(deadline)
-            if self.state[name] is S.READY and not self.holding_back(name):
-                held, self.held_back[name] = self.held_back[name], []
-                for r in held:
-                    self.begin(r)
+            self.set_drain(name, drains.get(name))
+
+    def set_drain(self, name: str, deadline: float | None) -> None:
+        """ModelController.set_drain: None lifts it; held-back requests run if the model takes work again."""
+        current = self.drain_deadline.get(name)
+        if deadline == current:
+            return
+        if deadline is None:
+            del self.drain_deadline[name]
+        else:
+            self.drains_set += current is None
+            self.drain_deadline[name] = deadline
+            self.replan_at(deadline)
+        if self.state[name] is S.READY and not self.holding_back(name):
+            held, self.held_back[name] = self.held_back[name], []
+            for r in held:
+                self.begin(r)
 
     def replan_at(self, deadline: float) -> None:
         if deadline > self.now:

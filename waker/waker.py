@@ -3,7 +3,8 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
 
 import aiohttp
 
@@ -143,7 +144,8 @@ class Waker:
         controller = ModelController(
             spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock,
             self.options, admission=self.cluster if spec.manages_lifecycle else None,
-            on_change=self._kicker(nodes) if spec.manages_lifecycle else None, session=self._session, nodes=nodes,
+            on_change=partial(self.cluster.kick_nodes, nodes) if spec.manages_lifecycle else None,
+            session=self._session, nodes=nodes,
         )
         self._controllers[spec.name] = controller
         if spec.manages_lifecycle:
@@ -152,14 +154,6 @@ class Waker:
         else:
             controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
         return controller
-
-    def _kicker(self, nodes: tuple[str, ...]) -> Callable[[], None]:
-        admissions = [self.admissions[n] for n in nodes]
-
-        def kick() -> None:
-            for admission in admissions:
-                admission.kick()
-        return kick
 
     def _sync_placement(self, controller: ModelController) -> None:
         """After models.d changed: register the model with the nodes its entry now allows (once it is stopped)."""
@@ -172,13 +166,9 @@ class Waker:
         controller.candidates = nodes
         controller.placed = nodes if len(nodes) == controller.spec.nodes else ()
         controller.reserved.clear()
-        controller.set_on_change(self._kicker(nodes))
+        controller.set_on_change(partial(self.cluster.kick_nodes, nodes))
         for node in nodes:
             self.admissions[node].register(controller)
-
-    def nodes_of(self, controller: ModelController) -> tuple[str, ...]:
-        """Where a model runs (or is placed), else where it may run."""
-        return controller.placed or controller.candidates
 
     async def reload(self, registry: Registry) -> dict[str, list[str]]:
         """Take a new models.d without disturbing what runs: unchanged models keep their engines,

@@ -4,6 +4,7 @@ answer or a clear error."""
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +43,44 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def drive(waker: Waker, clock: FakeClock, requests: list[Req], check: Callable[[int], None],
+                limit: int = TICKS_LIMIT) -> tuple[dict[int, str], dict[int, int]]:
+    """Replay `requests` tick by tick (a tick = 1 s of fake clock) through `waker`, each holding its lease for
+    its duration; `check(tick)` after every tick. Returns each request's outcome and the tick it was served."""
+    outcomes: dict[int, str] = {}
+    answered_at: dict[int, int] = {}
+    release: dict[int, asyncio.Event] = {}
+
+    async def request(n: int, req: Req) -> None:
+        try:
+            async with waker.lease(f"m{req.model}"):
+                outcomes[n] = "answered"
+                await release[n].wait()
+        except WakerError as exc:
+            outcomes[n] = f"error: {exc.message}"
+
+    async with waker:
+        tasks: list[asyncio.Task[None]] = []
+        tick = 0
+        while len(outcomes) < len(requests) or any(not t.done() for t in tasks):
+            for n, req in enumerate(requests):
+                if req.at == tick:
+                    release[n] = asyncio.Event()
+                    tasks.append(asyncio.create_task(request(n, req)))
+            await settle()
+            for n in outcomes:
+                answered_at.setdefault(n, tick)
+                if tick >= answered_at[n] + requests[n].duration:
+                    release[n].set()
+            await waker.reap_once()
+            await settle()
+            check(tick)
+            clock.advance(1)
+            tick += 1
+            assert tick < limit, f"not served after {limit} ticks: {len(outcomes)}/{len(requests)}"
+    return outcomes, answered_at
+
+
 async def replay(sizes: list[int], trace: list[tuple[int, int, int]], pinned: int | None, max_hold: int,
                  hot_stream: bool = False) -> None:
     specs = [ModelSpec(name=f"m{i}", command=("x",), memory_gb=gb, min_uptime=0, idle_timeout=5,
@@ -57,39 +96,10 @@ async def replay(sizes: list[int], trace: list[tuple[int, int, int]], pinned: in
     waker = Waker(Registry(specs), runtimes={RuntimeKind.PROCESS: runtime}, budgets={"local": Budget(CAPACITY, 0)},
                   probes={"local": FixedProbe(None)}, clock=clock, events=events, prober=FakeProber(runtime),
                   queue=QueuePolicy(max_hold=max_hold, max_wait=3600, poll_interval=3600))
-    outcomes: dict[int, str] = {}
-    answered_at: dict[int, int] = {}
-    release: dict[int, asyncio.Event] = {}
+    def within_budget(tick: int) -> None:
+        assert waker.admissions["local"].held_gb() <= CAPACITY
 
-    async def request(n: int, req: Req) -> None:
-        try:
-            async with waker.lease(f"m{req.model}"):
-                outcomes[n] = "answered"
-                await release[n].wait()
-        except WakerError as exc:
-            outcomes[n] = f"error: {exc.message}"
-
-    async with waker:
-        tasks: dict[int, asyncio.Task[None]] = {}
-        served_at: dict[int, int] = {}
-        tick = 0
-        while len(outcomes) < len(requests) or any(not t.done() for t in tasks.values()):
-            for n, req in enumerate(requests):
-                if req.at == tick:
-                    release[n] = asyncio.Event()
-                    tasks[n] = asyncio.create_task(request(n, req))
-            await settle()
-            for n in outcomes:
-                served_at.setdefault(n, tick)
-                answered_at.setdefault(n, tick)
-                if tick >= served_at[n] + requests[n].duration:
-                    release[n].set()
-            await waker.reap_once()
-            await settle()
-            assert waker.admissions["local"].held_gb() <= CAPACITY
-            clock.advance(1)
-            tick += 1
-            assert tick < TICKS_LIMIT, f"not served after {TICKS_LIMIT} ticks: {len(outcomes)}/{len(requests)}"
+    outcomes, answered_at = await drive(waker, clock, requests, within_budget)
 
     assert set(outcomes) == set(range(len(requests)))  # none lost
     # Bounded waiting: a blocker drains within max_hold plus one request's duration, and FIFO puts at

@@ -9,11 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeProber, FakeRuntime
-from tests.unit.test_admission_properties import Req, settle
+from tests.unit.test_admission_properties import Req, drive
 from waker.admission import QueuePolicy
 from waker.budget import Budget
 from waker.clock import FakeClock
-from waker.errors import WakerError
 from waker.memory import FixedProbe
 from waker.registry import Registry
 from waker.spec import ModelSpec, RuntimeKind
@@ -47,44 +46,17 @@ async def replay(models: list[tuple[int, int]], trace: list[tuple[int, int, int]
                   budgets={n: Budget(gb, 0) for n, gb in NODES.items()},
                   probes={n: FixedProbe(None) for n in NODES}, clock=clock, prober=FakeProber(runtime),
                   queue=QueuePolicy(max_hold=max_hold, max_wait=3600, poll_interval=3600))
-    outcomes: dict[int, str] = {}
-    release: dict[int, asyncio.Event] = {}
+    def within_budgets(tick: int) -> None:
+        for name, admission in waker.admissions.items():
+            assert admission.held_gb() <= NODES[name], f"node {name} over budget at tick {tick}"
+        for controller in waker.controllers():
+            if controller.spec.nodes == 2 and controller.state.value in ("starting", "ready"):
+                assert {n: a.held_by(controller) for n, a in waker.admissions.items() if n != "b"} == {
+                    "a": controller.spec.memory_gb, "c": controller.spec.memory_gb}
 
-    async def request(n: int, req: Req) -> None:
-        try:
-            async with waker.lease(f"m{req.model}"):
-                outcomes[n] = "answered"
-                await release[n].wait()
-        except WakerError as exc:
-            outcomes[n] = f"error: {exc.message}"
-
-    async with waker:
-        tasks: list[asyncio.Task[None]] = []
-        served_at: dict[int, int] = {}
-        tick = 0
-        while len(outcomes) < len(requests) or any(not t.done() for t in tasks):
-            for n, req in enumerate(requests):
-                if req.at == tick:
-                    release[n] = asyncio.Event()
-                    tasks.append(asyncio.create_task(request(n, req)))
-            await settle()
-            for n in outcomes:
-                served_at.setdefault(n, tick)
-                if tick >= served_at[n] + requests[n].duration:
-                    release[n].set()
-            await waker.reap_once()
-            await settle()
-            for name, admission in waker.admissions.items():
-                assert admission.held_gb() <= NODES[name], f"node {name} over budget at tick {tick}"
-            for controller in waker.controllers():
-                if controller.spec.nodes == 2 and controller.state.value in ("starting", "ready"):
-                    assert {n: a.held_by(controller) for n, a in waker.admissions.items() if n != "b"} == {
-                        "a": controller.spec.memory_gb, "c": controller.spec.memory_gb}
-            clock.advance(1)
-            tick += 1
-            assert tick < TICKS_LIMIT, f"not served after {TICKS_LIMIT} ticks: {len(outcomes)}/{len(requests)}"
-        for admission in waker.admissions.values():
-            assert admission.high_water_gb <= admission.budget.capacity_gb
+    outcomes, _ = await drive(waker, clock, requests, within_budgets, TICKS_LIMIT)
+    for admission in waker.admissions.values():
+        assert admission.high_water_gb <= admission.budget.capacity_gb
 
     assert set(outcomes) == set(range(len(requests)))  # none lost
     assert set(outcomes.values()) == {"answered"}  # nothing pinned: every model can always run somewhere
