@@ -1,5 +1,5 @@
-"""Cluster simulation: placement across nodes (`waker.placement`) and per-node admission (`waker.scheduler.plan`)
-against two baselines, by discrete-event simulation with a fake clock.
+"""Cluster simulation: placement across nodes (`waker.scheduling.placement`) and per-node admission
+(`waker.scheduling.plan.plan`) against two baselines, by discrete-event simulation with a fake clock.
 
 What it measures
 ----------------
@@ -14,9 +14,9 @@ budget, and at the end that every request was answered; a violation goes to stde
 Method
 ------
 The event heap, engines, requests, drains and idle reaper are bench/trace.py's (`SparkgateSim`), extended
-to several nodes the way waker/cluster.py and waker/admission.py extend one node:
-- A request for a cold model that has no placement yet is placed by `waker.placement.choose` over its
-  `waker.placement.candidates` (each node's `Snapshot` as its `NodeAdmission` would build it: models
+to several nodes the way waker/scheduling/cluster.py and waker/scheduling/node.py extend one node:
+- A request for a cold model that has no placement yet is placed by `waker.scheduling.placement.choose` over its
+  `waker.scheduling.placement.candidates` (each node's `Snapshot` as its `NodeAdmission` would build it: models
   registered there, what each holds in that node's ledger, the node's FIFO queue).
 - Its ticket then queues on the first of its placed nodes in settings order that has not admitted it yet,
   and that node's `plan` admits it, evicts for it or drains for it. A model spanning N nodes, once admitted
@@ -25,7 +25,7 @@ to several nodes the way waker/cluster.py and waker/admission.py extend one node
   decided by one node's plan stops it on all its nodes, and a stopped model is placed afresh next time.
 - After every event every node with a ticket is planned, in settings order, until a pass admits nothing.
   Drains: each node's plan says which of its models must drain; a model's deadline is the earliest any
-  of its nodes asks for (absent = lifted), as waker/admission.py does since bench/CLUSTER.md's Finding 3.
+  of its nodes asks for (absent = lifted), as waker/scheduling/node.py does since bench/CLUSTER.md's Finding 3.
   `--policy sparkgate-shared-drains` simulates the earlier behaviour, where every node's step overwrote the
   deadline of every model registered there (the last candidate node wins).
 - Idle reaper (idle_timeout, min_uptime) and max_hold as in bench/trace.py. Load time 5 s + 0.5 s/GB,
@@ -33,7 +33,7 @@ to several nodes the way waker/cluster.py and waker/admission.py extend one node
 
 Policies
 --------
-sparkgate  `waker.placement.choose`: where it fits now, keeping room for models that may run only there,
+sparkgate  `waker.scheduling.placement.choose`: where it fits now, keeping room for models that may run only there,
            tightest fit first; else fewest / least valuable victims; ties to the node listed first.
 first-fit  the first candidate nodes (settings order) where it fits now after the node's queue; if fewer
            fit, the first other candidates. No scoring; admission is still `plan` per node.
@@ -77,10 +77,10 @@ from bench.trace import (
     read_trace,
     table,
 )
-from waker.budget import Budget
-from waker.placement import FITS, candidates, choose, score
-from waker.scheduler import ModelView, Snapshot, Ticket, held_gb, plan
-from waker.spec import ModelSpec
+from waker.config.spec import ModelSpec
+from waker.scheduling.budget import Budget
+from waker.scheduling.placement import FITS, candidates, choose, score
+from waker.scheduling.plan import ModelView, Snapshot, Ticket, held_gb, plan
 from waker.state import HOLDING, ModelState
 
 S = ModelState
@@ -110,7 +110,7 @@ class ClusterModel:
         return self.traffic.name
 
     def spec(self) -> ModelSpec:
-        """The models.d entry that `waker.placement.candidates` reads."""
+        """The models.d entry that `waker.scheduling.placement.candidates` reads."""
         return ModelSpec(name=self.name, engine="vllm", runtime="docker", image="sim", model="sim",
                          memory_gb=self.traffic.memory_gb, node=self.node, node_labels=dict(self.node_labels),
                          nodes=self.nodes)

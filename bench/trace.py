@@ -1,4 +1,4 @@
-"""Trace replay: our scheduler (`waker.scheduler.plan`) against two baselines, by discrete-event simulation.
+"""Trace replay: our scheduler (`waker.scheduling.plan.plan`) against two baselines, by discrete-event simulation.
 
 What it measures
 ----------------
@@ -20,10 +20,10 @@ a cold start takes `load_s` (default 5 s + 0.5 s per GB, or per model in --model
 
 Policies
 --------
-sparkgate      `waker.scheduler.plan`, imported, not reimplemented, and driven the way the executor
-               (waker/admission.py, waker/model.py) drives it. After every event: a `Snapshot` (state
-               STOPPED/STARTING/READY/STOPPING, ledger GB via `held_gb`, in flight, waiting, last_used,
-               pinned, priority; one FIFO ticket per model, `since` = when the ticket was opened,
+sparkgate      `waker.scheduling.plan.plan`, imported, not reimplemented, and driven the way the executor
+               (waker/scheduling/node.py, waker/lifecycle/controller.py) drives it. After every event: a
+               `Snapshot` (state STOPPED/STARTING/READY/STOPPING, ledger GB via `held_gb`, in flight, waiting,
+               last_used, pinned, priority; one FIFO ticket per model, `since` = when the ticket was opened,
                `need_gb` = footprint; live_free_gb None, so the ledger is the only limit) goes to `plan`,
                and the plan is applied: admit -> STARTING, READY after load_s, and every request that
                waited for that start runs, even on a draining model; stop -> only if still idle
@@ -33,7 +33,7 @@ sparkgate      `waker.scheduler.plan`, imported, not reimplemented, and driven t
                back until it has stopped (or the drain is lifted: then they run), then queue again with
                a fresh ticket. A request for a READY model that is not holding back runs at once; one
                for a STARTING model joins the start; one for a STOPPING model waits for the stop, then
-               queues. The idle reaper (waker/reaper.py) is mirrored: `--idle-timeout` (default 900 s,
+               queues. The idle reaper (waker/scheduling/reaper.py) is mirrored: `--idle-timeout` (default 900 s,
                ModelSpec's default; 0 = off) and `--min-uptime` (60 s); its stops count as idle stops,
                not evictions.
 sparkgate-sticky  (only with --policy) the executor before 17b06b3 (f7f2f62): the earliest deadline is
@@ -100,7 +100,7 @@ from typing import Any
 
 import yaml
 
-from waker.scheduler import ModelView, Snapshot, Ticket, held_gb, plan
+from waker.scheduling.plan import ModelView, Snapshot, Ticket, held_gb, plan
 from waker.state import ModelState
 
 S = ModelState
@@ -439,7 +439,7 @@ class Sim:
         )
 
 
-# -- sparkgate: waker.scheduler.plan, driven like waker/admission.py -----------------------------------
+# -- sparkgate: waker.scheduling.plan.plan, driven like waker/scheduling/node.py -----------------------------------
 
 
 @dataclass(slots=True)
@@ -519,7 +519,7 @@ class SparkgateSim(Sim):
         if requests:
             self.enqueue(name, requests)
 
-    # the idle reaper (waker/reaper.py: READY, nothing in flight or waiting, idle_timeout, min_uptime)
+    # the idle reaper (waker/scheduling/reaper.py: READY, nothing in flight or waiting, idle_timeout, min_uptime)
     def schedule_reap(self, name: str) -> None:
         if self.cfg.idle_timeout > 0:
             when = max(self.last_used[name] + self.cfg.idle_timeout, self.ready_since[name] + self.cfg.min_uptime)

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.routes import require_admin
+from waker.config.registry import ConfigError
 from waker.errors import ModelNotFound, WakerError
-from waker.model import ModelController
-from waker.registry import ConfigError
+from waker.lifecycle.controller import ModelController
 from waker.state import ModelState
 from waker.waker import Waker
 

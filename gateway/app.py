@@ -28,8 +28,8 @@ from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
 from stats import Sampler, SampleStore
-from waker.memory import MemoryProbe
-from waker.registry import ConfigError, Registry
+from waker.config.registry import ConfigError, Registry
+from waker.runtime.memory import MemoryProbe
 from waker.waker import Waker, default_runtimes
 
 STATIC = Path(__file__).with_name("static")

@@ -13,9 +13,9 @@ import uvicorn
 from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.config import load_models
 from gateway.settings import GatewaySettings
-from waker.durations import format_duration
-from waker.placement import budget_problems
-from waker.registry import ConfigError, Registry
+from waker.config.durations import format_duration
+from waker.config.registry import ConfigError, Registry
+from waker.scheduling.placement import budget_problems
 
 
 def main(argv: list[str] | None = None) -> int:

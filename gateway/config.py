@@ -3,7 +3,7 @@ footprints the stats sampler learned."""
 
 from pathlib import Path
 
-from waker.registry import ConfigError, Registry, load_dir
+from waker.config.registry import ConfigError, Registry, load_dir
 
 
 def load_models(config_dir: Path, stats_db: Path | None) -> Registry:

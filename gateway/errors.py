@@ -3,7 +3,7 @@
 import json
 from dataclasses import dataclass
 
-from waker.durations import format_duration
+from waker.config.durations import format_duration
 from waker.errors import ModelNotFound, NoRoom, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakerError
 
 

@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.errors import WakerError
 from waker.events import Event
-from waker.spec import EngineKind, ModelSpec
 from waker.state import ModelState
 from waker.waker import Waker
 

@@ -22,7 +22,7 @@ from gateway.errors import ApiError
 from gateway.metrics import UNRESOLVED, Metrics
 from gateway.settings import GatewaySettings
 from waker.errors import WakerError
-from waker.model import Endpoint, ModelController
+from waker.lifecycle.controller import Endpoint, ModelController
 from waker.waker import Waker
 
 Scope = MutableMapping[str, Any]

@@ -7,7 +7,7 @@ from gateway import errors
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
 from waker.errors import ModelNotFound
-from waker.model import ModelStatus
+from waker.lifecycle.controller import ModelStatus
 from waker.waker import Waker
 
 router = APIRouter()

@@ -8,13 +8,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.auth import ApiKeySpec
 from stats.store import default_db_path
-from waker.admission import QueuePolicy
-from waker.budget import Budget
-from waker.durations import Duration
-from waker.memory import FixedProbe, MemoryProbe, make_probe
-from waker.node_probe import DockerMemoryProbe
+from waker.config.durations import Duration
 from waker.options import WakerOptions
-from waker.runtime.docker import DockerNode
+from waker.runtime.docker.host import DockerNode
+from waker.runtime.docker.memory_probe import DockerMemoryProbe
+from waker.runtime.memory import FixedProbe, MemoryProbe, make_probe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
 
 
 class NodeSettings(BaseModel):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stats.report import export_csv, format_table, plot
 from stats.store import SampleStore
-from waker.durations import parse_duration
+from waker.config.durations import parse_duration
 
 
 def stats_command(argv: list[str], db_path: Path, *, now: float | None = None) -> int:

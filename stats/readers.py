@@ -16,7 +16,7 @@ Why these sources:
   reclaimable (inactive) file cache, the same rule as ``docker stats``.
 * NVML per-process GPU memory: on discrete GPUs the weights and KV cache live in the card's own memory, which no
   procfs or cgroup figure shows.
-* ``MemAvailable``: the whole machine, to see the pool shrink as engines load (see waker/memory.py for why
+* ``MemAvailable``: the whole machine, to see the pool shrink as engines load (see waker/runtime/memory.py for why
   MemAvailable and not MemFree).
 """
 

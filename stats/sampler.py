@@ -28,7 +28,7 @@ from stats.readers import (
 )
 from stats.store import Sample, SampleStore
 from waker.clock import Clock, SystemClock
-from waker.memory import GIB
+from waker.runtime.memory import GIB
 
 log = logging.getLogger("sparkgate.stats")
 
@@ -40,7 +40,7 @@ _PRUNE_EVERY = 3600.0
 
 
 class Controller(Protocol):
-    """What the sampler reads of a ``waker.model.ModelController``."""
+    """What the sampler reads of a ``waker.lifecycle.controller.ModelController``."""
 
     spec: Any  # .name; .spec_hash() and .node when it is a real ModelSpec
     state: Any  # a ModelState (a str enum) or its value

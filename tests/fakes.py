@@ -2,9 +2,9 @@
 
 import asyncio
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine, Readiness
 from waker.runtime.base import Exit, RuntimeUnavailable
-from waker.spec import ModelSpec
 
 
 class FakeHandle:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.app import build_waker, create_app
 from gateway.settings import GatewaySettings
-from waker.registry import load_dir
+from waker.config.registry import load_dir
 from waker.waker import Waker
 
 FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))

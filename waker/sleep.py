@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from waker.spec import EngineKind, IdleAction, ModelSpec
+from waker.config.spec import EngineKind, IdleAction, ModelSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,26 +8,27 @@ from functools import partial
 
 import aiohttp
 
-from waker.admission import NodeAdmission, QueuePolicy
-from waker.budget import Budget
 from waker.clock import Clock, SystemClock
-from waker.cluster import ClusterAdmission
+from waker.config.registry import ConfigError, Registry
+from waker.config.spec import ModelSpec, RuntimeKind
 from waker.engines.registry import engine_for
 from waker.errors import WakerError
 from waker.events import Event, EventLog
-from waker.memory import FixedProbe, MemoryProbe, make_probe
-from waker.model import Endpoint, ModelController, ModelStatus
+from waker.lifecycle.controller import Endpoint, ModelController, ModelStatus
+from waker.lifecycle.engine_api import Prober, ReadinessProber
 from waker.options import WakerOptions
-from waker.placement import budget_problems, candidates
-from waker.probe import Prober, ReadinessProber
-from waker.reaper import idle_stops
-from waker.registry import ConfigError, Registry
 from waker.runtime.base import Adopter, Found, Runtime, RuntimeUnavailable
-from waker.runtime.docker import DockerNode, DockerRuntime
+from waker.runtime.docker.host import DockerNode
+from waker.runtime.docker.runtime import DockerRuntime
 from waker.runtime.external import ExternalRuntime
+from waker.runtime.memory import FixedProbe, MemoryProbe, make_probe
 from waker.runtime.process import ProcessRuntime
+from waker.scheduling.budget import Budget
+from waker.scheduling.cluster import ClusterAdmission
+from waker.scheduling.node import NodeAdmission, QueuePolicy
+from waker.scheduling.placement import budget_problems, candidates
+from waker.scheduling.reaper import idle_stops
 from waker.sleep import launch_spec
-from waker.spec import ModelSpec, RuntimeKind
 from waker.state import ModelState
 
 log = logging.getLogger("sparkgate.waker")

@@ -21,7 +21,7 @@ import httpx
 from tests.chaos.util import assert_openai_error
 from tests.harness import fake_engine_spec, run_gateway, write_models
 from waker.events import Event
-from waker.scheduler import held_gb
+from waker.scheduling.plan import held_gb
 from waker.state import ModelState
 
 MODELS = [f"burst-{i}" for i in range(5)]

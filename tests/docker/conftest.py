@@ -10,7 +10,7 @@ import docker
 import docker.errors
 import pytest
 
-from waker.runtime.docker import LABEL_MODEL
+from waker.runtime.docker.container import LABEL_MODEL
 
 IMAGE = os.environ.get("SPARKGATE_TEST_IMAGE", "sparkgate-test-engine:1")
 TESTS = Path(__file__).resolve().parents[1]

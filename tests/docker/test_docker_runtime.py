@@ -14,7 +14,7 @@ import pytest
 
 from tests.docker.conftest import docker_engine_spec
 from tests.harness import fake_engine_spec, run_gateway, write_models
-from waker.runtime.docker import LABEL_HASH, LABEL_MANAGED, LABEL_MODEL, container_name
+from waker.runtime.docker.container import LABEL_HASH, LABEL_MANAGED, LABEL_MODEL, container_name
 
 pytestmark = pytest.mark.docker
 

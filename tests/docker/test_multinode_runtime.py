@@ -17,11 +17,13 @@ import pytest
 
 from tests.docker.conftest import TESTS
 from tests.harness import run_gateway, write_models
+from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
 from waker.runtime.base import free_port
-from waker.runtime.docker import LABEL_MODEL, LABEL_NODE, LABEL_PART, DockerNode, DockerRuntime
-from waker.runtime.group import GroupHandle
-from waker.spec import ModelSpec
+from waker.runtime.docker.container import LABEL_MODEL, LABEL_NODE, LABEL_PART
+from waker.runtime.docker.group import GroupHandle
+from waker.runtime.docker.host import DockerNode
+from waker.runtime.docker.runtime import DockerRuntime
 
 pytestmark = pytest.mark.docker
 

@@ -13,9 +13,9 @@ import pytest
 
 from gateway.settings import GatewaySettings
 from tests.docker.conftest import IMAGE
-from waker.memory import GIB, meminfo_gb
-from waker.node_probe import LABEL_MEMORY_PROBE, DockerMemInfo, DockerMemoryProbe
-from waker.runtime.docker import LABEL_INSTANCE, LABEL_MANAGED, LABEL_MODEL
+from waker.runtime.docker.container import LABEL_INSTANCE, LABEL_MANAGED, LABEL_MODEL
+from waker.runtime.docker.memory_probe import LABEL_MEMORY_PROBE, DockerMemInfo, DockerMemoryProbe
+from waker.runtime.memory import GIB, meminfo_gb
 
 pytestmark = pytest.mark.docker
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.docker.conftest import docker_engine_spec
 from tests.harness import run_gateway, write_models
-from waker.runtime.docker import LABEL_MODEL, LABEL_NODE
+from waker.runtime.docker.container import LABEL_MODEL, LABEL_NODE
 from waker.state import ModelState
 
 pytestmark = pytest.mark.docker

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from tests.harness import FAKE_ENGINE, fake_engine_spec, run_gateway, write_models
-from waker.registry import ConfigError
-from waker.scheduler import held_gb
+from waker.config.registry import ConfigError
+from waker.scheduling.plan import held_gb
 from waker.state import ModelState
 
 NODE_100 = {"local": {"total_gb": 100, "reserve_gb": 0, "memory_probe": "none"}}

@@ -10,7 +10,7 @@ from gateway.cli import main as cli
 from gateway.config import load_models
 from stats import SampleStore
 from tests.harness import fake_engine_spec, run_gateway, write_models
-from waker.registry import ConfigError
+from waker.config.registry import ConfigError
 
 
 async def test_running_gateway_samples_engines_and_auto_memory_uses_the_learned_peak(

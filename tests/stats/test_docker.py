@@ -16,8 +16,8 @@ from stats.sampler import Sampler
 from stats.store import SampleStore
 from tests.docker.conftest import IMAGE
 from tests.stats.conftest import MIB
-from waker.memory import GIB
-from waker.runtime.docker import DockerNode, _Node
+from waker.runtime.docker.host import DockerHost, DockerNode
+from waker.runtime.memory import GIB
 from waker.state import ModelState
 
 pytestmark = pytest.mark.docker
@@ -68,7 +68,7 @@ async def test_the_sampler_reads_a_container_through_the_docker_node(
         docker_client: docker.DockerClient, container: str, tmp_path: Path) -> None:
     """The same path the gateway takes: DockerHandle._node.call runs the SDK call in the runtime's pool."""
     with ThreadPoolExecutor(max_workers=2) as pool, SampleStore(tmp_path / "stats.sqlite3") as store:
-        handle = SimpleNamespace(container_id=container, _node=_Node(DockerNode(), pool))
+        handle = SimpleNamespace(container_id=container, _node=DockerHost(DockerNode(), pool))
         ctl = SimpleNamespace(spec=SimpleNamespace(name="boxed"), state=ModelState.READY, handle=handle)
         [sample] = await Sampler(SimpleNamespace(controllers=lambda: [ctl]), store, nvml=False).sample_once()
     assert sample.cgroup is not None and sample.cgroup >= 90 * MIB / GIB

@@ -15,8 +15,8 @@ from stats.sampler import Sampler
 from stats.store import Sample, SampleStore
 from tests.stats.conftest import MIB, NVML_ERROR_NOT_SUPPORTED, FakeNvml, Hog
 from waker.clock import FakeClock
-from waker.memory import GIB
-from waker.spec import ModelSpec
+from waker.config.spec import ModelSpec
+from waker.runtime.memory import GIB
 from waker.state import ModelState
 
 S = ModelState

@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.fakes import FakeProber, FakeRuntime
-from waker.admission import QueuePolicy
-from waker.budget import Budget
 from waker.clock import FakeClock
+from waker.config.registry import ConfigError, Registry
+from waker.config.spec import ModelSpec, RuntimeKind
 from waker.errors import NoRoom, QueueFull
-from waker.memory import FixedProbe
-from waker.registry import ConfigError, Registry
-from waker.spec import ModelSpec, RuntimeKind
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
 from waker.state import ModelState
 from waker.waker import Waker
 

@@ -11,15 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeProber, FakeRuntime
-from waker.admission import QueuePolicy
-from waker.budget import Budget
 from waker.clock import FakeClock
+from waker.config.registry import Registry
+from waker.config.spec import ModelSpec, RuntimeKind
 from waker.errors import WakerError
 from waker.events import EventLog
-from waker.memory import FixedProbe
-from waker.registry import Registry
-from waker.scheduler import held_gb
-from waker.spec import ModelSpec, RuntimeKind
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
+from waker.scheduling.plan import held_gb
 from waker.state import ModelState
 from waker.waker import Waker
 

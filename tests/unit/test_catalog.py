@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from waker.budget import Budget
+from waker.config.registry import Registry, load_dir
+from waker.config.spec import ModelSpec, RuntimeKind
 from waker.engines.base import Launch
 from waker.engines.registry import engine_for
-from waker.placement import budget_problems
-from waker.registry import Registry, load_dir
-from waker.spec import ModelSpec, RuntimeKind
+from waker.scheduling.budget import Budget
+from waker.scheduling.placement import budget_problems
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "models.d" / "examples"
 ROLES = ("brain", "chat", "coder", "autocomplete", "utility", "embed")

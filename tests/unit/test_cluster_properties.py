@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from tests.fakes import FakeProber, FakeRuntime
 from tests.unit.test_admission_properties import Req, drive
-from waker.admission import QueuePolicy
-from waker.budget import Budget
 from waker.clock import FakeClock
-from waker.memory import FixedProbe
-from waker.registry import Registry
-from waker.spec import ModelSpec, RuntimeKind
+from waker.config.registry import Registry
+from waker.config.spec import ModelSpec, RuntimeKind
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
 from waker.waker import Waker
 
 NODES = {"a": 100.0, "b": 60.0, "c": 100.0}

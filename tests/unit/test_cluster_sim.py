@@ -13,7 +13,7 @@ from bench.cluster import (
     simulate,
 )
 from bench.trace import ModelDef, Request, SimConfig, generate_trace, load_time
-from waker.budget import Budget
+from waker.scheduling.budget import Budget
 
 CFG = SimConfig(budget_gb=math.inf, stop_s=2.0, max_hold=60.0, idle_timeout=900.0, min_uptime=60.0)
 NODES = default_nodes(12)
@@ -96,7 +96,7 @@ def test_multi_node_model_holds_its_first_node_while_the_second_makes_room() -> 
 def test_a_drain_lifted_by_another_node_lets_a_busy_model_starve_a_waiter() -> None:
     # Before the fix of bench/CLUSTER.md's Finding 3, every node's step set the drain of every model registered
     # there, so a node where `hot` holds nothing lifted the drain n1 asked for (`sparkgate-shared-drains`).
-    # waker/admission.py now keeps each node's deadline apart, as the simulation's default does.
+    # waker/scheduling/node.py now keeps each node's deadline apart, as the simulation's default does.
     nodes = [_spark("n1"), _spark("n2")]
     # `fill` keeps n2 busy, so `hot` (which may run on either) is placed on n1, where `big` needs its memory.
     models = [_model("hot", 70), _model("big", 80, node=("n1",)), _model("fill", 60, node=("n2",))]

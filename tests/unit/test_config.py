@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from waker.durations import format_duration, parse_duration
+from waker.config.durations import format_duration, parse_duration
+from waker.config.registry import ConfigError, load_dir
 from waker.errors import ModelNotFound
-from waker.registry import ConfigError, load_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
-from waker.runtime.docker import LABEL_HASH, LABEL_MODEL, LABEL_PORT, DockerNode, container_config, container_name
-from waker.spec import ModelSpec
+from waker.runtime.docker.container import LABEL_HASH, LABEL_MODEL, LABEL_PORT, container_config, container_name
+from waker.runtime.docker.host import DockerNode
 
 NODE = DockerNode()
 

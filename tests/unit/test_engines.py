@@ -2,6 +2,7 @@
 
 import pytest
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
 from waker.engines.flags import has_flag, option
 from waker.engines.generic import GenericEngine
@@ -10,7 +11,6 @@ from waker.engines.registry import engine_for
 from waker.engines.sglang import SglangEngine
 from waker.engines.trtllm import TrtllmEngine
 from waker.engines.vllm import VllmEngine
-from waker.spec import EngineKind, ModelSpec
 
 LAUNCH = Launch(host="127.0.0.1", port=8123)
 

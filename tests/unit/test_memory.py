@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from waker.clock import FakeClock
-from waker.memory import GIB, FixedProbe, MemInfoProbe, NvmlProbe, make_probe, meminfo_gb
-from waker.node_probe import DockerMemInfo, DockerMemoryProbe, NodeUnreachable
+from waker.runtime.docker.memory_probe import DockerMemInfo, DockerMemoryProbe, NodeUnreachable
+from waker.runtime.memory import GIB, FixedProbe, MemInfoProbe, NvmlProbe, make_probe, meminfo_gb
 
 # The stand-in mirrors pynvml: NVMLError(value) turns itself into a generated subclass named after the code, so
 # `except pynvml.NVMLError_NotSupported` and `exc.value == pynvml.NVML_ERROR_NOT_SUPPORTED` both work.
@@ -338,7 +338,8 @@ def test_fixed_probe_is_constant() -> None:
 
 
 def test_module_imports_without_pynvml() -> None:
-    code = "import sys; sys.modules['pynvml'] = None; import waker.memory as m; print(type(m.make_probe()).__name__)"
+    code = ("import sys; sys.modules['pynvml'] = None; import waker.runtime.memory as m; "
+            "print(type(m.make_probe()).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "MemInfoProbe"
 

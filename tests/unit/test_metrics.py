@@ -17,15 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import Metrics
 from tests.fakes import FakeProber, FakeRuntime
 from tests.harness import serve_app
-from waker.admission import QueuePolicy
-from waker.budget import Budget
 from waker.clock import FakeClock
+from waker.config.registry import Registry
+from waker.config.spec import ModelSpec, RuntimeKind
 from waker.errors import StartFailed
 from waker.events import Event
-from waker.memory import FixedProbe
-from waker.registry import Registry
 from waker.runtime.external import ExternalRuntime
-from waker.spec import ModelSpec, RuntimeKind
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
 from waker.state import ModelState
 from waker.waker import Waker
 

@@ -6,12 +6,12 @@ import pytest
 
 from tests.fakes import FakeProber, FakeRuntime
 from waker.clock import FakeClock
+from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
 from waker.errors import ShuttingDown, StartFailed, StartTimeout
 from waker.events import EventLog
-from waker.model import ModelController
+from waker.lifecycle.controller import ModelController
 from waker.options import WakerOptions
-from waker.spec import ModelSpec
 from waker.state import ModelState
 
 S = ModelState

@@ -2,12 +2,13 @@
 
 import pytest
 
+from waker.config.spec import ModelSpec
 from waker.engines.multinode import UpCheck, plan_group
 from waker.engines.registry import engine_for
 from waker.runtime.base import Exit
-from waker.runtime.docker import LABEL_GROUP_SIZE, LABEL_NODE, LABEL_PART, DockerNode
-from waker.runtime.group import part_config, part_container_name
-from waker.spec import ModelSpec
+from waker.runtime.docker.container import LABEL_GROUP_SIZE, LABEL_NODE, LABEL_PART
+from waker.runtime.docker.group import part_config, part_container_name
+from waker.runtime.docker.host import DockerNode
 
 SPARK_A = DockerNode(name="spark-a", url="ssh://a", address="10.0.0.1", cluster_address="192.168.100.10")
 SPARK_B = DockerNode(name="spark-b", url="ssh://b", address="10.0.0.2", cluster_address="192.168.100.11")

@@ -1,4 +1,4 @@
-"""Placement across nodes: the pure scoring (`waker.placement`) and the cluster admission inside the
+"""Placement across nodes: the pure scoring (`waker.scheduling.placement`) and the cluster admission inside the
 waker (fake runtime, fake clock): where cold models go, independent budgets, models spanning two nodes."""
 
 import asyncio
@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 import pytest
 
 from tests.fakes import FakeProber, FakeRuntime
-from waker.admission import QueuePolicy
-from waker.budget import Budget
 from waker.clock import FakeClock
-from waker.memory import FixedProbe
-from waker.placement import EVICT_IDLE, FITS, candidates, choose, placement_problems, score
-from waker.registry import ConfigError, Registry
-from waker.scheduler import ModelView, Snapshot, Ticket
-from waker.spec import ModelSpec, RuntimeKind
+from waker.config.registry import ConfigError, Registry
+from waker.config.spec import ModelSpec, RuntimeKind
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.node import QueuePolicy
+from waker.scheduling.placement import EVICT_IDLE, FITS, candidates, choose, placement_problems, score
+from waker.scheduling.plan import ModelView, Snapshot, Ticket
 from waker.state import ModelState
 from waker.waker import Waker
 

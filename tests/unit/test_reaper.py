@@ -1,9 +1,9 @@
 """The idle policy, decided from snapshots and a fake clock: no real waiting."""
 
 from waker.clock import FakeClock
-from waker.model import ModelStatus
-from waker.reaper import idle_stops
-from waker.spec import ModelSpec
+from waker.config.spec import ModelSpec
+from waker.lifecycle.controller import ModelStatus
+from waker.scheduling.reaper import idle_stops
 from waker.state import ModelState
 
 

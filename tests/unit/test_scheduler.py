@@ -2,7 +2,7 @@
 
 import pytest
 
-from waker.scheduler import ModelView, Plan, Snapshot, Ticket, choose_victims, plan
+from waker.scheduling.plan import ModelView, Plan, Snapshot, Ticket, choose_victims, plan
 from waker.state import ModelState
 
 S = ModelState

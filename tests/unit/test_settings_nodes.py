@@ -7,8 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.settings import GatewaySettings
-from waker.memory import FixedProbe, MemInfoProbe
-from waker.node_probe import DockerMemoryProbe
+from waker.runtime.docker.memory_probe import DockerMemoryProbe
+from waker.runtime.memory import FixedProbe, MemInfoProbe
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Protocol
 
-from waker.spec import ModelSpec
+from waker.config.spec import ModelSpec
 
 
 @dataclass(frozen=True, slots=True)

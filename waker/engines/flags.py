@@ -10,8 +10,8 @@ adapter adds goes through `option()`, which checks the user's args first.
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Launch
-from waker.spec import ModelSpec
 
 
 def has_flag(args: Sequence[str], names: Iterable[str]) -> bool:

@@ -11,8 +11,8 @@ not required to contain the served name: servers differ in what they list. Set `
 server has a better route.
 """
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
-from waker.spec import EngineKind, ModelSpec
 
 
 class GenericEngine:

@@ -12,9 +12,9 @@ There is no GPU memory fraction flag: llama-server sizes its memory by layers of
 context size (`-c`), so spec.gpu_memory_utilization is ignored here; put those flags in `args`.
 """
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
 from waker.engines.flags import has_flag, option, required_model
-from waker.spec import EngineKind, ModelSpec
 
 _MODEL = ("--model", "-m")
 _MODEL_SOURCES = (*_MODEL, "--model-url", "-mu", "--hf-repo", "-hf", "-hfr", "--docker-repo", "-dr")

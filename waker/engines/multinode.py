@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Engine, Launch
 from waker.engines.sglang import SglangEngine
 from waker.engines.vllm import VllmEngine
-from waker.spec import EngineKind, ModelSpec
 
 HEAD = "head"
 RAY_STARTED = r"Ray runtime started"

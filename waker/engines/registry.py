@@ -4,13 +4,13 @@ The adapters are stateless, so one shared instance each is enough; the table is 
 and never changed.
 """
 
+from waker.config.spec import EngineKind
 from waker.engines.base import Engine
 from waker.engines.generic import GenericEngine
 from waker.engines.llamacpp import LlamacppEngine
 from waker.engines.sglang import SglangEngine
 from waker.engines.trtllm import TrtllmEngine
 from waker.engines.vllm import VllmEngine
-from waker.spec import EngineKind
 
 _ENGINES: dict[EngineKind, Engine] = {
     EngineKind.VLLM: VllmEngine(),

@@ -14,9 +14,9 @@ Flag sources:
   server_args.py). Rank 0 serves HTTP; ranks >= 1 answer only a dummy `/health` on their --host/--port.
 """
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
 from waker.engines.flags import ServeFlags, option, required_model
-from waker.spec import EngineKind, ModelSpec
 
 _MODEL = ("--model-path", "--model")
 _HOST = ("--host",)

@@ -19,9 +19,9 @@ Caveats worth knowing when writing a models.d entry:
   option; run a 1.3+ release.
 """
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
 from waker.engines.flags import ServeFlags, required_model
-from waker.spec import EngineKind, ModelSpec
 
 _HOST = ("--host",)
 _PORT = ("--port",)

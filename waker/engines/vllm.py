@@ -15,9 +15,9 @@ Flag sources:
   `--tensor-parallel-size` (`-tp`) equal to the number of nodes (one GPU each on a DGX Spark).
 """
 
+from waker.config.spec import EngineKind, ModelSpec
 from waker.engines.base import Launch, Readiness
 from waker.engines.flags import ServeFlags, has_flag, option, required_model
-from waker.spec import EngineKind, ModelSpec
 
 _HOST = ("--host",)
 _PORT = ("--port",)

@@ -5,8 +5,8 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
-from waker.spec import ModelSpec
 
 
 class RuntimeUnavailable(Exception):

@@ -2,9 +2,9 @@
 
 import asyncio
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
 from waker.runtime.base import Exit
-from waker.spec import ModelSpec
 
 
 class ExternalHandle:

@@ -9,9 +9,9 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine, Launch
 from waker.runtime.base import Exit, free_port, http_url
-from waker.spec import ModelSpec
 
 _PR_SET_PDEATHSIG = 1
 

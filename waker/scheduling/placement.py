@@ -25,9 +25,9 @@ no-starvation and never-over-budget rules as on a single node.
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from waker.budget import Budget
-from waker.scheduler import ModelView, Snapshot, choose_victims
-from waker.spec import ModelSpec, RuntimeKind
+from waker.config.spec import ModelSpec, RuntimeKind
+from waker.scheduling.budget import Budget
+from waker.scheduling.plan import ModelView, Snapshot, choose_victims
 from waker.state import ModelState
 
 S = ModelState

@@ -8,12 +8,12 @@ models can never hold one node each while waiting for the other's (ordered acqui
 
 from collections.abc import Mapping
 
-from waker.admission import NodeAdmission
 from waker.clock import Clock
 from waker.errors import NoRoom
 from waker.events import Event, EventLog
-from waker.model import ModelController
-from waker.placement import choose
+from waker.lifecycle.controller import ModelController
+from waker.scheduling.node import NodeAdmission
+from waker.scheduling.placement import choose
 from waker.state import ModelState
 
 S = ModelState

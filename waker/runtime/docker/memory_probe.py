@@ -10,11 +10,12 @@ kernel and see the host's ``/proc/meminfo`` (unless LXCFS is mounted over it), s
    ``run_every`` seconds, because creating a container is far heavier than an exec; else
 3. the reading is unknown (None) and the scheduler relies on its ledger.
 
-``MemAvailable`` is the free figure, as for this machine (see :class:`waker.memory.MemInfoProbe` for why), and the right
-one on unified memory (GB10). The total is the daemon's ``info()["MemTotal"]`` (the same number in bytes). A remote
-node with discrete GPUs would need NVML's figures instead (system RAM says nothing about the cards): not read here.
+``MemAvailable`` is the free figure, as for this machine (see :class:`waker.runtime.memory.MemInfoProbe` for why), and
+the right one on unified memory (GB10). The total is the daemon's ``info()["MemTotal"]`` (the same number in bytes).
+A remote node with discrete GPUs would need NVML's figures instead (system RAM says nothing about the
+cards): not read here.
 
-The :class:`~waker.memory.MemoryProbe` interface is synchronous and asked on every admission step, while a read
+The :class:`~waker.runtime.memory.MemoryProbe` interface is synchronous and asked on every admission step, while a read
 through a remote daemon takes milliseconds to seconds (ssh). So :class:`DockerMemoryProbe` serves the last reading and
 a daemon thread of its own refreshes it every ``interval``: the event loop never waits for Docker, and a hung daemon
 only hangs that thread. A reading older than ``max_age`` is unknown, so a node that went dark never reports free
@@ -36,8 +37,8 @@ import requests.exceptions
 import urllib3.exceptions
 
 from waker.clock import Clock, SystemClock
-from waker.memory import GIB, meminfo_gb
-from waker.runtime.docker import LABEL_MANAGED
+from waker.runtime.docker.container import LABEL_MANAGED
+from waker.runtime.memory import GIB, meminfo_gb
 
 log = logging.getLogger("sparkgate.memory")
 

@@ -23,10 +23,11 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
 from waker.engines.multinode import HEAD, GroupPlan, Part, plan_group
 from waker.runtime.base import Exit, Found, RuntimeUnavailable, free_port, http_url
-from waker.runtime.docker import (
+from waker.runtime.docker.container import (
     LABEL_GROUP_SIZE,
     LABEL_HASH,
     LABEL_INSTANCE,
@@ -36,12 +37,11 @@ from waker.runtime.docker import (
     LABEL_PART,
     LABEL_PORT,
     DockerHandle,
-    _Node,
-    _remove,
     container_name,
+    remove_container,
     resources,
 )
-from waker.spec import ModelSpec
+from waker.runtime.docker.host import DockerHost
 
 log = logging.getLogger("sparkgate.docker")
 
@@ -77,7 +77,7 @@ class Member:
     """A started part: its node's Docker host and its container."""
 
     part: Part
-    node: _Node
+    node: DockerHost
     handle: DockerHandle
 
     @property
@@ -287,7 +287,7 @@ def _sortable(stamp: str) -> str:
     return f"{seconds}.{fraction:0<9}"
 
 
-async def start_group(spec: ModelSpec, engine: Engine, nodes: dict[str, _Node], instance: str) -> GroupHandle:
+async def start_group(spec: ModelSpec, engine: Engine, nodes: dict[str, DockerHost], instance: str) -> GroupHandle:
     """Start the parts of `spec` on `spec.placed_on` in order, each once the one before is up; then (vLLM) the
     serve command in the head. Raises RuntimeError naming the part that failed, after removing the others."""
     if len(spec.placed_on) != spec.nodes:
@@ -320,13 +320,13 @@ async def start_group(spec: ModelSpec, engine: Engine, nodes: dict[str, _Node], 
     return GroupHandle(members, serve, http_url(head.address, port))
 
 
-async def discover_groups(found: Sequence[tuple[_Node, Container]]) -> list[Found]:
+async def discover_groups(found: Sequence[tuple[DockerHost, Container]]) -> list[Found]:
     """The groups that parts found on the nodes (a gateway restart) belong to, one Found each.
 
     A complete group (every part running, and for vLLM its serve process) is reported running, with its
     nodes head first, to be adopted like a single container; any other is reported stopped, to be removed.
     """
-    by_model: dict[str, list[tuple[_Node, Container]]] = {}
+    by_model: dict[str, list[tuple[DockerHost, Container]]] = {}
     for node, container in found:
         by_model.setdefault(container.labels.get(LABEL_MODEL, "?"), []).append((node, container))
     groups: list[Found] = []
@@ -377,10 +377,10 @@ def _remove_leftovers(client: docker.DockerClient, model: str, instance: str) ->
     for old in client.containers.list(
             all=True, filters={"label": [f"{LABEL_MODEL}={model}", f"{LABEL_INSTANCE}={instance}"]}):
         log.info("removing leftover container %s of %s", old.short_id, model)
-        _remove(client, old.id)
+        remove_container(client, old.id)
 
 
-async def _create(node: _Node, spec: ModelSpec, part: Part, config: dict[str, Any]) -> Member:
+async def _create(node: DockerHost, spec: ModelSpec, part: Part, config: dict[str, Any]) -> Member:
     name = part_container_name(spec.name, part.role)
 
     def create(client: docker.DockerClient) -> Container:
@@ -399,7 +399,7 @@ async def _create(node: _Node, spec: ModelSpec, part: Part, config: dict[str, An
         # Cancelled while Docker was creating it: let that finish, then remove what it made.
         with contextlib.suppress(Exception):
             made = await creating
-            await node.call(lambda client: _remove(client, str(made.id)))
+            await node.call(lambda client: remove_container(client, str(made.id)))
         raise
     except docker.errors.ImageNotFound:
         raise PartFailed(f"{spec.name}: {part.describe()}: image {spec.image!r} is not on "

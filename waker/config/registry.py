@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from waker.config.spec import ModelSpec
 from waker.errors import ModelNotFound
-from waker.spec import ModelSpec
 
 
 class ConfigError(Exception):

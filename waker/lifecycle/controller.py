@@ -8,20 +8,20 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from waker.backoff import retry_delay
 from waker.clock import Clock
-from waker.durations import format_duration
+from waker.config.durations import format_duration
+from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
 from waker.errors import ModelNotFound, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
+from waker.lifecycle.backoff import retry_delay
+from waker.lifecycle.engine_api import Prober
 from waker.options import WakerOptions
-from waker.probe import Prober
 from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable
 from waker.sleep import SleepError, call_engine, launch_spec, sleep_calls, wake_calls
-from waker.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from waker.admission import Admission
+    from waker.scheduling.node import Admission
 from waker.state import ModelState, check_transition
 
 S = ModelState

@@ -15,8 +15,8 @@ Two sources, chosen by the kind of machine:
   NVML reports it per device: :class:`NvmlProbe`.
 
 :func:`make_probe` picks one. A node reached through its Docker daemon (another DGX Spark) is read by
-``waker.node_probe.DockerMemoryProbe``, which parses that node's ``/proc/meminfo`` with :func:`meminfo_gb`. All
-figures are GiB (``GIB`` bytes), like every "GB" in sparkgate.
+``waker.runtime.docker.memory_probe.DockerMemoryProbe``, which parses that node's ``/proc/meminfo`` with
+:func:`meminfo_gb`. All figures are GiB (``GIB`` bytes), like every "GB" in sparkgate.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class MemInfoProbe:
 def meminfo_gb(text: str, key: str) -> float | None:
     """The ``key`` line of a ``/proc/meminfo`` text (``MemAvailable``, ``MemTotal``) in GiB; None if absent or garbled.
 
-    Shared by :class:`MemInfoProbe` (this machine's file) and ``waker.node_probe`` (a node's file read through its
-    Docker daemon), so both read the same figure the same way.
+    Shared by :class:`MemInfoProbe` (this machine's file) and ``waker.runtime.docker.memory_probe`` (a node's file read
+    through its Docker daemon), so both read the same figure the same way.
     """
     for line in text.splitlines():
         field, _, rest = line.partition(":")

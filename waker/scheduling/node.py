@@ -10,16 +10,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from waker.budget import Budget
 from waker.clock import Clock
 from waker.errors import NoRoom, QueueFull, ShuttingDown
 from waker.events import Event, EventLog
-from waker.memory import MemoryProbe
-from waker.scheduler import Blocked, ModelView, Snapshot, Ticket, held_gb, plan
+from waker.runtime.memory import MemoryProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.plan import Blocked, ModelView, Snapshot, Ticket, held_gb, plan
 from waker.state import ModelState
 
 if TYPE_CHECKING:
-    from waker.model import ModelController
+    from waker.lifecycle.controller import ModelController
 
 S = ModelState
 log = logging.getLogger("sparkgate.admission")

@@ -1,6 +1,6 @@
 """Admission and eviction: a pure function from a snapshot of one node to a plan.
 
-No I/O, no clock reads, no awaits: the executor (waker/admission.py) takes a snapshot, calls
+No I/O, no clock reads, no awaits: the executor (waker/scheduling/node.py) takes a snapshot, calls
 `plan`, and carries the plan out. Every case is tested table-driven and by property tests over
 random traces (tests/unit/test_scheduler.py).
 

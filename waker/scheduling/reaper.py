@@ -3,9 +3,9 @@
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from waker.durations import format_duration
-from waker.model import ModelStatus
-from waker.spec import IdleAction
+from waker.config.durations import format_duration
+from waker.config.spec import IdleAction
+from waker.lifecycle.controller import ModelStatus
 from waker.state import ModelState
 
 

@@ -1,0 +1,1 @@
+"""models.d and the nodes, typed and validated once at the edge: specs, the registry, durations."""

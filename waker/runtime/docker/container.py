@@ -1,0 +1,208 @@
+"""One engine container: its labels, its configuration (pure), and its handle (wait, stop, logs)."""
+
+import asyncio
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+from docker.types import DeviceRequest, Ulimit
+
+from waker.config.spec import ModelSpec, UlimitRange
+from waker.engines.base import Engine, Launch
+from waker.runtime.base import Exit, RuntimeUnavailable
+from waker.runtime.docker.host import DockerHost, DockerNode
+
+LABEL_MANAGED = "sparkgate.managed"
+LABEL_MODEL = "sparkgate.model"
+LABEL_HASH = "sparkgate.spec-hash"
+LABEL_PORT = "sparkgate.host-port"
+LABEL_NODE = "sparkgate.node"
+LABEL_INSTANCE = "sparkgate.instance"  # which gateway owns it: gateways sharing a daemon leave each other alone
+LABEL_PART = "sparkgate.part"  # a model spanning nodes: this container's role (head, worker-1, ...)
+LABEL_GROUP_SIZE = "sparkgate.group-size"  # ... and how many parts the group has
+
+
+def container_name(model: str) -> str:
+    return "sparkgate-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", model)
+
+
+class DockerHandle:
+    def __init__(self, node: DockerHost, container: Container, root_url: str, keep: bool) -> None:
+        self._node = node
+        self._container = container
+        self._url = root_url
+        self._keep = keep
+        self._exit: Exit | None = None
+
+    @property
+    def ident(self) -> str:
+        return f"container {self._container.short_id}"
+
+    @property
+    def container_id(self) -> str:
+        return str(self._container.id)
+
+    @property
+    def root_url(self) -> str:
+        return self._url
+
+    @property
+    def api_base(self) -> str:
+        return self._url + "/v1"
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._exit.code if self._exit else None
+
+    async def wait_exit(self) -> Exit:
+        container = self._container
+
+        def wait(client: docker.DockerClient) -> Exit:
+            while True:
+                try:
+                    # Long-poll; the read timeout only bounds one poll, the loop keeps waiting.
+                    status = client.api.wait(container.id, timeout=3600)
+                    break
+                except requests.exceptions.ReadTimeout:
+                    continue
+                except docker.errors.NotFound:
+                    return Exit(-1)  # removed under us: it is gone either way
+            state = client.api.inspect_container(container.id)["State"]
+            return Exit(int(status.get("StatusCode", -1)), bool(state.get("OOMKilled")))
+
+        pause = 0.5
+        while True:
+            try:
+                self._exit = await self._node.call(wait, long_poll=True)
+                return self._exit
+            except RuntimeUnavailable:
+                # The daemon went away (restart, network blip) but the engine may well still be
+                # serving on its port: keep watching once the daemon is back, don't fail the model.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+
+    async def stop(self, grace: float) -> int | None:
+        container_id = self._container.id
+        keep = self._keep
+
+        def stop(client: docker.DockerClient) -> int | None:
+            try:
+                client.api.stop(container_id, timeout=max(0, math.ceil(grace)))
+                code = client.api.inspect_container(container_id)["State"].get("ExitCode")
+                if not keep:
+                    remove_container(client, container_id)
+                return code
+            except docker.errors.NotFound:
+                return None
+
+        return await self._node.call(stop)
+
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
+        if lines <= 0:
+            return ()
+        container_id = self._container.id
+
+        def logs(client: docker.DockerClient) -> bytes:
+            try:
+                return client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+            except docker.errors.NotFound:
+                return b""
+
+        raw = await self._node.call(logs)
+        return tuple(raw.decode(errors="replace").splitlines()[-lines:])
+
+
+def container_config(spec: ModelSpec, engine: Engine, node: DockerNode, port: int, spec_hash: str) -> dict[str, Any]:
+    """The SDK's `containers.create` arguments for `spec` (pure: unit-tested without a daemon).
+
+    `port` is where the engine is reached on the node: the published port on a bridge or named
+    network (the engine listens on `container_port` inside), or the engine's own port with
+    `network: host`.
+    """
+    host_network = spec.network == "host"
+    launch = Launch(host=spec.host, port=port) if host_network else Launch(host="0.0.0.0", port=spec.container_port)
+    argv = engine.argv(spec, launch)
+    config: dict[str, Any] = {
+        # The whole command line is ours: the image's entrypoint is replaced, so the same spec works
+        # whether the image starts with `vllm serve`, a shell script or nothing.
+        "entrypoint": argv[:1],
+        "command": argv[1:],
+        "environment": dict(spec.env),
+        "labels": {LABEL_MANAGED: "true", LABEL_MODEL: spec.name, LABEL_HASH: spec_hash,
+                   LABEL_PORT: str(port), LABEL_NODE: node.name},
+        **resources(spec),
+    }
+    if host_network:
+        config["network_mode"] = "host"
+    else:
+        if spec.network:
+            config["network"] = spec.network
+        config["ports"] = {f"{spec.container_port}/tcp": (node.publish_ip, port)}
+    return config
+
+
+def resources(spec: ModelSpec) -> dict[str, Any]:
+    """The `containers.create` arguments every container of `spec` gets: restart policy, volumes, GPUs,
+    shm, IPC, memory cap, ulimits, init."""
+    config: dict[str, Any] = {
+        "restart_policy": {"Name": "no"},  # the waker decides restarts, with backoff
+        "volumes": [_expand_volume(v) for v in spec.volumes],
+    }
+    if spec.init:
+        config["init"] = True
+    if spec.gpus is not None:
+        config["device_requests"] = [_gpu_request(spec.gpus)]
+    if spec.shm_size:
+        config["shm_size"] = spec.shm_size
+    if spec.ipc:
+        config["ipc_mode"] = spec.ipc
+    if spec.mem_limit:
+        config["mem_limit"] = spec.mem_limit
+    if spec.ulimits:
+        config["ulimits"] = [_ulimit(k, v) for k, v in spec.ulimits.items()]
+    return config
+
+
+def remove_container(client: docker.DockerClient, container_id: str) -> None:
+    """Remove a container, also when a removal of it is already under way (then wait for that)."""
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        try:
+            client.api.wait(container_id, condition="removed", timeout=60)
+        except docker.errors.NotFound:
+            pass
+
+
+def _expand_volume(volume: str) -> str:
+    host, _, rest = volume.partition(":")
+    return f"{Path(host).expanduser()}:{rest}"
+
+
+def _gpu_request(gpus: object) -> DeviceRequest:
+    if gpus == "all":
+        return DeviceRequest(count=-1, capabilities=[["gpu"]])
+    if isinstance(gpus, int):
+        return DeviceRequest(count=gpus, capabilities=[["gpu"]])
+    return DeviceRequest(device_ids=[str(g) for g in gpus], capabilities=[["gpu"]])  # type: ignore[union-attr]
+
+
+def _ulimit(name: str, value: int | UlimitRange) -> Ulimit:
+    if isinstance(value, UlimitRange):
+        return Ulimit(name=name, soft=value.soft, hard=value.hard)
+    return Ulimit(name=name, soft=value, hard=value)
+
+
+__all__ = [
+    "LABEL_GROUP_SIZE", "LABEL_HASH", "LABEL_INSTANCE", "LABEL_MANAGED", "LABEL_MODEL", "LABEL_NODE", "LABEL_PART",
+    "LABEL_PORT", "DockerHandle", "container_config", "container_name", "remove_container", "resources",
+]

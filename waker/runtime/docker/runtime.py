@@ -1,0 +1,167 @@
+"""Engines in Docker containers, driven through the Docker SDK (never the docker CLI).
+
+Containers carry labels that mark them as ours (model name, spec hash, published port), so a
+restarted gateway finds and adopts them instead of restarting engines. The restart policy is
+always "no": the waker decides restarts (with backoff), not the daemon.
+"""
+
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from waker.config.spec import ModelSpec
+from waker.engines.base import Engine
+from waker.runtime.base import Found, RuntimeUnavailable, free_port, http_url
+from waker.runtime.docker.container import (
+    LABEL_HASH,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_MODEL,
+    LABEL_NODE,
+    LABEL_PART,
+    LABEL_PORT,
+    DockerHandle,
+    container_config,
+    container_name,
+    remove_container,
+)
+from waker.runtime.docker.group import GroupHandle, discover_groups, start_group
+from waker.runtime.docker.host import DockerHost, DockerNode
+
+log = logging.getLogger("sparkgate.docker")
+
+
+class DockerRuntime:
+    """Creates, starts, stops, removes and rediscovers engine containers on one or more nodes."""
+
+    detached = True  # containers outlive the gateway and are adopted by the next one
+
+    def __init__(self, nodes: Mapping[str, DockerNode] | None = None, max_threads: int = 64,
+                 instance: str = "default") -> None:
+        self.instance = instance
+        # Blocking SDK calls (including one long-poll `wait` per running container) get their own
+        # threads, so they never starve the loop's default executor.
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="docker")
+        nodes = nodes or {"local": DockerNode()}
+        self._nodes = {name: DockerHost(node, self._pool) for name, node in nodes.items()}
+
+    def node(self, name: str) -> DockerHost:
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise ValueError(f"unknown node {name!r} (configured: {', '.join(self._nodes)})") from None
+
+    async def start(self, spec: ModelSpec, engine: Engine) -> DockerHandle | GroupHandle:
+        if spec.nodes > 1:
+            # One container per node in spec.placed_on, head first (waker.runtime.docker.group).
+            return await start_group(spec, engine, self._nodes, self.instance)
+        node = self.node(spec.home or next(iter(self._nodes)))
+        spec_hash = spec.spec_hash()
+        name = container_name(spec.name)
+
+        def launch(client: docker.DockerClient) -> tuple[Container, int]:
+            reusable: Container | None = None
+            mine = [f"{LABEL_MODEL}={spec.name}", f"{LABEL_INSTANCE}={self.instance}"]
+            for old in client.containers.list(all=True, filters={"label": mine}):
+                labels = old.labels
+                if labels.get(LABEL_HASH) == spec_hash and old.status == "running":
+                    return old, int(labels[LABEL_PORT])  # already running (started elsewhere): use it
+                if labels.get(LABEL_HASH) == spec_hash and spec.keep_container and reusable is None:
+                    reusable = old
+                    continue
+                log.info("removing container %s of %s: %s", old.short_id, spec.name,
+                         "spec changed" if labels.get(LABEL_HASH) != spec_hash else "not kept")
+                remove_container(client, old.id)
+            if reusable is not None:
+                try:
+                    reusable.start()
+                    return reusable, int(reusable.labels[LABEL_PORT])
+                except docker.errors.APIError as exc:  # e.g. its port is taken now: start afresh
+                    log.info("kept container %s of %s did not start (%s); recreating", reusable.short_id,
+                             spec.name, exc)
+                    remove_container(client, reusable.id)
+            return self._create(client, node.node, spec, engine, name, spec_hash, self.instance)
+
+        try:
+            container, port = await node.call(launch)
+        except docker.errors.ImageNotFound:
+            raise RuntimeError(
+                f"image {spec.image!r} is not on {node.node.describe()}: pull or build it there first"
+            ) from None
+        except docker.errors.APIError as exc:
+            raise RuntimeError(f"Docker refused to run {spec.name}: {exc.explanation or exc}") from None
+        return DockerHandle(node, container, http_url(node.node.address, port), spec.keep_container)
+
+    @staticmethod
+    def _create(client: docker.DockerClient, node: DockerNode, spec: ModelSpec, engine: Engine, name: str,
+                spec_hash: str, instance: str) -> tuple[Container, int]:
+        if spec.network == "host":
+            port = spec.port or free_port()
+        else:
+            port = spec.port or free_port(node.publish_ip if node.publish_ip != "0.0.0.0" else "127.0.0.1")
+        kwargs = container_config(spec, engine, node, port, spec_hash)
+        kwargs["labels"][LABEL_INSTANCE] = instance
+        container = client.containers.create(spec.image, name=name, detach=True, **kwargs)
+        try:
+            container.start()
+        except docker.errors.APIError:
+            container.remove(force=True)
+            raise
+        return container, port
+
+    async def discover(self) -> list[Found]:
+        """Every container of ours on every reachable node; unreachable nodes are logged and skipped.
+
+        The parts of a model spanning nodes are reported together, as one engine (see group.discover_groups).
+        """
+        found: list[Found] = []
+        parts: list[tuple[DockerHost, Container]] = []
+        for node in self._nodes.values():
+            try:
+                containers = await node.call(
+                    lambda client: client.containers.list(
+                        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}))
+            except RuntimeUnavailable as exc:
+                log.warning("cannot look for running engines: %s", exc)
+                continue
+            for c in containers:
+                if c.labels.get(LABEL_NODE, node.node.name) != node.node.name:
+                    continue
+                if LABEL_PART in c.labels:
+                    parts.append((node, c))
+                    continue
+                port = int(c.labels.get(LABEL_PORT, "0"))
+                keep = c.status != "running"  # a stopped container we find was kept on purpose
+                handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
+                found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
+                                   c.status == "running", handle, (node.node.name,)))
+        return found + await discover_groups(parts)
+
+    async def discard(self, found: Found, reason: str) -> None:
+        handle = found.handle
+        if not isinstance(handle, DockerHandle):  # a group of parts (waker.runtime.docker.group)
+            log.info("stopping stale engine %s (%s): %s", handle.ident, found.model, reason)
+            await handle.stop(10.0)
+            return
+        assert isinstance(handle, DockerHandle)
+        container_id = handle.container_id
+
+        def remove(client: docker.DockerClient) -> None:
+            try:
+                client.api.stop(container_id, timeout=10)
+            except docker.errors.NotFound:
+                return
+            remove_container(client, container_id)
+
+        log.info("stopping stale container %s (%s): %s", handle.ident, found.model, reason)
+        await handle._node.call(remove)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["DockerRuntime"]

@@ -1,0 +1,95 @@
+"""The read model: what the gateway (admin API, /v1/models, metrics, status page, CLI) and the stats sampler
+see of the waker. `Waker.describe()` builds one consistent `WakerStatus` in a single synchronous step; readers
+format it and never reach into controllers, seats or node queues."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from waker.config.spec import ModelSpec
+from waker.runtime.base import EngineHandle
+from waker.state import ModelState
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a model is FAILED: the reason, the engine's exit code and last lines, and when (wall time)."""
+
+    reason: str
+    exit_code: int | None
+    log_tail: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One model at one moment. Times are the waker clock's monotonic seconds, except `Failure.at`."""
+
+    name: str
+    spec: ModelSpec
+    state: ModelState
+    since: float  # when it entered `state`
+    in_flight: int = 0  # requests being served
+    waiting: int = 0  # requests waiting for it to be ready (joining a start, held back, queued)
+    queued: int = 0  # of those, the ones queued for room in a node's budget
+    last_used: float | None = None
+    ready_since: float | None = None
+    failures: int = 0  # consecutive failed starts (the backoff counts these)
+    retry_at: float | None = None  # no new start before this (backoff)
+    last_error: Failure | None = None
+    pinned: bool = False
+    nodes: tuple[str, ...] = ()  # where it may run, in settings order (empty: not managed by the waker)
+    placed: tuple[str, ...] = ()  # where it runs or was placed to start, head first
+    held_on: Mapping[str, float] = field(default_factory=dict)  # GB held in each node's ledger (nonzero only)
+    engine: EngineHandle | None = None  # the engine it runs now, if any
+    pending_reload: bool = False  # models.d changed its engine: recreated once it is idle
+    removed: bool = False  # gone from models.d: stopped once idle, then forgotten
+
+    @property
+    def managed(self) -> bool:
+        return self.spec.manages_lifecycle
+
+    @property
+    def held_gb(self) -> float:
+        return sum(self.held_on.values())
+
+    @property
+    def node(self) -> str | None:
+        """Where it runs (the head node for a model spanning several), or None."""
+        return self.placed[0] if self.placed else None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One node's budget and queue."""
+
+    name: str
+    capacity_gb: float  # total_gb - reserve_gb
+    total_gb: float
+    reserve_gb: float
+    held_gb: float  # what its ledger holds now
+    queued: int  # requests waiting for room here
+    live_free_gb: float | None  # what its memory probe reads now (None: can't tell)
+    probe: str  # the probe's name
+    high_water_gb: float  # the most its ledger ever held
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WakerStatus:
+    """Every model and node, read at `now` (the waker clock)."""
+
+    now: float
+    models: tuple[ModelStatus, ...]
+    nodes: tuple[NodeStatus, ...]
+    routes: Mapping[str, str]  # every model name and alias -> the model's name
+
+    def model(self, name: str) -> ModelStatus:
+        """The status of `name` (a model name or alias); KeyError if there is none."""
+        target = self.routes.get(name, name)
+        for status in self.models:
+            if status.name == target:
+                return status
+        raise KeyError(name)
+
+
+__all__ = ["Failure", "ModelStatus", "NodeStatus", "WakerStatus"]
