@@ -1,69 +1,30 @@
-"""Sleep and wake through the engines' own APIs, and the launch flags that enable them.
+"""Sleep and wake through the engines' own APIs: a shim while callers move to the engine adapters.
 
-vLLM (https://docs.vllm.ai/en/latest/features/sleep_mode/): started with `--enable-sleep-mode` and
-env `VLLM_SERVER_DEV_MODE=1` (the sleep routes exist only in dev mode). `POST /sleep?level=N`;
-level 1 offloads weights to CPU RAM and drops the KV cache, level 2 drops both. Waking from level 1
-is `POST /wake_up`; from level 2 the weights must be reloaded in place: `POST /wake_up?tags=weights`,
-`POST /collective_rpc {"method": "reload_weights"}`, then `POST /wake_up?tags=kv_cache`.
-`GET /is_sleeping` answers `{"is_sleeping": bool}`.
-
-SGLang (python/sglang/srt/entrypoints/http_server.py): started with `--enable-memory-saver`;
-`POST /release_memory_occupation` and `POST /resume_memory_occupation`, JSON body `{}` (all tags).
-It must only be called on an idle engine (releasing under load aborts the engine): the waker only
-puts idle models to sleep.
+The facts (launch flags, sleep and wake calls) now live in each adapter (waker/engines/vllm.py,
+waker/engines/sglang.py); these functions only look the adapter up. `SleepError` and `call_engine` (the
+HTTP side) stay here until they move to waker/lifecycle/engine_api.py, then this module goes.
 """
-
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
-from waker.config.spec import EngineKind, IdleAction, ModelSpec
+from waker.config.spec import ModelSpec
+from waker.engines.base import Call
+from waker.engines.registry import engine_for
 
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    method: str
-    path: str
-    json: dict[str, Any] | None = None
+__all__ = ["Call", "SleepError", "call_engine", "launch_spec", "sleep_calls", "wake_calls"]
 
 
 def sleep_calls(spec: ModelSpec) -> tuple[Call, ...]:
-    if spec.engine is EngineKind.VLLM:
-        return (Call("POST", f"/sleep?level={spec.sleep_level}"),)
-    if spec.engine is EngineKind.SGLANG:
-        return (Call("POST", "/release_memory_occupation", {}),)
-    raise ValueError(f"engine {spec.engine} has no sleep API")
+    return engine_for(spec.engine).sleep_calls(spec)
 
 
 def wake_calls(spec: ModelSpec) -> tuple[Call, ...]:
-    if spec.engine is EngineKind.VLLM:
-        if spec.sleep_level == 1:
-            return (Call("POST", "/wake_up"),)
-        return (
-            Call("POST", "/wake_up?tags=weights"),
-            Call("POST", "/collective_rpc", {"method": "reload_weights"}),
-            Call("POST", "/wake_up?tags=kv_cache"),
-        )
-    if spec.engine is EngineKind.SGLANG:
-        return (Call("POST", "/resume_memory_occupation", {}),)
-    raise ValueError(f"engine {spec.engine} has no sleep API")
+    return engine_for(spec.engine).wake_calls(spec)
 
 
 def launch_spec(spec: ModelSpec) -> ModelSpec:
-    """The spec as launched: with the flags and environment its sleep mode needs, if any.
-
-    Used for both launching and the spec hash, so an adopted engine is compared like for like.
-    """
-    if spec.idle_action is not IdleAction.SLEEP:
-        return spec
-    if spec.engine is EngineKind.VLLM:
-        args = spec.args if "--enable-sleep-mode" in spec.args else (*spec.args, "--enable-sleep-mode")
-        return spec.model_copy(update={"args": args, "env": {"VLLM_SERVER_DEV_MODE": "1", **spec.env}})
-    if spec.engine is EngineKind.SGLANG:
-        args = spec.args if "--enable-memory-saver" in spec.args else (*spec.args, "--enable-memory-saver")
-        return spec.model_copy(update={"args": args})
-    return spec
+    """The spec as launched (see Engine.launch_spec)."""
+    return engine_for(spec.engine).launch_spec(spec)
 
 
 class SleepError(Exception):

@@ -1,9 +1,10 @@
-"""Engine adapters: exact command lines, user overrides, placeholders, readiness, registry."""
+"""Engine adapters: exact command lines, user overrides, placeholders, readiness, the spec as launched and
+its hash, sleep and wake calls, metrics routes, registry."""
 
 import pytest
 
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.engines.base import Call, Launch, Readiness
 from waker.engines.flags import has_flag, option
 from waker.engines.generic import GenericEngine
 from waker.engines.llamacpp import LlamacppEngine
@@ -254,6 +255,138 @@ def test_health_path_overrides_the_readiness_path_for_every_engine(kind: str) ->
     readiness = engine_for(kind).readiness(spec)
     assert readiness.path == "/ready"
     assert readiness.expect_model is False
+
+
+# --- the spec as launched, and its hash ------------------------------------------------------
+
+# The hashes running engines carry as labels: computed with waker.sleep.launch_spec before it moved into the
+# adapters. A change here means every adopted container of that kind would be recreated after an upgrade.
+LAUNCH_HASHES = [
+    ({"engine": "vllm", "model": "org/m", "idle_action": "sleep"}, "40590053e25e9aca"),
+    ({"engine": "vllm", "model": "org/m", "idle_action": "sleep", "sleep_level": 1,
+      "args": ("--enable-sleep-mode",), "env": {"VLLM_SERVER_DEV_MODE": "0", "A": "b"}}, "ea2660d66fb73c9f"),
+    ({"engine": "vllm", "model": "org/m"}, "5a14cc9f46d2ef94"),
+    ({"engine": "sglang", "model": "org/m", "idle_action": "sleep", "args": ("--tp-size", "2")}, "38ac3ad97281eb52"),
+    ({"engine": "sglang", "model": "org/m"}, "69202b41723af244"),
+    ({"engine": "trtllm", "model": "org/m"}, "930c3dcd0d9ad901"),
+    ({"engine": "llamacpp", "model": "/m.gguf", "args": ("-ngl", "99")}, "a43904d354d6aaf4"),
+    ({"engine": "generic", "command": ("srv", "{port}")}, "923c46b6817e5eb0"),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), LAUNCH_HASHES)
+def test_launch_hash_is_unchanged_from_before_the_adapters_owned_it(fields: dict, expected: str) -> None:
+    spec = ModelSpec(name="m", **fields)
+    engine = engine_for(spec.engine)
+    assert engine.launch_hash(spec) == expected
+    assert engine.launch_spec(spec).spec_hash() == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "args", "env"),
+    [
+        # vLLM's sleep routes exist only in dev mode and with the sleep flag.
+        ({"engine": "vllm", "idle_action": "sleep"}, ("--enable-sleep-mode",), {"VLLM_SERVER_DEV_MODE": "1"}),
+        # The user's own flag is not repeated, and their env wins over ours.
+        ({"engine": "vllm", "idle_action": "sleep", "args": ("--enable-sleep-mode", "-tp", "1"),
+          "env": {"VLLM_SERVER_DEV_MODE": "0"}}, ("--enable-sleep-mode", "-tp", "1"), {"VLLM_SERVER_DEV_MODE": "0"}),
+        ({"engine": "vllm", "args": ("-tp", "1")}, ("-tp", "1"), {}),
+        ({"engine": "sglang", "idle_action": "sleep", "args": ("--tp-size", "2")},
+         ("--tp-size", "2", "--enable-memory-saver"), {}),
+        ({"engine": "sglang", "idle_action": "sleep", "args": ("--enable-memory-saver",)},
+         ("--enable-memory-saver",), {}),
+        ({"engine": "sglang"}, (), {}),
+        ({"engine": "trtllm", "args": ("--tp_size", "1")}, ("--tp_size", "1"), {}),
+        ({"engine": "llamacpp", "env": {"A": "b"}}, (), {"A": "b"}),
+        ({"engine": "generic", "command": ("srv",)}, (), {}),
+    ],
+)
+def test_launch_spec_adds_exactly_the_flags_and_env_the_sleep_mode_needs(
+        fields: dict, args: tuple[str, ...], env: dict[str, str]) -> None:
+    spec = ModelSpec(name="m", model="org/m", **fields)
+    launched = engine_for(spec.engine).launch_spec(spec)
+    assert launched.args == args
+    assert dict(launched.env) == env
+    assert launched.model_copy(update={"args": spec.args, "env": spec.env}) == spec  # nothing else changes
+
+
+# --- sleep and wake -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "supports_sleep"),
+    [("vllm", True), ("sglang", True), ("trtllm", False), ("llamacpp", False), ("generic", False)],
+)
+def test_only_vllm_and_sglang_support_sleep(kind: str, supports_sleep: bool) -> None:
+    assert engine_for(kind).supports_sleep is supports_sleep
+
+
+@pytest.mark.parametrize(
+    ("fields", "sleep", "wake"),
+    [
+        ({"engine": "vllm", "sleep_level": 1},
+         (Call("POST", "/sleep?level=1"),),
+         (Call("POST", "/wake_up"),)),
+        # Level 2 dropped the weights: they are reloaded in place between waking the two memory pools.
+        ({"engine": "vllm", "sleep_level": 2},
+         (Call("POST", "/sleep?level=2"),),
+         (Call("POST", "/wake_up?tags=weights"),
+          Call("POST", "/collective_rpc", {"method": "reload_weights"}),
+          Call("POST", "/wake_up?tags=kv_cache"))),
+        ({"engine": "sglang"},
+         (Call("POST", "/release_memory_occupation", {}),),
+         (Call("POST", "/resume_memory_occupation", {}),)),
+    ],
+)
+def test_sleep_and_wake_calls_follow_each_engines_api(
+        fields: dict, sleep: tuple[Call, ...], wake: tuple[Call, ...]) -> None:
+    spec = ModelSpec(name="m", model="org/m", idle_action="sleep", **fields)
+    engine = engine_for(spec.engine)
+    assert engine.sleep_calls(spec) == sleep
+    assert engine.wake_calls(spec) == wake
+
+
+@pytest.mark.parametrize("kind", ["trtllm", "llamacpp", "generic"])
+def test_engines_without_sleep_mode_refuse_sleep_and_wake_naming_the_engine(kind: str) -> None:
+    spec = ModelSpec(name="m", engine=kind, model="org/m", command=("srv",))
+    engine = engine_for(kind)
+    with pytest.raises(ValueError, match=f"engine {kind} has no sleep mode"):
+        engine.sleep_calls(spec)
+    with pytest.raises(ValueError, match=f"engine {kind} has no sleep mode"):
+        engine.wake_calls(spec)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("vllm", Call("GET", "/is_sleeping")),  # answers {"is_sleeping": bool}
+        ("sglang", None),  # no route tells
+        ("trtllm", None),
+        ("llamacpp", None),
+        ("generic", None),
+    ],
+)
+def test_sleep_state_call_is_vllms_is_sleeping_and_none_elsewhere(kind: str, expected: Call | None) -> None:
+    spec = ModelSpec(name="m", engine=kind, model="org/m", command=("srv",))
+    assert engine_for(kind).sleep_state_call(spec) == expected
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("vllm", "/metrics"),
+        ("sglang", "/metrics"),
+        # trtllm-serve's /metrics is JSON iteration stats; its Prometheus text is mounted here.
+        ("trtllm", "/prometheus/metrics"),
+        ("llamacpp", "/metrics"),
+        ("generic", "/metrics"),
+    ],
+)
+def test_metrics_path_is_each_engines_prometheus_route(kind: str, path: str) -> None:
+    assert engine_for(kind).metrics_path == path
 
 
 # --- registry -----------------------------------------------------------------------------------

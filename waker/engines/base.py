@@ -1,7 +1,7 @@
-"""The adapter protocol every engine implements."""
+"""The adapter protocol every engine implements, and the facts it is made of."""
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from waker.config.spec import ModelSpec
 
@@ -26,10 +26,29 @@ class Launch:
     port: int
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One HTTP request to the engine's own API: `method` on `path` (relative to its root URL, query
+    included), with `json` as the body when set. Sleep and wake are sequences of these."""
+
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+
+
 class Engine(Protocol):
-    """An engine adapter. Pure: builds argv and readiness from the spec, does no I/O."""
+    """An engine adapter. Pure: builds argv, readiness and the engine's API calls from the spec, does no I/O.
+
+    Everything the waker needs to know about one engine lives in its adapter: the command line, how to
+    tell it is ready, the spec as launched (with the flags its sleep mode needs), how to put it to sleep
+    and wake it, how to ask whether it sleeps, and where its Prometheus metrics are.
+    """
 
     kind: str
+    supports_sleep: bool
+    """The engine can free its memory while staying up (ModelSpec allows idle_action sleep only then)."""
+    metrics_path: str | None
+    """Its Prometheus route, relative to the root URL; None when it has none."""
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         """The full command line (executable first) that serves `spec` on launch.host:launch.port."""
@@ -38,3 +57,53 @@ class Engine(Protocol):
     def readiness(self, spec: ModelSpec) -> Readiness:
         """The readiness check; spec.health_path overrides the path."""
         ...
+
+    def launch_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The spec as launched: `spec` plus the flags and environment its sleep mode needs, if any.
+
+        Used both for launching and for the spec hash, so an adopted engine is compared like for like.
+        """
+        ...
+
+    def launch_hash(self, spec: ModelSpec) -> str:
+        """`launch_spec(spec).spec_hash()`: the hash a running engine of `spec` is labelled with."""
+        ...
+
+    def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        """The calls, in order, that put a running engine of `spec` to sleep; ValueError without sleep mode."""
+        ...
+
+    def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        """The calls, in order, that wake a sleeping engine of `spec`; ValueError without sleep mode."""
+        ...
+
+    def sleep_state_call(self, spec: ModelSpec) -> Call | None:
+        """The call that asks whether the engine sleeps (answering `{"is_sleeping": bool}`), or None when
+        the engine can't tell."""
+        ...
+
+
+class NoSleepMode:
+    """The sleep facts of an engine without a sleep mode: launched as written, never put to sleep.
+
+    Mixed into the adapters of such engines so each states `supports_sleep = False` once instead of
+    repeating five trivial methods.
+    """
+
+    kind: str
+    supports_sleep: bool = False
+
+    def launch_spec(self, spec: ModelSpec) -> ModelSpec:
+        return spec
+
+    def launch_hash(self, spec: ModelSpec) -> str:
+        return self.launch_spec(spec).spec_hash()
+
+    def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        raise ValueError(f"engine {self.kind} has no sleep mode")
+
+    def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        raise ValueError(f"engine {self.kind} has no sleep mode")
+
+    def sleep_state_call(self, spec: ModelSpec) -> Call | None:
+        return None

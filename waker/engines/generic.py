@@ -9,16 +9,20 @@ Readiness is `GET /v1/models` answering 200: the one route every OpenAI-compatib
 only a liveness signal (some servers list models before they finish loading), which is why the list is
 not required to contain the served name: servers differ in what they list. Set `health_path` when the
 server has a better route.
+
+Metrics: `/metrics`, the usual Prometheus route; tried only for engines the waker runs (a generic external
+endpoint may be a hosted API that is not ours to poll). No sleep mode: we don't know its API.
 """
 
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.engines.base import Launch, NoSleepMode, Readiness
 
 
-class GenericEngine:
+class GenericEngine(NoSleepMode):
     """Runs `spec.command + spec.args` with placeholders filled in; adds nothing of its own."""
 
     kind: str = EngineKind.GENERIC.value
+    metrics_path: str | None = "/metrics"
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         if not spec.command:

@@ -7,13 +7,15 @@ Flag sources, all from the llama.cpp server README
 - `--host HOST`, `--port PORT`.
 - `-a, --alias STRING`: "set model name aliases, comma-separated (to be used by API)".
 - `GET /health`: 503 while the model is loading, 200 once it is loaded and the server is ready.
+- `GET /metrics`: Prometheus-compatible metrics, served only when started with `--metrics`; we add no flag
+  for it, the user may. No sleep mode.
 
 There is no GPU memory fraction flag: llama-server sizes its memory by layers offloaded (`-ngl`) and
 context size (`-c`), so spec.gpu_memory_utilization is ignored here; put those flags in `args`.
 """
 
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.engines.base import Launch, NoSleepMode, Readiness
 from waker.engines.flags import has_flag, option, required_model
 
 _MODEL = ("--model", "-m")
@@ -23,7 +25,7 @@ _PORT = ("--port",)
 _SERVED_NAME = ("--alias", "-a")
 
 
-class LlamacppEngine:
+class LlamacppEngine(NoSleepMode):
     """Builds llama-server command lines.
 
     Launcher: `llama-server` by default; a `spec.command` replaces it (e.g. `["/opt/llama/llama-server"]`).
@@ -31,6 +33,7 @@ class LlamacppEngine:
     """
 
     kind: str = EngineKind.LLAMACPP.value
+    metrics_path: str | None = "/metrics"
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)

@@ -12,10 +12,17 @@ Flag sources:
   `--nnodes N --node-rank i --dist-init-addr <rank 0's address>:<port>` and the parallel size over all of
   them, `--tp-size` (alias `--tensor-parallel-size`) or `--pp-size` (alias `--pipeline-parallel-size`;
   server_args.py). Rank 0 serves HTTP; ranks >= 1 answer only a dummy `/health` on their --host/--port.
+- Prometheus metrics: `GET /metrics`, served only when the server was started with `--enable-metrics`
+  (https://docs.sglang.io/references/production_metrics.html); we add no flag for it, the user may.
+
+Sleep mode (python/sglang/srt/entrypoints/http_server.py): started with `--enable-memory-saver`;
+`POST /release_memory_occupation` and `POST /resume_memory_occupation`, JSON body `{}` (all tags).
+It must only be called on an idle engine (releasing under load aborts the engine): the waker only
+puts idle models to sleep. SGLang has no route that tells whether it sleeps.
 """
 
-from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.config.spec import EngineKind, IdleAction, ModelSpec
+from waker.engines.base import Call, Launch, Readiness
 from waker.engines.flags import ServeFlags, option, required_model
 
 _MODEL = ("--model-path", "--model")
@@ -29,6 +36,7 @@ _NODE_RANK = ("--node-rank",)
 _DIST_INIT = ("--dist-init-addr",)
 _TENSOR = ("--tp-size", "--tensor-parallel-size", "--tp")
 _PIPELINE = ("--pp-size", "--pipeline-parallel-size")
+_MEMORY_SAVER = "--enable-memory-saver"
 
 
 class SglangEngine:
@@ -40,6 +48,8 @@ class SglangEngine:
     """
 
     kind: str = EngineKind.SGLANG.value
+    supports_sleep: bool = True
+    metrics_path: str | None = "/metrics"
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)
@@ -50,6 +60,25 @@ class SglangEngine:
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
+
+    def launch_spec(self, spec: ModelSpec) -> ModelSpec:
+        """With idle_action sleep: `--enable-memory-saver` (unless the user passed it)."""
+        if spec.idle_action is not IdleAction.SLEEP:
+            return spec
+        args = spec.args if _MEMORY_SAVER in spec.args else (*spec.args, _MEMORY_SAVER)
+        return spec.model_copy(update={"args": args})
+
+    def launch_hash(self, spec: ModelSpec) -> str:
+        return self.launch_spec(spec).spec_hash()
+
+    def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        return (Call("POST", "/release_memory_occupation", {}),)
+
+    def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        return (Call("POST", "/resume_memory_occupation", {}),)
+
+    def sleep_state_call(self, spec: ModelSpec) -> Call | None:
+        return None
 
     def rank_argv(self, spec: ModelSpec, launch: Launch, nnodes: int, rank: int, dist_init_addr: str) -> list[str]:
         """launch_server as rank `rank` of `nnodes` (one per node), meeting at `dist_init_addr` (host:port

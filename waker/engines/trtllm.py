@@ -8,6 +8,12 @@ Flag sources:
   the only spelling in 0.18): "Free GPU memory fraction reserved for KV Cache, after allocating model
   weights and buffers"; `--served_model_name` ("prototype"; default: the model path).
 - The same page lists `/health` among the server's endpoints.
+- Prometheus metrics: `GET /prometheus/metrics`, mounted when the server returns perf metrics
+  (`return_perf_metrics` in the LLM API options; tensorrt_llm/serve/openai_server.py `mount_metrics`, and
+  examples/serve/prometheus_metrics.py). Its `/metrics` route answers iteration stats as JSON, not
+  Prometheus text, so it is not the one to scrape.
+- No sleep mode we use: `/release_memory` and `/resume_memory` are marked "RL-only endpoints" in
+  openai_server.py.
 
 Caveats worth knowing when writing a models.d entry:
 - The fraction means something different from vLLM's: it is a share of the memory left free *after*
@@ -20,7 +26,7 @@ Caveats worth knowing when writing a models.d entry:
 """
 
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.engines.base import Launch, NoSleepMode, Readiness
 from waker.engines.flags import ServeFlags, required_model
 
 _HOST = ("--host",)
@@ -30,7 +36,7 @@ _MEMORY = ("--kv_cache_free_gpu_memory_fraction", "--free_gpu_memory_fraction")
 _FLAGS = ServeFlags(_HOST, _PORT, _SERVED_NAME, _MEMORY)
 
 
-class TrtllmEngine:
+class TrtllmEngine(NoSleepMode):
     """Builds trtllm-serve command lines.
 
     Launcher: `trtllm-serve <model>` by default. A `spec.command` replaces `trtllm-serve` (it may also
@@ -39,6 +45,7 @@ class TrtllmEngine:
     """
 
     kind: str = EngineKind.TRTLLM.value
+    metrics_path: str | None = "/prometheus/metrics"
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)

@@ -13,10 +13,20 @@ Flag sources:
   "vLLM on stacked Sparks"): a Ray cluster (`ray start --head` / `ray start --address`), then `vllm serve` on
   the head with `--distributed-executor-backend ray` and `--pipeline-parallel-size` (`-pp`) or
   `--tensor-parallel-size` (`-tp`) equal to the number of nodes (one GPU each on a DGX Spark).
+- Prometheus metrics: `GET /metrics` on the OpenAI-compatible server ("Production Metrics",
+  https://docs.vllm.ai/en/latest/usage/metrics/, repo: docs/usage/metrics.md).
+
+Sleep mode (https://docs.vllm.ai/en/latest/features/sleep_mode/): started with `--enable-sleep-mode` and
+env `VLLM_SERVER_DEV_MODE=1` (the sleep routes exist only in dev mode). `POST /sleep?level=N`;
+level 1 offloads weights to CPU RAM and drops the KV cache, level 2 drops both. Waking from level 1
+is `POST /wake_up`; from level 2 the weights must be reloaded in place: `POST /wake_up?tags=weights`,
+`POST /collective_rpc {"method": "reload_weights"}`, then `POST /wake_up?tags=kv_cache`.
+`GET /is_sleeping` answers `{"is_sleeping": bool}` (vllm/entrypoints/openai/api_server.py; newer releases
+vllm/entrypoints/serve/sleep/api_router.py, attached only when VLLM_SERVER_DEV_MODE is set).
 """
 
-from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, Readiness
+from waker.config.spec import EngineKind, IdleAction, ModelSpec
+from waker.engines.base import Call, Launch, Readiness
 from waker.engines.flags import ServeFlags, has_flag, option, required_model
 
 _HOST = ("--host",)
@@ -29,6 +39,7 @@ _MODEL = ("--model",)
 _BACKEND = ("--distributed-executor-backend",)
 _PIPELINE = ("--pipeline-parallel-size", "--pipeline_parallel_size", "-pp")
 _TENSOR = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
+_SLEEP_MODE = "--enable-sleep-mode"
 
 
 class VllmEngine:
@@ -42,6 +53,8 @@ class VllmEngine:
     """
 
     kind: str = EngineKind.VLLM.value
+    supports_sleep: bool = True
+    metrics_path: str | None = "/metrics"
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)
@@ -53,6 +66,33 @@ class VllmEngine:
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
+
+    def launch_spec(self, spec: ModelSpec) -> ModelSpec:
+        """With idle_action sleep: `--enable-sleep-mode` (unless the user passed it) and VLLM_SERVER_DEV_MODE=1
+        (unless the user's env sets it: theirs wins)."""
+        if spec.idle_action is not IdleAction.SLEEP:
+            return spec
+        args = spec.args if _SLEEP_MODE in spec.args else (*spec.args, _SLEEP_MODE)
+        return spec.model_copy(update={"args": args, "env": {"VLLM_SERVER_DEV_MODE": "1", **spec.env}})
+
+    def launch_hash(self, spec: ModelSpec) -> str:
+        return self.launch_spec(spec).spec_hash()
+
+    def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        return (Call("POST", f"/sleep?level={spec.sleep_level}"),)
+
+    def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
+        if spec.sleep_level == 1:
+            return (Call("POST", "/wake_up"),)
+        # Level 2 dropped the weights: wake the weights' memory, reload them in place, then the KV cache.
+        return (
+            Call("POST", "/wake_up?tags=weights"),
+            Call("POST", "/collective_rpc", {"method": "reload_weights"}),
+            Call("POST", "/wake_up?tags=kv_cache"),
+        )
+
+    def sleep_state_call(self, spec: ModelSpec) -> Call | None:
+        return Call("GET", "/is_sleeping")
 
     def ray_argv(self, spec: ModelSpec, launch: Launch, size: int) -> list[str]:
         """`vllm serve` spread over the `size` nodes of the Ray cluster it runs in: Ray as the executor and
