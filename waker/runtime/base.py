@@ -1,9 +1,16 @@
-"""The protocol every runtime implements; the rest of the waker never knows which one it drives."""
+"""The protocol every runtime implements; the rest of the waker never knows which one it drives.
 
+Cancel safety: a runtime's `start` and a handle's `stop` may be cancelled at any moment (a stop cancels a start,
+a shutdown cancels a stop). Neither may leave an engine running that nobody tracks: what they began is carried
+to its end (`run_to_end`) and undone before the cancellation propagates.
+"""
+
+import asyncio
 import signal
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
@@ -67,7 +74,12 @@ class EngineHandle(Protocol):
         ...
 
     async def stop(self, grace: float) -> int | None:
-        """Ask the engine to stop, force it after `grace` seconds; returns the exit code."""
+        """Ask the engine to stop, force it after `grace` seconds; returns the exit code.
+
+        Cancel-safe: when the awaiting task is cancelled, the engine still ends. A process is killed (its
+        whole group) and reaped before the cancellation propagates; a container's stop is one SDK call that
+        runs to its end in its thread (a group of containers: every part is stopped before the cancellation
+        propagates)."""
         ...
 
     async def log_tail(self, lines: int) -> tuple[str, ...]:
@@ -81,7 +93,10 @@ class Runtime(Protocol):
     detached: bool
 
     async def start(self, spec: ModelSpec, engine: Engine) -> EngineHandle:
-        """Launch the engine for `spec`; returns as soon as it is launched (not ready)."""
+        """Launch the engine for `spec`; returns as soon as it is launched (not ready).
+
+        Cancel-safe: a start cancelled while the runtime creates the engine leaves nothing running; what it
+        made or started is stopped (and removed, unless kept on purpose) before the cancellation propagates."""
         ...
 
 
@@ -107,6 +122,31 @@ class Adopter(Protocol):
     async def discard(self, found: Found, reason: str) -> None:
         """Stop and remove a stale engine."""
         ...
+
+
+T = TypeVar("T")
+
+
+async def run_to_end(work: Awaitable[T]) -> T:
+    """Await `work` to its end even when the awaiting task is cancelled meanwhile, once or more; then raise that
+    cancellation (`work`'s outcome is dropped then), else return its result or raise its error. For clean-up
+    that must not be cut short: removing what a cancelled start made, killing and reaping what a cancelled stop
+    left running."""
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if not task.cancelled():  # we were cancelled, not `work`: it goes on to its end
+                cancelled = exc
+        except BaseException:  # `work`'s own error: raised below by task.result()
+            pass
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: dropped on purpose, not "never retrieved"
+        raise cancelled
+    return task.result()
 
 
 def connect_host(host: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from waker.config.spec import ModelSpec
 from waker.engines.base import Engine, Launch
-from waker.runtime.base import Exit, free_port, http_url
+from waker.runtime.base import Exit, free_port, http_url, run_to_end
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,6 +44,11 @@ class ProcessHandle:
         return self._proc.pid
 
     @property
+    def process_group(self) -> int:
+        """The engine's process group (started in a new session: its pid); its workers inherit it."""
+        return self._proc.pid
+
+    @property
     def root_url(self) -> str:
         return self._url
 
@@ -67,16 +72,24 @@ class ProcessHandle:
             os.killpg(self._proc.pid, sig)
 
     async def stop(self, grace: float) -> int | None:
-        if self._proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self._proc.wait(), timeout=grace)
-            except TimeoutError:
-                self._signal_group(signal.SIGKILL)
-                await self._proc.wait()
-        # Children the engine spawned (workers) must not outlive it.
-        self._signal_group(signal.SIGKILL)
-        self._reader.cancel()
+        try:
+            if self._proc.returncode is None:
+                self._signal_group(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(self._proc.wait(), timeout=grace)
+                except TimeoutError:
+                    self._signal_group(signal.SIGKILL)
+                    await self._proc.wait()
+        except asyncio.CancelledError:
+            # Whoever stops it gave up waiting (a second stop, a shutdown): the engine must end all the same,
+            # or one that ignores SIGTERM outlives its model (tests/unit/test_process_runtime.py).
+            self._signal_group(signal.SIGKILL)
+            await run_to_end(self._proc.wait())
+            raise
+        finally:
+            # Children the engine spawned (workers) must not outlive it.
+            self._signal_group(signal.SIGKILL)
+            self._reader.cancel()
         return self._proc.returncode
 
     async def log_tail(self, lines: int) -> tuple[str, ...]:

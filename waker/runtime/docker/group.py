@@ -26,7 +26,7 @@ from docker.models.containers import Container
 from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
 from waker.engines.multinode import HEAD, GroupPlan, Part, plan_group
-from waker.runtime.base import Exit, Found, RuntimeUnavailable, free_port, http_url
+from waker.runtime.base import Exit, Found, RuntimeUnavailable, free_port, http_url, run_to_end
 from waker.runtime.docker.container import (
     LABEL_GROUP_SIZE,
     LABEL_HASH,
@@ -228,7 +228,17 @@ class GroupHandle:
 
     async def stop(self, grace: float) -> int | None:
         """Stop and remove every part: the serving process first, then the workers, the head last.
-        Returns the serving process's exit code (vLLM serve; SGLang rank 0)."""
+        Returns the serving process's exit code (vLLM serve; SGLang rank 0).
+
+        Cancel-safe: cancelled half-way (whoever stops it gave up waiting), it still stops and removes every part,
+        at once, before the cancellation propagates (tests/docker/test_docker_cancel.py)."""
+        try:
+            return await self._stop_in_order(grace)
+        except asyncio.CancelledError:
+            await run_to_end(_remove_all(self.members))
+            raise
+
+    async def _stop_in_order(self, grace: float) -> int | None:
         errors: list[BaseException] = []
         code: int | None = None
         if self.serve is not None:

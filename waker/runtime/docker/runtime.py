@@ -5,6 +5,7 @@ restarted gateway finds and adopts them instead of restarting engines. The resta
 always "no": the waker decides restarts (with backoff), not the daemon.
 """
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from docker.models.containers import Container
 
 from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
-from waker.runtime.base import Found, RuntimeUnavailable, free_port, http_url
+from waker.runtime.base import Found, RuntimeUnavailable, free_port, http_url, run_to_end
 from waker.runtime.docker.container import (
     LABEL_HASH,
     LABEL_INSTANCE,
@@ -86,8 +87,15 @@ class DockerRuntime:
                     remove_container(client, reusable.id)
             return self._create(client, node.node, spec, engine, name, spec_hash, self.instance)
 
+        launching = asyncio.ensure_future(node.call(launch))
         try:
-            container, port = await node.call(launch)
+            container, port = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Cancelled while Docker creates or starts the container (the call runs on in its thread): let it
+            # finish, then stop what it made or started, so no container runs that nobody tracks
+            # (tests/docker/test_docker_cancel.py).
+            await run_to_end(self._undo(node, launching, spec))
+            raise
         except docker.errors.ImageNotFound:
             raise RuntimeError(
                 f"image {spec.image!r} is not on {node.node.describe()}: pull or build it there first"
@@ -95,6 +103,20 @@ class DockerRuntime:
         except docker.errors.APIError as exc:
             raise RuntimeError(f"Docker refused to run {spec.name}: {exc.explanation or exc}") from None
         return DockerHandle(node, container, http_url(node.node.address, port), spec.keep_container)
+
+    @staticmethod
+    async def _undo(node: DockerHost, launching: "asyncio.Future[tuple[Container, int]]", spec: ModelSpec) -> None:
+        """Stop what a cancelled start launched: removed, or (keep_container) left stopped for the next start."""
+        try:
+            container, _ = await launching
+        except (Exception, asyncio.CancelledError):  # it made nothing (refused, daemon gone, pool closed)
+            return
+        log.info("start of %s cancelled: stopping container %s", spec.name, container.short_id)
+        try:
+            await DockerHandle(node, container, "", spec.keep_container).stop(0)
+        except Exception as exc:
+            log.warning("could not stop container %s of %s after its start was cancelled (%s); the model's next "
+                        "start removes it", container.short_id, spec.name, exc)
 
     @staticmethod
     def _create(client: docker.DockerClient, node: DockerNode, spec: ModelSpec, engine: Engine, name: str,
