@@ -14,7 +14,10 @@ import pytest
 
 from tests.docker.conftest import docker_engine_spec
 from tests.harness import fake_engine_spec, run_gateway, write_models
-from waker.runtime.docker.container import LABEL_HASH, LABEL_MANAGED, LABEL_MODEL, container_name
+from waker.config.spec import ModelSpec
+from waker.engines.registry import engine_for
+from waker.runtime.docker.container import LABEL_HASH, LABEL_MANAGED, LABEL_MODEL, DockerHandle, container_name
+from waker.runtime.docker.runtime import DockerRuntime
 
 pytestmark = pytest.mark.docker
 
@@ -89,6 +92,44 @@ async def test_gateway_restart_adopts_the_running_container_without_restarting_i
     assert after.id == before.id
     assert after.attrs["State"]["StartedAt"] == before.attrs["State"]["StartedAt"]
     assert after.attrs["RestartCount"] == 0
+
+
+async def test_a_kept_container_claimed_after_a_restart_is_kept_at_its_stop_and_reused(
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    """`keep_container` survives a gateway restart: the new runtime's handle for the running container comes from
+    claim(found, spec), which knows the spec; the one discover() made can only guess (running: not kept)."""
+    spec = ModelSpec.model_validate(docker_engine_spec(model_name, keep_container=True))
+    before, after = DockerRuntime(instance=f"test-{model_name}"), DockerRuntime(instance=f"test-{model_name}")
+    try:
+        started = await before.start(spec, engine_for(spec.engine))
+        assert isinstance(started, DockerHandle)
+
+        [found] = await after.discover()  # the gateway restarted
+        assert (found.model, found.running, found.spec_hash) == (model_name, True, spec.spec_hash())
+        adopted = after.claim(found, spec)
+        assert isinstance(adopted, DockerHandle) and adopted.container_id == started.container_id
+        await adopted.stop(5)
+        [kept] = containers_of(docker_client, model_name)
+        assert (kept.id, kept.status) == (started.container_id, "exited")  # stopped, not removed
+
+        again = await after.start(spec, engine_for(spec.engine))
+        assert isinstance(again, DockerHandle) and again.container_id == started.container_id
+        await again.stop(0)
+    finally:
+        before.close()
+        after.close()
+
+
+async def test_claim_refuses_another_models_engine(docker_client: docker.DockerClient, model_name: str) -> None:
+    spec = ModelSpec.model_validate(docker_engine_spec(model_name))
+    runtime = DockerRuntime(instance=f"test-{model_name}")
+    try:
+        await runtime.start(spec, engine_for(spec.engine))
+        [found] = await runtime.discover()
+        with pytest.raises(ValueError, match="not 'other'"):
+            runtime.claim(found, spec.model_copy(update={"name": "other"}))
+    finally:
+        runtime.close()
 
 
 async def test_container_killed_mid_stream_ends_the_stream_with_an_error_and_restarts_later(

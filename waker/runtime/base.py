@@ -123,6 +123,11 @@ class Adopter(Protocol):
         """Stop and remove a stale engine."""
         ...
 
+    def claim(self, found: Found, spec: ModelSpec) -> EngineHandle:
+        """The handle to adopt `found` with as the engine of `spec`, configured for `spec` (docker: a stop keeps
+        the container when `spec.keep_container`; a handle made by `discover` can't know that)."""
+        ...
+
 
 T = TypeVar("T")
 

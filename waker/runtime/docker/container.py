@@ -32,12 +32,19 @@ def container_name(model: str) -> str:
 
 
 class DockerHandle:
+    """One container (the EngineHandle protocol). `keep`: a stop leaves it stopped instead
+    of removing it (`keep_container`: a faster next start)."""
+
     def __init__(self, node: DockerHost, container: Container, root_url: str, keep: bool) -> None:
         self._node = node
         self._container = container
         self._url = root_url
         self._keep = keep
         self._exit: Exit | None = None
+
+    def keeping(self, keep: bool) -> "DockerHandle":
+        """The same container, with a stop that keeps it (or removes it) as `keep` says."""
+        return DockerHandle(self._node, self._container, self._url, keep)
 
     @property
     def ident(self) -> str:
@@ -46,6 +53,11 @@ class DockerHandle:
     @property
     def container_id(self) -> str:
         return str(self._container.id)
+
+    @property
+    def host(self) -> DockerHost:
+        """The Docker host it runs on."""
+        return self._node
 
     @property
     def root_url(self) -> str:

@@ -157,7 +157,9 @@ class DockerRuntime:
                     parts.append((node, c))
                     continue
                 port = int(c.labels.get(LABEL_PORT, "0"))
-                keep = c.status != "running"  # a stopped container we find was kept on purpose
+                # A stopped container we find was kept on purpose; a running one is kept or not as its spec says,
+                # which only the waker knows: it adopts it through claim().
+                keep = c.status != "running"
                 handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
                 found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
                                    c.status == "running", handle, (node.node.name,)))
@@ -169,7 +171,6 @@ class DockerRuntime:
             log.info("stopping stale engine %s (%s): %s", handle.ident, found.model, reason)
             await handle.stop(10.0)
             return
-        assert isinstance(handle, DockerHandle)
         container_id = handle.container_id
 
         def remove(client: docker.DockerClient) -> None:
@@ -180,7 +181,19 @@ class DockerRuntime:
             remove_container(client, container_id)
 
         log.info("stopping stale container %s (%s): %s", handle.ident, found.model, reason)
-        await handle._node.call(remove)
+        await handle.host.call(remove)
+
+    def claim(self, found: Found, spec: ModelSpec) -> DockerHandle | GroupHandle:
+        """`found` adopted as the engine of `spec`: its stop keeps the container when `spec.keep_container` (what
+        `discover` made of it could only guess from its state)."""
+        if found.model != spec.name:
+            raise ValueError(f"{found.handle.ident} runs {found.model!r}, not {spec.name!r}")
+        handle = found.handle
+        if isinstance(handle, DockerHandle):
+            return handle.keeping(spec.keep_container)
+        if isinstance(handle, GroupHandle):
+            return handle  # the parts of a model spanning nodes are never kept (start_group removes leftovers)
+        raise TypeError(f"{handle.ident} is not a Docker engine")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
