@@ -1,8 +1,8 @@
-"""Memory readers: what one engine really takes, read from the kernel, the Docker daemon and NVML.
+"""Memory readers: what one engine really takes, read from the kernel and NVML (a container's cgroup is read by the
+Docker runtime: ``waker.runtime.docker.container.container_memory``, behind the ``ContainerEngine`` protocol).
 
-Each reader is a plain blocking function (procfs reads, one Docker API call, NVML calls): the sampler runs them off
-the event loop. They return bytes, and None where a figure can't be had, so a missing source never looks like "uses
-nothing".
+Each reader is a plain blocking function (procfs reads, NVML calls): the sampler runs them off the event loop. They
+return bytes, and None where a figure can't be had, so a missing source never looks like "uses nothing".
 
 Why these sources:
 
@@ -13,7 +13,7 @@ Why these sources:
   also returned: it is all that ``/proc/<pid>/status`` offers where ``smaps_rollup`` is missing (kernels before 4.14)
   or unreadable (a process of another user).
 * Docker runtime: the container's memory cgroup, which also counts the page cache its processes fill, minus the
-  reclaimable (inactive) file cache, the same rule as ``docker stats``.
+  reclaimable (inactive) file cache, the same rule as ``docker stats`` (read by the runtime, see above).
 * NVML per-process GPU memory: on discrete GPUs the weights and KV cache live in the card's own memory, which no
   procfs or cgroup figure shows.
 * ``MemAvailable``: the whole machine, to see the pool shrink as engines load (see waker/runtime/memory.py for why
@@ -132,67 +132,6 @@ def system_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """``MemAvailable`` in bytes: what the kernel could hand out now without swapping; None where it is missing."""
     fields = _kib_fields(meminfo, ("MemAvailable",))
     return fields.get("MemAvailable") if fields else None
-
-
-# -- containers ------------------------------------------------------------------------------------------------------
-
-
-def container_memory(client: Any, container_id: str) -> int | None:
-    """The container's memory cgroup usage in bytes, without its reclaimable file cache; None when it isn't running.
-
-    ``client`` is a ``docker.DockerClient``. The daemon's ``memory_stats`` come from the cgroup:
-
-    * cgroup v1: ``usage`` is ``memory.usage_in_bytes`` (anonymous memory *and* page cache, also the cache of model
-      files the engine read); ``stats.total_inactive_file`` is the part of that cache the kernel reclaims first.
-    * cgroup v2: ``usage`` is ``memory.current``; ``stats.inactive_file`` is the same reclaimable part.
-
-    Subtracting inactive file pages is what ``docker stats`` shows (docker/cli ``calculateMemUsageUnixNoCache``): a
-    container that has just read 60 GB of weights through the page cache does not hold 60 GB more than it needs,
-    while active file pages (weights mmapped and in use, as llama.cpp does) stay counted. Daemons before 19.03 had
-    no inactive_file; then the whole ``cache`` is subtracted, as their ``docker stats`` did.
-
-    ``one_shot`` (API 1.41+) skips the daemon's second sample for CPU figures, which would cost a second per call.
-    """
-    try:
-        stats = client.api.stats(container_id, stream=False, one_shot=True)
-    except Exception as exc:
-        if type(exc).__name__ != "InvalidVersion":  # daemon older than API 1.41: ask the slow way
-            raise
-        stats = client.api.stats(container_id, stream=False)
-    return memory_from_stats(stats.get("memory_stats") or {})
-
-
-def memory_from_stats(memory_stats: dict[str, Any]) -> int | None:
-    """Usage minus reclaimable file cache, from a Docker stats ``memory_stats`` object (see :func:`container_memory`).
-    An empty object (container not running) gives None."""
-    usage = memory_stats.get("usage")
-    if usage is None:
-        return None
-    detail = memory_stats.get("stats") or {}
-    for key in ("total_inactive_file", "inactive_file", "cache"):  # cgroup v1, cgroup v2, daemons before 19.03
-        value = detail.get(key)
-        if value is not None and value < usage:
-            return int(usage - value)
-    return int(usage)
-
-
-def container_pids(client: Any, container_id: str) -> list[int]:
-    """The host pids of a container's processes (``docker top``), to find them in NVML's per-process list.
-
-    Meaningful only where the daemon runs on this machine: NVML reports this machine's pids.
-    """
-    top = client.api.top(container_id)
-    titles = top.get("Titles") or []
-    if "PID" not in titles:
-        return []
-    column = titles.index("PID")
-    pids = []
-    for row in top.get("Processes") or []:
-        try:
-            pids.append(int(row[column]))
-        except (IndexError, ValueError):
-            continue
-    return pids
 
 
 # -- GPUs ------------------------------------------------------------------------------------------------------------

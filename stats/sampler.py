@@ -4,8 +4,11 @@ Why sample at all: ``memory_gb`` in models.d is a guess, and the budget is only 
 really takes (and how high it peaks while loading: vLLM's profiling run, CUDA graph capture) is measured here, so the
 budget can learn it (:mod:`stats.learned`) and ``sparkgate stats`` can show it.
 
-Every read is blocking (procfs, Docker API, NVML) and runs off the event loop: procfs and NVML in a worker thread,
-Docker calls in the Docker runtime's own pool (``DockerHandle._node.call``), so a slow daemon never delays requests.
+The sampler reads the waker only through its read model (``waker.describe()``), and an engine only through the
+protocols its handle implements (waker.runtime.base): ``ProcessGroupEngine`` (a process group here: procfs) and
+``ContainerEngine`` (the runtime reads the container's cgroup). Every read is blocking (procfs, Docker API, NVML)
+and runs off the event loop: procfs and NVML in a worker thread, container reads in the runtime's own threads, so a
+slow daemon never delays requests.
 """
 
 from __future__ import annotations
@@ -13,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stats.readers import (
-    container_memory,
-    container_pids,
     gpu_memory_by_pid,
     open_nvml,
     process_groups,
@@ -28,34 +28,37 @@ from stats.readers import (
 )
 from stats.store import Sample, SampleStore
 from waker.clock import Clock, SystemClock
+from waker.runtime.base import ContainerEngine, ProcessGroupEngine
 from waker.runtime.memory import GIB
+from waker.state import ModelState
+from waker.status import ModelStatus, WakerStatus
 
 log = logging.getLogger("sparkgate.stats")
 
-PHASE_OF_STATE = {"starting": "load", "waking": "load", "ready": "steady", "sleeping": "sleep"}
+PHASE_OF_STATE = {ModelState.STARTING: "load", ModelState.WAKING: "load", ModelState.READY: "steady",
+                  ModelState.SLEEPING: "sleep"}
 """States whose engine is up (STOPPING is left out: the engine is going away, and what it frees says nothing about
 what it needs)."""
 
 _PRUNE_EVERY = 3600.0
 
 
-class Controller(Protocol):
-    """What the sampler reads of a ``waker.lifecycle.controller.ModelController``."""
+class Described(Protocol):
+    """What the sampler reads of a ``waker.waker.Waker``: its read model."""
 
-    spec: Any  # .name; .spec_hash() and .node when it is a real ModelSpec
-    state: Any  # a ModelState (a str enum) or its value
-    handle: Any  # ProcessHandle (.pid), DockerHandle (.container_id, ._node), or anything else (skipped)
+    def describe(self) -> WakerStatus:
+        ...
 
 
 @dataclass(slots=True)
 class _Target:
-    """One engine to read this round, captured in one synchronous step so its state and handle agree."""
+    """One engine to read this round, taken from one status so its state and engine agree."""
 
     model: str
     phase: str
-    spec_hash: str | None
-    pgid: int | None = None  # process runtime
-    container: Any = None  # DockerHandle
+    spec_hash: str
+    pgid: int | None = None  # an engine that is a process group here
+    container: ContainerEngine | None = None  # an engine in a container
     local: bool = True  # NVML and MemAvailable describe this machine: meaningful only for engines on it
     rss: int | None = None
     pss: int | None = None
@@ -66,13 +69,13 @@ class _Target:
 class Sampler:
     """Reads every running engine's memory every ``interval`` seconds into ``store``.
 
-    ``waker`` is a ``waker.waker.Waker`` (or anything with ``registry`` and ``controller(name)``, or with
-    ``controllers()``). ``nvml``: the pynvml module or a stand-in; None opens pynvml on the first round (a box with no
-    NVIDIA GPU then records no GPU figures); False turns GPU readings off. ``retention``: samples older than this many
+    ``waker`` is a ``waker.waker.Waker`` (anything with ``describe()``). ``nvml``: the pynvml module or a stand-in;
+    None opens pynvml on the first round (a box with no NVIDIA GPU then records no GPU figures); False turns GPU
+    readings off. ``retention``: samples older than this many
     seconds are deleted once an hour (None keeps everything).
     """
 
-    def __init__(self, waker: Any, store: SampleStore, interval: float = 5.0, clock: Clock | None = None, *,
+    def __init__(self, waker: Described, store: SampleStore, interval: float = 5.0, clock: Clock | None = None, *,
                  nvml: Any = None, retention: float | None = 90 * 86400.0) -> None:
         if interval <= 0:
             raise ValueError("the sampling interval must be positive")
@@ -110,7 +113,7 @@ class Sampler:
 
     async def sample_once(self) -> list[Sample]:
         """One round: read every engine that is up, store and return the samples."""
-        targets = [t for t in (_target(c) for c in self._controllers()) if t is not None]
+        targets = [t for t in map(_target, self._waker.describe().models) if t is not None]
         if not targets:
             return []
         await asyncio.gather(*(self._read_container(t) for t in targets if t.container is not None))
@@ -132,28 +135,14 @@ class Sampler:
         self.latest = {sample.model: sample.footprint for sample in samples if sample.footprint is not None}
         return samples
 
-    def _controllers(self) -> Iterable[Controller]:
-        waker = self._waker
-        if callable(getattr(waker, "controllers", None)):
-            return list(waker.controllers())
-        found = []
-        for name in list(waker.registry):
-            try:
-                found.append(waker.controller(name))
-            except KeyError:  # models.d reloading: the registry is ahead of the controllers for a moment
-                continue
-        return found
-
     async def _read_container(self, target: _Target) -> None:
-        handle = target.container
-        container_id = handle.container_id
-        want_pids = target.local and self._nvml is not False
+        assert target.container is not None
         try:
-            target.cgroup = await handle._node.call(lambda client: container_memory(client, container_id))
-            if want_pids and target.cgroup is not None:
-                target.pids = tuple(await handle._node.call(lambda client: container_pids(client, container_id)))
+            reading = await target.container.container_memory(with_pids=target.local and self._nvml is not False)
         except Exception as exc:  # container gone, daemon unreachable: this round has no figure for it
             log.debug("no memory reading for %s: %s", target.model, exc)
+            return
+        target.cgroup, target.pids = reading.cgroup_bytes, reading.pids
 
     def _read_local(self, targets: list[_Target]) -> tuple[dict[int, int] | None, int | None]:
         """procfs and NVML, in one worker thread: one /proc scan for every process group, one NVML query."""
@@ -186,25 +175,22 @@ class Sampler:
             await asyncio.to_thread(self.store.prune, now - self.retention)
 
 
-def _target(controller: Controller) -> _Target | None:
-    state = controller.state
-    phase = PHASE_OF_STATE.get(str(getattr(state, "value", state)))
-    handle = controller.handle
-    if phase is None or handle is None:
+def _target(status: ModelStatus) -> _Target | None:
+    phase = PHASE_OF_STATE.get(status.state)
+    engine = status.engine
+    if phase is None or engine is None:
         return None
-    spec = controller.spec
-    spec_hash = spec.spec_hash() if callable(getattr(spec, "spec_hash", None)) else None
-    # NVML and MemAvailable are this machine's: they say nothing about engines on a remote Docker host.
-    placed = tuple(getattr(controller, "placed", None) or ())
-    local = (placed[0] if placed else getattr(spec, "node", None) or "local") == "local" and len(placed) <= 1
-    target = _Target(model=spec.name, phase=phase, spec_hash=spec_hash, local=local)
-    if getattr(handle, "container_id", None) is not None and hasattr(handle, "_node"):
-        target.container = handle
-    elif isinstance(getattr(handle, "pid", None), int):
-        target.pgid = handle.pid  # started with start_new_session: its pid is its process group's id
+    # NVML and MemAvailable are this machine's: they say nothing about engines on another Docker host, nor about a
+    # model spanning several nodes.
+    local = status.placed in ((), ("local",))
+    target = _Target(model=status.name, phase=phase, spec_hash=status.spec.spec_hash(), local=local)
+    if isinstance(engine, ContainerEngine):
+        target.container = engine
+    elif isinstance(engine, ProcessGroupEngine):
+        target.pgid = engine.process_group
         target.local = True  # a process engine is always on this machine
     else:
-        return None  # external endpoints and other runtimes: nothing of theirs to read here
+        return None  # external endpoints, groups of containers: nothing of theirs to read here
     return target
 
 

@@ -1,4 +1,5 @@
-"""Real processes that hold a known amount of memory, and a stand-in NVML, for the stats tests."""
+"""Real processes that hold a known amount of memory, a stand-in NVML, and stand-in wakers and engines (the read
+model and the engine protocols the sampler reads), for the stats tests."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from typing import Any
 import pytest
 
 from tests.docker.conftest import docker_client, model_name  # noqa: F401  (fixtures for the Docker tests here)
+from waker.config.spec import ModelSpec
+from waker.runtime.base import ContainerMemory
+from waker.state import ModelState
+from waker.status import ModelStatus, WakerStatus
 
 MIB = 1024 * 1024
 
@@ -108,3 +113,40 @@ class FakeNvml:
         if isinstance(device, int):
             raise NVMLError(device)
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in device]
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """An engine that is a process group here (the ProcessGroupEngine protocol), as ProcessHandle is."""
+
+    process_group: int
+
+
+@dataclass
+class Container:
+    """An engine in a container (the ContainerEngine protocol), as DockerHandle is: answers `reading`, or raises
+    it; records whether pids were asked for."""
+
+    reading: ContainerMemory | Exception
+    asked_pids: list[bool] = field(default_factory=list)
+
+    async def container_memory(self, with_pids: bool) -> ContainerMemory:
+        self.asked_pids.append(with_pids)
+        if isinstance(self.reading, Exception):
+            raise self.reading
+        return self.reading if with_pids else ContainerMemory(self.reading.cgroup_bytes)
+
+
+def status(name: str, state: ModelState, engine: object, placed: tuple[str, ...] = ()) -> ModelStatus:
+    spec = ModelSpec(name=name, command=["engine"])
+    return ModelStatus(name=name, spec=spec, state=state, since=0.0, engine=engine, placed=placed)  # type: ignore[arg-type]
+
+
+class FakeWaker:
+    """Anything with describe(): here, a fixed list of model statuses."""
+
+    def __init__(self, *models: ModelStatus) -> None:
+        self.models = list(models)
+
+    def describe(self) -> WakerStatus:
+        return WakerStatus(now=0.0, models=tuple(self.models), nodes=(), routes={m.name: m.name for m in self.models})

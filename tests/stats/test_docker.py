@@ -1,4 +1,5 @@
-"""Container memory from the real Docker daemon, in the locally built test image."""
+"""Container memory from the real Docker daemon, in the locally built test image: read by the Docker runtime
+(DockerHandle, the ContainerEngine protocol), sampled through it."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import docker
 import pytest
 
-from stats.readers import container_memory, container_pids
 from stats.sampler import Sampler
 from stats.store import SampleStore
 from tests.docker.conftest import IMAGE
-from tests.stats.conftest import MIB
+from tests.stats.conftest import MIB, FakeWaker, status
+from waker.runtime.base import ContainerEngine
+from waker.runtime.docker.container import DockerHandle, container_memory, container_pids
 from waker.runtime.docker.host import DockerHost, DockerNode
 from waker.runtime.memory import GIB
 from waker.state import ModelState
@@ -64,12 +65,31 @@ def test_a_stopped_container_has_no_reading(docker_client: docker.DockerClient, 
     assert container_memory(docker_client, container) is None
 
 
-async def test_the_sampler_reads_a_container_through_the_docker_node(
-        docker_client: docker.DockerClient, container: str, tmp_path: Path) -> None:
-    """The same path the gateway takes: DockerHandle._node.call runs the SDK call in the runtime's pool."""
-    with ThreadPoolExecutor(max_workers=2) as pool, SampleStore(tmp_path / "stats.sqlite3") as store:
-        handle = SimpleNamespace(container_id=container, _node=DockerHost(DockerNode(), pool))
-        ctl = SimpleNamespace(spec=SimpleNamespace(name="boxed"), state=ModelState.READY, handle=handle)
-        [sample] = await Sampler(SimpleNamespace(controllers=lambda: [ctl]), store, nvml=False).sample_once()
+@pytest.fixture
+def handle(docker_client: docker.DockerClient, container: str) -> Iterator[DockerHandle]:
+    """The gateway's handle for that container: its SDK calls run in the runtime's pool."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield DockerHandle(DockerHost(DockerNode(), pool), docker_client.containers.get(container), "", keep=True)
+
+
+async def test_a_docker_handle_reads_its_cgroup_and_host_pids(handle: DockerHandle) -> None:
+    assert isinstance(handle, ContainerEngine)
+    reading = await handle.container_memory(with_pids=True)
+    assert reading.cgroup_bytes is not None and reading.cgroup_bytes >= 90 * MIB
+    assert reading.pids and all(Path(f"/proc/{pid}").exists() for pid in reading.pids)
+    assert (await handle.container_memory(with_pids=False)).pids == ()
+
+
+async def test_a_stopped_docker_handle_reads_nothing(docker_client: docker.DockerClient, handle: DockerHandle) -> None:
+    docker_client.api.stop(handle.container_id, timeout=0)
+    reading = await handle.container_memory(with_pids=True)
+    assert reading.cgroup_bytes is None and reading.pids == ()
+
+
+async def test_the_sampler_reads_a_container_through_its_handle(handle: DockerHandle, tmp_path: Path) -> None:
+    """The same path the gateway takes: the sampler asks the engine (ContainerEngine), the handle asks Docker."""
+    with SampleStore(tmp_path / "stats.sqlite3") as store:
+        [sample] = await Sampler(FakeWaker(status("boxed", ModelState.READY, handle)), store,
+                                 nvml=False).sample_once()
     assert sample.cgroup is not None and sample.cgroup >= 90 * MIB / GIB
     assert sample.rss is None and sample.phase == "steady"

@@ -11,7 +11,6 @@ import pytest
 from stats.readers import (
     gpu_memory_by_pid,
     gpu_process_memory,
-    memory_from_stats,
     open_nvml,
     process_group_memory,
     process_groups,
@@ -19,6 +18,7 @@ from stats.readers import (
     system_available,
 )
 from tests.stats.conftest import MIB, NVML_ERROR_NOT_SUPPORTED, FakeNvml, Hog
+from waker.runtime.docker.container import memory_from_stats
 
 GIB = 1024**3
 
@@ -90,6 +90,7 @@ def test_system_available_is_memavailable(tmp_path: Path) -> None:
 
 
 def test_docker_memory_stats_without_reclaimable_cache() -> None:
+    """The rule the Docker runtime reads a container's cgroup with (pure: no daemon)."""
     v1 = {"usage": 116_625_408, "stats": {"total_inactive_file": 7_929_856, "cache": 7_938_048,
                                           "inactive_file": 7_929_856, "rss": 107_585_536}}
     assert memory_from_stats(v1) == 116_625_408 - 7_929_856

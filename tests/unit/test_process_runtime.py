@@ -12,6 +12,7 @@ import pytest
 
 from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
+from waker.runtime.base import ProcessGroupEngine
 from waker.runtime.process import ProcessHandle, ProcessRuntime
 
 # An engine that ignores SIGTERM (it says so each time, so a test knows the stop is in its grace period).
@@ -54,6 +55,7 @@ async def stubborn() -> AsyncIterator[ProcessHandle]:
 
 
 async def test_an_engine_is_its_own_process_group(stubborn: ProcessHandle) -> None:
+    assert isinstance(stubborn, ProcessGroupEngine)
     assert stubborn.process_group == os.getpgid(stubborn.pid) == stubborn.pid
 
 

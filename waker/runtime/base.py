@@ -129,6 +129,36 @@ class Adopter(Protocol):
         ...
 
 
+@runtime_checkable
+class ProcessGroupEngine(Protocol):
+    """An engine that is a process group on this machine (its workers inherit the group): stats read its memory
+    from /proc."""
+
+    @property
+    def process_group(self) -> int:
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerMemory:
+    """What a container's memory cgroup holds (bytes, without reclaimable file cache; None when it isn't
+    running), and its processes' pids as seen by its host (empty unless asked for)."""
+
+    cgroup_bytes: int | None
+    pids: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class ContainerEngine(Protocol):
+    """An engine in a container: stats read its memory through the runtime, off the event loop."""
+
+    async def container_memory(self, with_pids: bool) -> ContainerMemory:
+        """The cgroup reading, and with `with_pids` the host pids of its processes (meaningful for NVML only
+        when the container's host is this machine). Raises RuntimeUnavailable or the runtime's errors when it
+        can't be read (the container is gone, the daemon unreachable)."""
+        ...
+
+
 T = TypeVar("T")
 
 

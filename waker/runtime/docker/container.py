@@ -1,4 +1,5 @@
-"""One engine container: its labels, its configuration (pure), and its handle (wait, stop, logs)."""
+"""One engine container: its labels, its configuration (pure), its handle (wait, stop, logs), and what its
+memory cgroup holds (for stats)."""
 
 import asyncio
 import math
@@ -14,7 +15,7 @@ from docker.types import DeviceRequest, Ulimit
 
 from waker.config.spec import ModelSpec, UlimitRange
 from waker.engines.base import Engine, Launch
-from waker.runtime.base import Exit, RuntimeUnavailable
+from waker.runtime.base import ContainerMemory, Exit, RuntimeUnavailable
 from waker.runtime.docker.host import DockerHost, DockerNode
 
 LABEL_MANAGED = "sparkgate.managed"
@@ -32,7 +33,7 @@ def container_name(model: str) -> str:
 
 
 class DockerHandle:
-    """One container (the EngineHandle protocol). `keep`: a stop leaves it stopped instead
+    """One container (the EngineHandle and ContainerEngine protocols). `keep`: a stop leaves it stopped instead
     of removing it (`keep_container`: a faster next start)."""
 
     def __init__(self, node: DockerHost, container: Container, root_url: str, keep: bool) -> None:
@@ -128,6 +129,18 @@ class DockerHandle:
         raw = await self._node.call(logs)
         return tuple(raw.decode(errors="replace").splitlines()[-lines:])
 
+    async def container_memory(self, with_pids: bool) -> ContainerMemory:
+        """Its memory cgroup (and, with `with_pids`, its host pids while it runs), read in the runtime's pool so
+        a slow daemon never holds the event loop."""
+        container_id = self.container_id
+
+        def read(client: docker.DockerClient) -> ContainerMemory:
+            used = container_memory(client, container_id)
+            pids = tuple(container_pids(client, container_id)) if with_pids and used is not None else ()
+            return ContainerMemory(used, pids)
+
+        return await self._node.call(read)
+
 
 def container_config(spec: ModelSpec, engine: Engine, node: DockerNode, port: int, spec_hash: str) -> dict[str, Any]:
     """The SDK's `containers.create` arguments for `spec` (pure: unit-tested without a daemon).
@@ -195,6 +208,62 @@ def remove_container(client: docker.DockerClient, container_id: str) -> None:
             pass
 
 
+def container_memory(client: docker.DockerClient, container_id: str) -> int | None:
+    """The container's memory cgroup usage in bytes, without its reclaimable file cache; None when it isn't running.
+
+    The daemon's ``memory_stats`` come from the cgroup:
+
+    * cgroup v1: ``usage`` is ``memory.usage_in_bytes`` (anonymous memory *and* page cache, also the cache of model
+      files the engine read); ``stats.total_inactive_file`` is the part of that cache the kernel reclaims first.
+    * cgroup v2: ``usage`` is ``memory.current``; ``stats.inactive_file`` is the same reclaimable part.
+
+    Subtracting inactive file pages is what ``docker stats`` shows (docker/cli ``calculateMemUsageUnixNoCache``): a
+    container that has just read 60 GB of weights through the page cache does not hold 60 GB more than it needs,
+    while active file pages (weights mmapped and in use, as llama.cpp does) stay counted. Daemons before 19.03 had
+    no inactive_file; then the whole ``cache`` is subtracted, as their ``docker stats`` did.
+
+    ``one_shot`` (API 1.41+) skips the daemon's second sample for CPU figures, which would cost a second per call.
+    """
+    try:
+        stats = client.api.stats(container_id, stream=False, one_shot=True)
+    except docker.errors.InvalidVersion:  # daemon older than API 1.41: ask the slow way
+        stats = client.api.stats(container_id, stream=False)
+    return memory_from_stats(stats.get("memory_stats") or {})
+
+
+def memory_from_stats(memory_stats: dict[str, Any]) -> int | None:
+    """Usage minus reclaimable file cache, from a Docker stats ``memory_stats`` object (see :func:`container_memory`).
+    An empty object (container not running) gives None."""
+    usage = memory_stats.get("usage")
+    if usage is None:
+        return None
+    detail = memory_stats.get("stats") or {}
+    for key in ("total_inactive_file", "inactive_file", "cache"):  # cgroup v1, cgroup v2, daemons before 19.03
+        value = detail.get(key)
+        if value is not None and value < usage:
+            return int(usage - value)
+    return int(usage)
+
+
+def container_pids(client: docker.DockerClient, container_id: str) -> list[int]:
+    """The host pids of a container's processes (``docker top``), to find them in NVML's per-process list.
+
+    Meaningful only where the daemon runs on this machine: NVML reports this machine's pids.
+    """
+    top = client.api.top(container_id)
+    titles = top.get("Titles") or []
+    if "PID" not in titles:
+        return []
+    column = titles.index("PID")
+    pids = []
+    for row in top.get("Processes") or []:
+        try:
+            pids.append(int(row[column]))
+        except (IndexError, ValueError):
+            continue
+    return pids
+
+
 def _expand_volume(volume: str) -> str:
     host, _, rest = volume.partition(":")
     return f"{Path(host).expanduser()}:{rest}"
@@ -216,5 +285,6 @@ def _ulimit(name: str, value: int | UlimitRange) -> Ulimit:
 
 __all__ = [
     "LABEL_GROUP_SIZE", "LABEL_HASH", "LABEL_INSTANCE", "LABEL_MANAGED", "LABEL_MODEL", "LABEL_NODE", "LABEL_PART",
-    "LABEL_PORT", "DockerHandle", "container_config", "container_name", "remove_container", "resources",
+    "LABEL_PORT", "DockerHandle", "container_config", "container_memory", "container_name", "container_pids",
+    "memory_from_stats", "remove_container", "resources",
 ]
