@@ -4,6 +4,7 @@ and follow events live. All routes need the admin key (gateway/routes.py::requir
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -12,9 +13,8 @@ from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.routes import require_admin
 from waker.config.registry import ConfigError
-from waker.errors import ModelNotFound, WakerError
-from waker.lifecycle.controller import ModelController
 from waker.state import ModelState
+from waker.status import ModelStatus, NodeStatus
 from waker.waker import Waker
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -25,100 +25,95 @@ def _waker(request: Request) -> Waker:
     return waker
 
 
-def _controller(request: Request, name: str) -> ModelController:
+def _status(request: Request, name: str) -> ModelStatus:
     try:
-        return _waker(request).controller(name)
-    except ModelNotFound as exc:
-        raise ApiError(404, exc.message, code="model_not_found", param="model") from None
+        return _waker(request).describe().model(name)
+    except KeyError:
+        raise ApiError(404, f"The model '{name}' does not exist", code="model_not_found", param="model") from None
 
 
-def model_state(waker: Waker, controller: ModelController) -> dict[str, object]:
-    now = waker.clock.now()
-    status = controller.status()
-    managed = status.spec.manages_lifecycle
-    held_on = {n: gb for n in controller.candidates if managed and (gb := waker.admissions[n].held_by(controller)) > 0}
+def model_state(status: ModelStatus, now: float) -> dict[str, object]:
+    """One model as /admin/state shows it (field names are part of the admin API)."""
+    failed = status.state is ModelState.FAILED
     return {
         "name": status.name, "aliases": list(status.spec.aliases), "state": status.state.value,
         "since_s": round(now - status.since, 1), "in_flight": status.in_flight, "waiting": status.waiting,
-        "queued": sum(waker.admissions[n].queue_of(status.name) for n in controller.candidates) if managed else 0,
+        "queued": status.queued,
         "idle_s": None if status.last_used is None else round(now - status.last_used, 1),
-        "memory_gb": status.spec.memory_gb, "held_gb": sum(held_on.values()), "held_on": held_on,
-        "node": ",".join(controller.placed) or None, "nodes": list(controller.candidates) if managed else [],
-        "pinned": controller.pinned, "engine": status.spec.engine.value, "runtime": status.spec.runtime.value,
+        "memory_gb": status.spec.memory_gb, "held_gb": status.held_gb, "held_on": dict(status.held_on),
+        "node": ",".join(status.placed) or None, "nodes": list(status.nodes),
+        "pinned": status.pinned, "engine": status.spec.engine.value, "runtime": status.spec.runtime.value,
         "failures": status.failures,
         "retry_in_s": None if status.retry_at is None else round(max(0.0, status.retry_at - now), 1),
         "last_error": status.last_error.reason if status.last_error else None,
-        "log_tail": list(status.last_error.log_tail[-10:]) if status.last_error and status.state == "failed" else [],
-        "pending_reload": controller.pending_spec is not None, "removed": controller.retired,
+        "log_tail": list(status.last_error.log_tail[-10:]) if status.last_error and failed else [],
+        "pending_reload": status.pending_reload, "removed": status.removed,
     }
+
+
+def node_state(node: NodeStatus) -> dict[str, object]:
+    return {"capacity_gb": node.capacity_gb, "total_gb": node.total_gb, "held_gb": node.held_gb,
+            "queued": node.queued, "live_free_gb": node.live_free_gb, "probe": node.probe,
+            "high_water_gb": node.high_water_gb, "labels": dict(node.labels)}
 
 
 @router.get("/state")
 async def state(request: Request) -> JSONResponse:
     """Every model's state, work, queue, memory and last error; each node's budget."""
-    waker = _waker(request)
-    nodes = {name: {"capacity_gb": a.budget.capacity_gb, "total_gb": a.budget.total_gb, "held_gb": a.held_gb(),
-                    "queued": a.queued, "live_free_gb": a.probe.free_gb(), "probe": a.probe.name,
-                    "high_water_gb": a.high_water_gb, "labels": waker.labels.get(name, {})}
-             for name, a in waker.admissions.items()}
-    return JSONResponse({"models": [model_state(waker, c) for c in waker.controllers()], "nodes": nodes})
+    described = _waker(request).describe()
+    return JSONResponse({"models": [model_state(s, described.now) for s in described.models],
+                         "nodes": {n.name: node_state(n) for n in described.nodes}})
 
 
 @router.get("/models/{name:path}/logs")
 async def logs(name: str, request: Request, lines: int = 100) -> JSONResponse:
-    controller = _controller(request, name)
-    return JSONResponse({"model": controller.spec.name, "lines": list(await controller.log_tail(lines))})
+    status = _status(request, name)
+    if lines < 0:
+        raise ApiError(400, "lines must be 0 or more", code="invalid_request", param="lines")
+    return JSONResponse({"model": status.name, "lines": list(await _waker(request).logs(status.name, lines))})
 
 
 @router.post("/models/{name:path}/start")
 async def start(name: str, request: Request) -> JSONResponse:
     """Bring the model up (through admission, like a request would); returns at once: follow
     /admin/events or poll /admin/state to see it become ready."""
-    controller = _controller(request, name)
-
-    async def bring_up() -> None:
-        try:
-            await controller.ensure_ready()
-        except WakerError:
-            pass  # the failure is in the model's state and events
-
-    request.app.state.background.add(task := asyncio.create_task(bring_up()))
+    status = _status(request, name)
+    task = asyncio.create_task(_waker(request).warm(status.name))
+    request.app.state.background.add(task)
     task.add_done_callback(request.app.state.background.discard)
-    return JSONResponse({"model": controller.spec.name, "state": controller.state.value}, status_code=202)
+    return JSONResponse({"model": status.name, "state": _status(request, name).state.value}, status_code=202)
 
 
 @router.post("/models/{name:path}/stop")
 async def stop(name: str, request: Request) -> JSONResponse:
-    controller = _controller(request, name)
-    await controller.stop("stopped through the admin API")
-    return JSONResponse({"model": controller.spec.name, "state": controller.state.value})
+    status = _status(request, name)
+    await _waker(request).stop(status.name, "stopped through the admin API")
+    return JSONResponse({"model": status.name, "state": _status(request, name).state.value})
 
 
 @router.post("/models/{name:path}/sleep")
 async def sleep(name: str, request: Request) -> JSONResponse:
-    controller = _controller(request, name)
-    if controller.spec.idle_action.value != "sleep":
-        raise ApiError(409, f"{controller.spec.name} has no sleep mode (idle_action: sleep in models.d)",
-                       code="no_sleep_mode")
-    if controller.sleep_if_idle("put to sleep through the admin API") is None:
-        raise ApiError(409, f"{controller.spec.name} is {controller.state.value} with {controller.in_flight} "
-                       "requests in flight: only an idle ready model can sleep", code="not_idle")
-    return JSONResponse({"model": controller.spec.name, "state": controller.state.value})
+    status = _status(request, name)
+    if status.spec.idle_action.value != "sleep":
+        raise ApiError(409, f"{status.name} has no sleep mode (idle_action: sleep in models.d)", code="no_sleep_mode")
+    if not _waker(request).sleep(status.name, "put to sleep through the admin API"):
+        raise ApiError(409, f"{status.name} is {status.state.value} with {status.in_flight} requests in flight: only "
+                       "an idle ready model can sleep", code="not_idle")
+    return JSONResponse({"model": status.name, "state": _status(request, name).state.value})
 
 
 @router.post("/models/{name:path}/pin")
 async def pin(name: str, request: Request) -> JSONResponse:
-    controller = _controller(request, name)
-    controller.pinned = True
-    return JSONResponse({"model": controller.spec.name, "pinned": True})
+    status = _status(request, name)
+    _waker(request).pin(status.name, True)
+    return JSONResponse({"model": status.name, "pinned": True})
 
 
 @router.post("/models/{name:path}/unpin")
 async def unpin(name: str, request: Request) -> JSONResponse:
-    controller = _controller(request, name)
-    controller.pinned = False
-    _waker(request).cluster.kick_nodes(controller.candidates) if controller.spec.manages_lifecycle else None
-    return JSONResponse({"model": controller.spec.name, "pinned": False})
+    status = _status(request, name)
+    _waker(request).pin(status.name, False)
+    return JSONResponse({"model": status.name, "pinned": False})
 
 
 @router.post("/reload")
@@ -132,10 +127,10 @@ async def reload(request: Request) -> JSONResponse:
 
 
 async def reload_config(app: object) -> dict[str, list[str]]:
+    """Re-read models.d and apply it (reloads run one at a time: see Waker.reload_from)."""
     waker: Waker = app.state.waker  # type: ignore[attr-defined]
     settings = app.state.settings  # type: ignore[attr-defined]
-    registry = await asyncio.to_thread(load_models, settings.config_dir, settings.stats_db)
-    return await waker.reload(registry)
+    return await waker.reload_from(partial(load_models, settings.config_dir, settings.stats_db))
 
 
 @router.get("/events")

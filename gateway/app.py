@@ -28,9 +28,12 @@ from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.settings import GatewaySettings
 from stats import Sampler, SampleStore
+from waker import compose
 from waker.config.registry import ConfigError, Registry
-from waker.runtime.memory import MemoryProbe
-from waker.waker import Waker, default_runtimes
+from waker.options import WakerOptions
+from waker.scheduling.budget import MemoryProbe
+from waker.scheduling.node import QueuePolicy
+from waker.waker import Waker
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("sparkgate.gateway")
@@ -88,11 +91,13 @@ class GatewayApp(FastAPI):
 def build_waker(settings: GatewaySettings, registry: Registry | None = None,
                 probes: Mapping[str, MemoryProbe] | None = None) -> Waker:
     """The waker for `settings`: models.d (or `registry`), the nodes with their budgets, labels and probes."""
-    options = settings.waker_options()
-    return Waker(registry or load_models(settings.config_dir, settings.stats_db), options=options,
-                 runtimes=default_runtimes(options, settings.docker_nodes(), settings.instance),
-                 budgets=settings.budgets(), probes=probes or settings.probes(), queue=settings.queue_policy(),
-                 preload=settings.preload, labels=settings.node_labels())
+    options = WakerOptions(probe_interval=settings.probe_interval, probe_timeout=settings.probe_timeout,
+                           reap_interval=settings.reap_interval, log_tail_lines=settings.log_tail_lines,
+                           backoff_cap=settings.backoff_cap)
+    queue = QueuePolicy(max_queue=settings.max_queue, max_wait=settings.max_wait, max_hold=settings.max_hold)
+    return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db), settings.nodes,
+                               options=options, queue=queue, preload=settings.preload, instance=settings.instance,
+                               memory_probes=probes)
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:

@@ -13,6 +13,7 @@ import uvicorn
 from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.config import load_models
 from gateway.settings import GatewaySettings
+from waker import compose
 from waker.config.durations import format_duration
 from waker.config.registry import ConfigError, Registry
 from waker.scheduling.placement import budget_problems
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings(**overrides)
     try:
         registry = load_models(settings.config_dir, settings.stats_db)
-        problems = budget_problems(registry.values(), settings.budgets(), settings.node_labels())
+        problems = budget_problems(registry.values(), compose.budgets(settings.nodes), compose.labels(settings.nodes))
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

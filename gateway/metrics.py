@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from waker.config.spec import EngineKind, ModelSpec
-from waker.errors import WakerError
+from waker.engines.registry import engine_for
 from waker.events import Event
 from waker.state import ModelState
 from waker.waker import Waker
@@ -227,18 +227,15 @@ class Metrics:
         return await asyncio.to_thread(_relabel, fetched)
 
     def _scrape_targets(self) -> Iterator[tuple[str, str, ModelSpec]]:
-        for status in self._waker.statuses():
+        for status in self._waker.describe().models:
             spec = status.spec
-            if status.state is not S.READY:
+            if status.state is not S.READY or status.engine is None:
                 continue
             if not spec.manages_lifecycle and spec.engine not in _METRICS_ENGINES:
                 continue
-            try:
-                handle = self._waker.controller(status.name).handle
-            except WakerError:  # removed from models.d by a reload since statuses() was read
-                continue
-            if handle is not None:
-                yield status.name, handle.root_url, spec
+            path = engine_for(spec.engine).metrics_path
+            if path is not None:
+                yield status.name, status.engine.root_url + path, spec
 
 
 # -- scrape-time state -----------------------------------------------------------------------------
@@ -257,8 +254,7 @@ class _WakerCollector(Collector):
         return []
 
     def collect(self) -> Iterable[Metric]:
-        waker = self._waker
-        statuses = waker.statuses()
+        described = self._waker.describe()
 
         state = GaugeMetricFamily(f"{PREFIX}model_state", "1 for the state each model is in, 0 for the others.",
                                   labels=["model", "state"])
@@ -270,16 +266,15 @@ class _WakerCollector(Collector):
                                         "by model.", labels=["model"])
         declared = GaugeMetricFamily(f"{PREFIX}model_memory_declared_gb", "memory_gb from models.d (GiB).",
                                      labels=["model"])
-        for status in statuses:
+        for status in described.models:
             name = status.name
             for value in ModelState:
                 state.add_metric([name, value.value], 1.0 if status.state is value else 0.0)
             in_flight.add_metric([name], status.in_flight)
             waiting.add_metric([name], status.waiting)
             declared.add_metric([name], status.spec.memory_gb)
-            if status.spec.manages_lifecycle:
-                queued = sum(a.queue_of(name) for a in waker.admissions.values())
-                queue_model.add_metric([name], queued)
+            if status.managed:
+                queue_model.add_metric([name], status.queued)
         yield from (state, in_flight, waiting, queue_model, declared)
 
         live = GaugeMetricFamily(f"{PREFIX}model_memory_live_gb", "Memory the model's engine really uses (GiB), "
@@ -300,14 +295,13 @@ class _WakerCollector(Collector):
                                  "(GiB).", labels=["node"])
         free = GaugeMetricFamily(f"{PREFIX}live_free_gb", "Free memory the node's probe reads now (GiB); absent "
                                  "when it can't tell.", labels=["node"])
-        for node, admission in waker.admissions.items():
-            queue.add_metric([node], admission.queued)
-            used.add_metric([node], admission.held_gb())
-            total.add_metric([node], admission.budget.capacity_gb)
-            high.add_metric([node], admission.high_water_gb)
-            free_gb = admission.probe.free_gb()
-            if free_gb is not None:
-                free.add_metric([node], free_gb)
+        for node in described.nodes:
+            queue.add_metric([node.name], node.queued)
+            used.add_metric([node.name], node.held_gb)
+            total.add_metric([node.name], node.capacity_gb)
+            high.add_metric([node.name], node.high_water_gb)
+            if node.live_free_gb is not None:
+                free.add_metric([node.name], node.live_free_gb)
         yield from (queue, used, total, high, free)
 
 
@@ -321,7 +315,7 @@ class _Fetched:
     seconds: float
 
 
-async def _fetch(session: aiohttp.ClientSession, model: str, root_url: str, spec: ModelSpec,
+async def _fetch(session: aiohttp.ClientSession, model: str, url: str, spec: ModelSpec,
                  timeout: float) -> _Fetched:
     started = time.monotonic()
     # Identity encoding: the app's upstream session passes bytes through without decompressing them.
@@ -330,7 +324,7 @@ async def _fetch(session: aiohttp.ClientSession, model: str, root_url: str, spec
         headers["Authorization"] = f"Bearer {spec.api_key}"
     text: str | None = None
     try:
-        async with session.get(f"{root_url}/metrics", headers=headers,
+        async with session.get(url, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status == 200:
                 body = await resp.content.read(_MAX_ENGINE_METRICS_BYTES + 1)

@@ -22,7 +22,7 @@ from gateway.errors import ApiError
 from gateway.metrics import UNRESOLVED, Metrics
 from gateway.settings import GatewaySettings
 from waker.errors import WakerError
-from waker.lifecycle.controller import Endpoint, ModelController
+from waker.gate import Endpoint, Gate
 from waker.waker import Waker
 
 Scope = MutableMapping[str, Any]
@@ -88,7 +88,7 @@ class Proxy:
 
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
-        request = _Request(self, scope, send, self._waker.controller(spec.name), body, stream, arrived)
+        request = _Request(self, scope, send, self._waker.gate(spec.name), body, stream, arrived)
         try:
             await self._serve(request, receive)
         except Exception:
@@ -124,7 +124,7 @@ class Proxy:
             if request.interrupted == "timeout":
                 await request.fail(errors.request_timeout(self._settings.request_timeout))
             elif request.interrupted == "silent":
-                await request.fail(errors.upstream_timeout(request.controller.spec.name,
+                await request.fail(errors.upstream_timeout(request.gate.spec.name,
                                                            self._settings.upstream_read_timeout))
             # A client that left gets nothing, and the server logs nothing.
         finally:
@@ -172,7 +172,7 @@ class Proxy:
 class _Request:
     """One proxied request: lease the model, call the engine, relay the answer."""
 
-    def __init__(self, proxy: Proxy, scope: Scope, send: Send, controller: ModelController,
+    def __init__(self, proxy: Proxy, scope: Scope, send: Send, gate: Gate,
                  body: bytes, stream: bool, arrived: float) -> None:
         self.arrived = arrived
         self.status = "500"
@@ -180,7 +180,7 @@ class _Request:
         self.proxy = proxy
         self.scope = scope
         self.send = send
-        self.controller = controller
+        self.gate = gate
         self.body = body
         self.stream = stream
         self.started = False  # response headers sent
@@ -205,11 +205,11 @@ class _Request:
         self.watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task, self))
 
     async def run(self) -> None:
-        if not self.controller.limited:  # no max_concurrent: no slot to take (and no context manager)
+        if not self.gate.limited:  # no max_concurrent: no slot to take (and no context manager)
             await self._lease_and_forward()
             return
         try:
-            async with self.controller.concurrency_slot():
+            async with self.gate.slot():
                 await self._lease_and_forward()
         except WakerError as exc:  # no slot: too many requests wait for this model already
             await self.fail(errors.from_waker(exc))
@@ -223,15 +223,15 @@ class _Request:
         try:
             await self._forward(endpoint)
         finally:
-            self.controller.release()
+            self.gate.release()
 
     async def _acquire(self) -> Endpoint:
         interval = self.proxy._settings.keepalive_interval
-        if self.controller.state == "ready" or not self.stream or interval <= 0:
-            return await self.controller.acquire()
+        if self.gate.ready_now() or not self.stream or interval <= 0:
+            return await self.gate.acquire()
         # A streaming client waiting for a cold model gets SSE comments so its read timeout
         # doesn't fire; the 200 is sent only once the first comment is due.
-        acquiring = asyncio.ensure_future(self.controller.acquire())
+        acquiring = asyncio.ensure_future(self.gate.acquire())
         waited = 0.0
         try:
             while True:
@@ -241,14 +241,14 @@ class _Request:
                 waited += interval
                 if not self.started:
                     await self._start_response(200, _SSE_HEADERS)
-                name = self.controller.spec.name
+                name = self.gate.spec.name
                 await self.send({"type": "http.response.body", "more_body": True,
                                  "body": f": waking {name} ({waited:.0f}s)\n\n".encode()})
         except BaseException:
             if not acquiring.done():
                 acquiring.cancel()
             elif not acquiring.cancelled() and acquiring.exception() is None:
-                self.controller.release()  # acquired just as we were cancelled
+                self.gate.release()  # acquired just as we were cancelled
             raise
 
     async def _forward(self, endpoint: Endpoint) -> None:

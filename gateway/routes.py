@@ -6,8 +6,7 @@ from fastapi.responses import JSONResponse
 from gateway import errors
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
-from waker.errors import ModelNotFound
-from waker.lifecycle.controller import ModelStatus
+from waker.status import ModelStatus
 from waker.waker import Waker
 
 router = APIRouter()
@@ -63,29 +62,25 @@ def _model_entry(name: str, status: ModelStatus, created: int, now: float) -> di
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """Every configured model and alias, whether running or not, with its state."""
-    waker = _waker(request)
     caller = _caller(request)
-    statuses = {s.name: s for s in waker.statuses()}
+    described = _waker(request).describe()
+    statuses = {s.name: s for s in described.models}
     created = request.app.state.created
-    now = waker.clock.now()
     # A key sees only the models it may use.
-    data = [_model_entry(name, statuses[target], created, now) for name, target in waker.registry.routes().items()
-            if caller.may_use(name, target)]
+    data = [_model_entry(name, statuses[target], created, described.now) for name, target in described.routes.items()
+            if target in statuses and caller.may_use(name, target)]
     return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    waker = _waker(request)
     caller = _caller(request)
-    try:
-        spec = waker.resolve(model_id)
-    except ModelNotFound as exc:
-        raise ApiError(404, exc.message, code="model_not_found", param="model") from None
-    if not caller.may_use(model_id, spec.name):
+    described = _waker(request).describe()
+    target = described.routes.get(model_id)
+    if target is None or not caller.may_use(model_id, target):
         raise ApiError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
-    status = waker.controller(spec.name).status()
-    return JSONResponse(_model_entry(model_id, status, request.app.state.created, waker.clock.now()))
+    status = described.model(target)
+    return JSONResponse(_model_entry(model_id, status, request.app.state.created, described.now))
 
 
 @router.get("/health")

@@ -1,9 +1,11 @@
-"""In-memory runtime and prober: engines whose readiness and exit the test controls."""
+"""In-memory runtime and engine API: engines whose readiness, sleep and exit the test controls."""
 
 import asyncio
+from collections.abc import Sequence
 
 from waker.config.spec import ModelSpec
-from waker.engines.base import Engine, Readiness
+from waker.engines.base import Call, Engine, Readiness
+from waker.lifecycle.engine_api import EngineCallError
 from waker.runtime.base import Exit, RuntimeUnavailable
 
 
@@ -14,6 +16,9 @@ class FakeHandle:
         self._exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
         self.lines: list[str] = [f"engine {number} booting"]
         self.stops = 0
+        self.asleep = False
+        self.calls: list[str] = []  # sleep and wake calls it received, "METHOD path"
+        self.fail_calls = False  # answer every sleep or wake call with an error
 
     @property
     def ident(self) -> str:
@@ -77,12 +82,28 @@ class FakeRuntime:
         return handle
 
 
-class FakeProber:
-    """Ready when the fake handle says so."""
+class FakeEngineApi:
+    """The engines' own API: ready when the fake handle says so; sleep and wake calls flip its `asleep`."""
 
     def __init__(self, runtime: FakeRuntime) -> None:
         self._runtime = runtime
 
+    def _handle(self, root_url: str) -> FakeHandle:
+        return next(h for h in self._runtime.handles if h.root_url == root_url)
+
     async def until_ready(self, root_url: str, check: Readiness, served_name: str) -> None:
-        handle = next(h for h in self._runtime.handles if h.root_url == root_url)
-        await handle.ready.wait()
+        await self._handle(root_url).ready.wait()
+
+    async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
+        handle = self._handle(root_url)
+        for call in calls:
+            handle.calls.append(f"{call.method} {call.path}")
+            if handle.fail_calls:
+                raise EngineCallError(f"{call.method} {call.path} answered 500: no")
+            if "sleep" in call.path or "release" in call.path:
+                handle.asleep = True
+            elif "wake" in call.path or "resume" in call.path:
+                handle.asleep = False
+
+    async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
+        return self._handle(root_url).asleep

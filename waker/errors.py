@@ -54,3 +54,8 @@ class NoRoom(WakerError):
 
 class WakeFailed(StartFailed):
     """A sleeping engine could not be woken."""
+
+
+class Withdrawn(WakerError):
+    """A request's place in a queue was taken away (models.d removed or re-placed its model, or its start could not
+    begin): the request asks again, and then learns why (ModelNotFound, ShuttingDown) or queues afresh."""

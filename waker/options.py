@@ -11,3 +11,4 @@ class WakerOptions:
     log_tail_lines: int = 40  # lines of engine output quoted in errors
     backoff_cap: float = 300.0  # longest wait between start attempts of a crash-looping model
     stable_after: float = 60.0  # READY this long before a crash: the failure count starts over
+    stop_retry: float = 30.0  # keep trying to stop an engine this long while its runtime is unreachable

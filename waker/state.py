@@ -1,6 +1,6 @@
-"""Model states and the only transitions allowed between them."""
+"""Model states, the only transitions allowed between them, and what a model holds in each."""
 
-from enum import StrEnum
+from enum import Enum, StrEnum
 
 
 class ModelState(StrEnum):
@@ -13,9 +13,17 @@ class ModelState(StrEnum):
     WAKING = "waking"  # taking its memory back; like STARTING, with its own timeout
 
 
+class Hold(Enum):
+    """How much of its footprint a model's engine holds in its nodes' ledgers right now."""
+
+    NONE = "none"  # no engine (or one known to be gone)
+    SLEEPING = "sleeping"  # asleep: its sleeping footprint
+    FULL = "full"  # starting, ready, waking, stopping, falling asleep, or an engine that may still run
+
+
 S = ModelState
 ALLOWED: dict[ModelState, frozenset[ModelState]] = {
-    S.STOPPED: frozenset({S.STARTING, S.READY}),  # READY directly: an always-on external endpoint
+    S.STOPPED: frozenset({S.STARTING, S.READY, S.SLEEPING}),  # READY: an external endpoint; SLEEPING: adopted asleep
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.READY: frozenset({S.STOPPING, S.FAILED, S.SLEEPING}),
     S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
@@ -23,6 +31,10 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
 }
+
+# States an operation passes through: a model is never in one without a live operation task that ends it
+# within its timeout (waker/lifecycle/controller.py; checked after every step of tests/sim).
+TRANSITIONAL = frozenset({S.STARTING, S.WAKING, S.STOPPING})
 
 # States in which a model holds memory in its node's budget (SLEEPING by its sleeping footprint;
 # STOPPING until the engine is gone).

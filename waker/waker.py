@@ -1,10 +1,13 @@
-"""The Waker: every model's controller, leases by name, the idle reaper, and clean shutdown."""
+"""The Waker: every model's controller, seat and gate; leases by name; admin operations; models.d reloads;
+engines adopted at boot; the idle reaper; clean shutdown; and `describe()`, the one read model.
+
+Use as `async with waker:`; then `async with waker.lease(name) as endpoint: ...`.
+"""
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from functools import partial
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 
@@ -12,55 +15,62 @@ from waker.clock import Clock, SystemClock
 from waker.config.registry import ConfigError, Registry
 from waker.config.spec import ModelSpec, RuntimeKind
 from waker.engines.registry import engine_for
-from waker.errors import WakerError
+from waker.errors import ModelNotFound, WakerError
 from waker.events import Event, EventLog
-from waker.lifecycle.controller import Endpoint, ModelController, ModelStatus
-from waker.lifecycle.engine_api import Prober, ReadinessProber
+from waker.gate import Endpoint, Gate
+from waker.lifecycle.controller import ModelController
+from waker.lifecycle.engine_api import EngineApi, HttpEngineApi
 from waker.options import WakerOptions
 from waker.runtime.base import Adopter, Found, Runtime, RuntimeUnavailable
-from waker.runtime.docker.host import DockerNode
-from waker.runtime.docker.runtime import DockerRuntime
-from waker.runtime.external import ExternalRuntime
-from waker.runtime.memory import FixedProbe, MemoryProbe, make_probe
-from waker.runtime.process import ProcessRuntime
-from waker.scheduling.budget import Budget
+from waker.runtime.memory import FixedProbe, make_probe
+from waker.scheduling.budget import Budget, MemoryProbe
 from waker.scheduling.cluster import ClusterAdmission
+from waker.scheduling.effects import Usage
 from waker.scheduling.node import NodeAdmission, QueuePolicy
 from waker.scheduling.placement import budget_problems, candidates
 from waker.scheduling.reaper import idle_stops
-from waker.sleep import launch_spec
-from waker.state import ModelState
+from waker.scheduling.seat import Seat
+from waker.state import Hold, ModelState
+from waker.status import ModelStatus, NodeStatus, WakerStatus
 
+S = ModelState
 log = logging.getLogger("sparkgate.waker")
 
 
-def _required(prober: Prober | None) -> Prober:
-    assert prober is not None, "the waker has not started"
-    return prober
+class _Effects:
+    """What the scheduling executors may read of the models and do to them (scheduling.effects.Effects)."""
 
+    def __init__(self, controllers: Mapping[str, ModelController]) -> None:
+        self._controllers = controllers
+        self.seats: Mapping[str, Seat] = {}
 
-def _same(a: ModelSpec, b: ModelSpec) -> bool:
-    return a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
+    def usage(self, model: str) -> Usage:
+        c = self._controllers[model]
+        return Usage(c.state, c.hold, c.in_flight, c.waiting, c.last_used)
 
+    def start(self, model: str, nodes: tuple[str, ...]) -> bool:
+        c = self._controllers.get(model)
+        if c is None:
+            return False
+        if c.state is S.SLEEPING:
+            return c.begin_wake()
+        seat = self.seats.get(model)
+        where = f" on {', '.join(nodes)}" if seat is not None and not seat.fixed else ""
+        return c.begin_start(nodes, f"request for a model that is not running{where}")
 
-def default_runtimes(
-    options: WakerOptions, nodes: Mapping[str, DockerNode] | None = None, instance: str = "default"
-) -> dict[RuntimeKind, Runtime]:
-    return {
-        RuntimeKind.PROCESS: ProcessRuntime(keep_log_lines=max(200, options.log_tail_lines)),
-        RuntimeKind.EXTERNAL: ExternalRuntime(),
-        RuntimeKind.DOCKER: DockerRuntime(nodes, instance=instance),
-    }
+    def evict(self, model: str, reason: str, *, ignore_waiting: bool) -> bool:
+        c = self._controllers.get(model)
+        return c is not None and c.stop_if_idle(reason, ignore_waiting=ignore_waiting) is not None
 
 
 class Waker:
-    """Use as `async with waker:`; then `async with waker.lease(name) as endpoint: ...`."""
+    """See the module docstring."""
 
     def __init__(
         self,
         registry: Registry,
         *,
-        runtimes: Mapping[RuntimeKind, Runtime] | None = None,
+        runtimes: Mapping[RuntimeKind, Runtime],
         options: WakerOptions | None = None,
         clock: Clock | None = None,
         events: EventLog | None = None,
@@ -68,31 +78,35 @@ class Waker:
         probes: Mapping[str, MemoryProbe] | None = None,
         queue: QueuePolicy | None = None,
         preload: Sequence[str] = (),
-        prober: Prober | None = None,
+        engine_api: EngineApi | None = None,
         labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.registry = registry
         self.options = options or WakerOptions()
         self.clock = clock or SystemClock()
         self.events = events or EventLog()
-        self._runtimes = dict(runtimes) if runtimes is not None else default_runtimes(self.options)
         self.budgets = dict(budgets) if budgets is not None else {"local": Budget()}
         self.labels = {name: dict((labels or {}).get(name, {})) for name in self.budgets}
+        self._runtimes = dict(runtimes)
         problems = budget_problems(registry.values(), self.budgets, self.labels)
         for name in preload:
             if name not in registry.routes():
                 problems.append(f"preload: {name!r} is not a model in models.d")
         if problems:
             raise ConfigError(problems)
-        self._probes = dict(probes or {})
-        self._queue_policy = queue or QueuePolicy()
         self._preload = [registry.resolve(name).name for name in preload]
-        self._prober = prober
-        self._prober_in_use: Prober | None = None
+        self._engine_api = engine_api
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
-        self.admissions: dict[str, NodeAdmission] = {}
-        self.cluster = ClusterAdmission(self.admissions, self.clock, self.events)
+        self._gates: dict[str, Gate] = {}
+        # Live memory is read where the gateway runs; other nodes rely on their ledger (or the probe given).
+        given = dict(probes or {})
+        self._probes = {n: given.get(n) or (make_probe("auto") if n == "local" else FixedProbe(None))
+                        for n in self.budgets}
+        effects = _Effects(self._controllers)
+        self.scheduler = ClusterAdmission(self.budgets, self._probes, effects, self.clock, self.events, queue)
+        effects.seats = self.scheduler.seats
+        self._reload_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self._preloader: asyncio.Task[None] | None = None
 
@@ -103,192 +117,46 @@ class Waker:
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
+    @property
+    def admissions(self) -> dict[str, NodeAdmission]:
+        """Each node's admission (for tests and tools; the gateway reads `describe()`)."""
+        return self.scheduler.nodes
+
+    # -- start and shutdown -------------------------------------------------------------------------------
+
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
-        prober = self._prober or ReadinessProber(
-            self._session, self.options.probe_interval, self.options.probe_timeout
-        )
-        for node, budget in self.budgets.items():
-            # Live memory is read where the gateway runs; other nodes rely on their ledger alone.
-            probe = self._probes.get(node) or (make_probe("auto") if node == "local" else FixedProbe(None))
-            self.admissions[node] = NodeAdmission(node, budget, probe, self.clock, self.events, self._queue_policy)
+        if self._engine_api is None:
+            self._session = aiohttp.ClientSession()
+            self._engine_api = HttpEngineApi(self._session, self.options.probe_interval, self.options.probe_timeout)
+        for probe in self._probes.values():
             start = getattr(probe, "start", None)
             if start is not None:
                 start()  # a remote node's probe reads in the background: a reading is ready before it is needed
-        self._prober_in_use = prober
         for spec in self.registry.values():
-            await self._add_controller(spec)
+            await self._add(spec)
         await self._adopt_running_engines()
-        for admission in self.admissions.values():
-            admission.start()
+        self.scheduler.start()
         self._reaper = asyncio.create_task(self._reap_forever(), name="idle reaper")
         if self._preload:
             self._preloader = asyncio.create_task(self._preload_in_order(), name="preload")
 
-    async def _preload_in_order(self) -> None:
-        """Start the preload list at boot, one after the other (each through admission)."""
-        for name in self._preload:
-            try:
-                await self._controllers[name].ensure_ready()
-                self.events.emit(Event(self.clock.wall(), name, "preloaded", reason="listed in preload"))
-            except WakerError as exc:
-                log.warning("preload of %s failed: %s", name, exc)
-
-    async def _add_controller(self, spec: ModelSpec) -> ModelController:
-        runtime = self._runtimes.get(spec.runtime)
-        if runtime is None:
-            raise ValueError(f"{spec.name}: runtime {spec.runtime} is not available in this gateway")
-        nodes = candidates(spec, self.budgets, self.labels)
-        if isinstance(runtime, DockerRuntime):
-            for node in nodes:
-                runtime.node(node)  # an unknown node is a config error, found at boot
-        controller = ModelController(
-            spec, engine_for(spec.engine), runtime, _required(self._prober_in_use), self.events, self.clock,
-            self.options, admission=self.cluster if spec.manages_lifecycle else None,
-            on_change=partial(self.cluster.kick_nodes, nodes) if spec.manages_lifecycle else None,
-            session=self._session, nodes=nodes,
-        )
-        self._controllers[spec.name] = controller
-        if spec.manages_lifecycle:
-            for node in nodes:
-                self.admissions[node].register(controller)
-        else:
-            controller.mark_ready_external(await runtime.start(spec, engine_for(spec.engine)))
-        return controller
-
-    def _sync_placement(self, controller: ModelController) -> None:
-        """After models.d changed: register the model with the nodes its entry now allows (once it is stopped)."""
-        nodes = candidates(controller.spec, self.budgets, self.labels) if controller.spec.manages_lifecycle else ()
-        if nodes == controller.candidates or controller.state not in (ModelState.STOPPED, ModelState.FAILED):
-            return
-        for node in controller.candidates:
-            if node in self.admissions:
-                self.admissions[node].unregister(controller.spec.name)
-        controller.candidates = nodes
-        controller.placed = nodes if len(nodes) == controller.spec.nodes else ()
-        controller.reserved.clear()
-        controller.set_on_change(partial(self.cluster.kick_nodes, nodes))
-        for node in nodes:
-            self.admissions[node].register(controller)
-
-    async def reload(self, registry: Registry) -> dict[str, list[str]]:
-        """Take a new models.d without disturbing what runs: unchanged models keep their engines,
-        policy-only changes apply at once, changed models are recreated when idle, removed ones are
-        stopped when idle. A registry the budgets can't hold is refused (ConfigError) and nothing
-        changes."""
-        problems = budget_problems(registry.values(), self.budgets, self.labels)
-        for spec in registry.values():
-            if spec.runtime not in self._runtimes:
-                problems.append(f"{spec.source or spec.name}: runtime {spec.runtime} is not available")
-        if problems:
-            raise ConfigError(problems)
-        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": [], "unchanged": []}
-        old = self.registry
-        self.registry = registry
-        for name, spec in registry.items():
-            controller = self._controllers.get(name)
-            if controller is None or controller.retired:
-                if controller is not None:  # re-added while still retiring: keep its engine
-                    controller.retired = False
-                    self._controllers[name].replace_spec(spec)
-                else:
-                    await self._add_controller(spec)
-                report["added"].append(name)
-                continue
-            before = old.get(name, controller.spec)
-            if _same(before, spec):
-                report["unchanged"].append(name)
-            elif launch_spec(before).spec_hash() == launch_spec(spec).spec_hash() and before.runtime == spec.runtime \
-                    and candidates(before, self.budgets, self.labels) == candidates(spec, self.budgets, self.labels):
-                controller.replace_spec(spec)
-                report["updated"].append(name)
-            else:
-                controller.pending_spec = spec
-                if not controller.apply_pending_spec():
-                    controller.stop_if_idle("models.d changed: recreating with the new entry")
-                report["changed"].append(name)
-        for name in list(self._controllers):
-            if name not in registry:
-                controller = self._controllers[name]
-                controller.retired = True
-                report["removed"].append(name)
-                if controller.spec.manages_lifecycle:
-                    controller.stop_if_idle("removed from models.d")
-                    if controller.state is ModelState.FAILED:
-                        await controller.stop("removed from models.d")
-        self.events.emit(Event(self.clock.wall(), "*", "reload", reason="models.d reloaded",
-                               data={k: v for k, v in report.items() if v and k != "unchanged"}))
-        await self.settle_reload()
-        return report
-
-    async def settle_reload(self) -> None:
-        """Finish what reload left pending: models that were busy are stopped once idle; retired
-        ones are dropped once stopped. Called after reload and by the reaper loop."""
-        for name, controller in list(self._controllers.items()):
-            if controller.pending_spec is not None and not controller.apply_pending_spec():
-                controller.stop_if_idle("models.d changed: recreating with the new entry")
-            if controller.retired:
-                if controller.state in (ModelState.STOPPED, ModelState.FAILED) or not controller.spec.manages_lifecycle:
-                    del self._controllers[name]
-                    for node in controller.candidates:
-                        if node in self.admissions:
-                            self.admissions[node].unregister(name)
-                else:
-                    controller.stop_if_idle("removed from models.d")
-            else:
-                self._sync_placement(controller)
-
-    async def _adopt_running_engines(self) -> None:
-        """Engines left running by a previous gateway are taken over, never restarted; stale ones
-        (spec changed, model gone from models.d) are stopped and reported."""
-        for runtime in {id(r): r for r in self._runtimes.values()}.values():
-            if not isinstance(runtime, Adopter):
-                continue
-            try:
-                found = await runtime.discover()
-            except RuntimeUnavailable as exc:
-                log.warning("could not look for running engines: %s", exc)
-                continue
-            for engine in found:
-                await self._take_over(runtime, engine)
-
-    async def _take_over(self, runtime: Adopter, found: Found) -> None:
-        spec = self.registry.get(found.model)
-        if spec is None:
-            stale = "its model is no longer in models.d"
-        elif found.spec_hash != launch_spec(spec).spec_hash():
-            stale = "its model's spec changed"
-        elif found.running:
-            self._controllers[spec.name].adopt(found.handle, found.nodes)
-            return
-        elif spec.keep_container:
-            return  # kept stopped on purpose: reused by the next start
-        else:
-            stale = "stopped and not kept"
-        self.events.emit(Event(self.clock.wall(), found.model, "stale_engine",
-                               reason=f"{found.handle.ident}: {stale}; removed"))
-        try:
-            await runtime.discard(found, stale)
-        except Exception as exc:  # a stale container must not stop the gateway from starting
-            log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
-
     async def shutdown(self) -> None:
-        """Stop everything this waker started; no engine process outlives the gateway."""
+        """Stop everything this waker started; no engine process outlives the gateway (containers are left
+        running for the next gateway to adopt)."""
         for task in (self._reaper, self._preloader):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for admission in self.admissions.values():
-            await admission.close()
+        await self.scheduler.close()
         results = await asyncio.gather(*(c.close() for c in self._controllers.values()), return_exceptions=True)
         for controller, result in zip(self._controllers.values(), results, strict=True):
             if isinstance(result, BaseException):
-                log.error("stopping %s failed: %r", controller.spec.name, result)
+                log.error("stopping %s failed: %r", controller.name, result)
         if self._session is not None:
             await self._session.close()
-        for admission in self.admissions.values():
-            close = getattr(admission.probe, "close", None)
+        for probe in self._probes.values():
+            close = getattr(probe, "close", None)
             if close is not None:
                 close()
         for runtime in self._runtimes.values():
@@ -296,46 +164,324 @@ class Waker:
             if close is not None:
                 close()
 
+    async def _add(self, spec: ModelSpec) -> None:
+        runtime = self._runtimes.get(spec.runtime)
+        if runtime is None:
+            raise ValueError(f"{spec.name}: runtime {spec.runtime} is not available in this gateway")
+        assert self._engine_api is not None, "the waker has not started"
+        name = spec.name
+        controller = ModelController(spec, engine_for(spec.engine), runtime, self._engine_api, self.events,
+                                     self.clock, self.options, on_change=lambda: self._changed(name))
+        self._controllers[name] = controller
+        if spec.manages_lifecycle:
+            nodes = candidates(spec, self.budgets, self.labels)
+            self.scheduler.register(name, nodes, spec.nodes, spec.memory_gb, spec.sleeping_gb, spec.priority,
+                                    spec.pinned)
+            self._gates[name] = Gate(controller, self.scheduler, self.clock)
+        else:
+            self._gates[name] = Gate(controller, None, self.clock)
+            controller.mark_external(await runtime.start(spec, engine_for(spec.engine)))
+
+    def _changed(self, name: str) -> None:
+        controller = self._controllers.get(name)
+        if controller is not None and controller.state in (S.STOPPED, S.FAILED) and controller.idle_stopped:
+            self._sync_seat(controller)
+        self.scheduler.changed(name)
+
+    async def _preload_in_order(self) -> None:
+        """Start the preload list at boot, one after the other (each through admission)."""
+        for name in self._preload:
+            try:
+                await self.gate(name).ensure_ready()
+                self.events.emit(Event(self.clock.wall(), name, "preloaded", reason="listed in preload"))
+            except WakerError as exc:
+                log.warning("preload of %s failed: %s", name, exc)
+
+    # -- engines found at boot ----------------------------------------------------------------------------
+
+    async def _adopt_running_engines(self) -> None:
+        """Engines left running by a previous gateway are taken over, never restarted, as far as each node's
+        budget holds them (pinned first, then by priority); stale ones (spec changed, model gone from models.d,
+        over the budget) are stopped and reported."""
+        found: list[tuple[Adopter, Found]] = []
+        for runtime in {id(r): r for r in self._runtimes.values()}.values():
+            if not isinstance(runtime, Adopter):
+                continue
+            try:
+                found += [(runtime, f) for f in await runtime.discover()]
+            except RuntimeUnavailable as exc:
+                log.warning("could not look for running engines: %s", exc)
+
+        def rank(item: tuple[Adopter, Found]) -> tuple[int, int, str]:
+            spec = self.registry.get(item[1].model)
+            return (0 if spec and spec.pinned else 1, -(spec.priority if spec else 0), item[1].model)
+
+        for runtime, engine in sorted(found, key=rank):
+            await self._take_over(runtime, engine)
+
+    async def _take_over(self, runtime: Adopter, found: Found) -> None:
+        spec = self.registry.get(found.model)
+        controller = self._controllers.get(found.model)
+        seat = self.scheduler.seats.get(found.model)
+        if spec is None or controller is None or seat is None:
+            stale = "its model is no longer in models.d"
+        elif engine_for(spec.engine).launch_hash(spec) != found.spec_hash:
+            stale = "its model's spec changed"
+        elif not found.running:
+            if spec.keep_container:
+                return  # kept stopped on purpose: reused by the next start
+            stale = "stopped and not kept"
+        elif controller.state is not S.STOPPED:
+            stale = "another engine of the model was taken over already"
+        else:
+            sleeping = await self._is_sleeping(spec, found)
+            hold = Hold.SLEEPING if sleeping else Hold.FULL
+            nodes = found.nodes or seat.placed or seat.candidates[: spec.nodes]
+            if any(n not in seat.candidates for n in nodes):
+                stale = f"it runs on {', '.join(nodes)}, where models.d no longer lets it run"
+            elif not self.scheduler.fits(spec.name, nodes, hold):
+                held = ", ".join(f"{n}: {self.scheduler.nodes[n].held_gb():g} of "
+                                 f"{self.scheduler.nodes[n].budget.capacity_gb:g} GB held" for n in nodes)
+                stale = f"it does not fit the memory budget any more ({held})"
+            else:
+                claim = getattr(runtime, "claim", None)
+                handle = claim(found, spec) if claim is not None else found.handle
+                self.scheduler.adopted(spec.name, nodes)
+                controller.adopt(handle, nodes, sleeping)
+                return
+        self.events.emit(Event(self.clock.wall(), found.model, "stale_engine",
+                               reason=f"{found.handle.ident}: {stale}; removed"))
+        try:
+            await runtime.discard(found, stale)
+        except Exception as exc:  # a stale container must not stop the gateway from starting
+            log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
+
+    async def _is_sleeping(self, spec: ModelSpec, found: Found) -> bool:
+        call = engine_for(spec.engine).sleep_state_call(spec)
+        if call is None or self._engine_api is None:
+            return False
+        return bool(await self._engine_api.is_sleeping(found.handle.root_url, call))
+
+    # -- requests ------------------------------------------------------------------------------------------
+
     def resolve(self, name: str) -> ModelSpec:
         return self.registry.resolve(name)
 
+    def gate(self, name: str) -> Gate:
+        """The way requests go into `name` (a model or an alias); ModelNotFound if there is none."""
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates.get(self.registry.resolve(name).name)
+            if gate is None:
+                raise ModelNotFound(f"The model '{name}' does not exist", model=name)
+        return gate
+
     def controller(self, name: str) -> ModelController:
-        return self._controllers[self.registry.resolve(name).name]
+        """The controller of `name` (for tests and tools: the gateway reads `describe()`)."""
+        return self.gate(name).controller
 
     def controllers(self) -> list[ModelController]:
         return list(self._controllers.values())
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Endpoint]:
-        async with self.controller(name).lease() as endpoint:
+        async with self.gate(name).lease() as endpoint:
             yield endpoint
+
+    # -- admin operations ---------------------------------------------------------------------------------
 
     async def stop(self, name: str, reason: str = "asked to stop") -> None:
         await self.controller(name).stop(reason)
 
+    def sleep(self, name: str, reason: str = "asked to sleep") -> bool:
+        """Put `name` to sleep if it is idle and READY; False otherwise."""
+        return self.controller(name).sleep_if_idle(reason) is not None
+
+    def pin(self, name: str, pinned: bool) -> None:
+        spec = self.resolve(name)
+        if spec.manages_lifecycle:
+            self.scheduler.pin(spec.name, pinned)
+
+    async def warm(self, name: str) -> None:
+        """Bring `name` up through admission, like a request would; failures are in its state and events."""
+        with contextlib.suppress(WakerError):
+            await self.gate(name).ensure_ready()
+
+    async def logs(self, name: str, lines: int) -> tuple[str, ...]:
+        return await self.controller(name).log_tail(lines)
+
+    # -- the read model ------------------------------------------------------------------------------------
+
+    def describe(self) -> WakerStatus:
+        """Every model and node, read in one synchronous step (so the figures agree with each other)."""
+        scheduler = self.scheduler
+        models = []
+        for name, c in self._controllers.items():
+            seat = scheduler.seats.get(name)
+            models.append(ModelStatus(
+                name=name, spec=c.spec, state=c.state, since=c.since, in_flight=c.in_flight, waiting=c.waiting,
+                queued=scheduler.queued(name) if seat else 0, last_used=c.last_used, ready_since=c.ready_since,
+                failures=c.failures, retry_at=c.retry_at, last_error=c.last_error,
+                pinned=seat.pinned if seat else False, nodes=seat.candidates if seat else (),
+                placed=seat.placed if seat else (), held_on=scheduler.held_on(name) if seat else {},
+                engine=c.engine, pending_reload=c.pending_spec is not None, removed=c.retired,
+            ))
+        nodes = tuple(
+            NodeStatus(name=n, capacity_gb=a.budget.capacity_gb, total_gb=a.budget.total_gb,
+                       reserve_gb=a.budget.reserve_gb, held_gb=a.held_gb(), queued=a.queued,
+                       live_free_gb=a.probe.free_gb(), probe=a.probe.name, high_water_gb=a.high_water_gb,
+                       labels=self.labels.get(n, {}))
+            for n, a in scheduler.nodes.items())
+        return WakerStatus(now=self.clock.now(), models=tuple(models), nodes=nodes, routes=self.registry.routes())
+
     def statuses(self) -> list[ModelStatus]:
-        return [c.status() for c in self._controllers.values()]
+        return list(self.describe().models)
+
+    # -- models.d ------------------------------------------------------------------------------------------
+
+    async def reload_from(self, load: Callable[[], Registry]) -> dict[str, list[str]]:
+        """Read models.d with `load` (in a thread) and apply it; reloads (file watch, SIGHUP, admin API) run one at
+        a time, each reading the files after the one before applied them, so an older snapshot can never be
+        applied last (tests/unit/test_reload.py::test_concurrent_reloads_apply_the_newest_files_last)."""
+        async with self._reload_lock:
+            registry = await asyncio.to_thread(load)
+            return await self._apply(registry)
+
+    async def reload(self, registry: Registry) -> dict[str, list[str]]:
+        """Take a new models.d without disturbing what runs: unchanged models keep their engines, policy-only
+        changes apply at once (a running engine keeps the memory it was admitted with), changed models are
+        recreated when idle, removed ones are stopped when idle. A registry the budgets can't hold is refused
+        (ConfigError) and nothing changes."""
+        async with self._reload_lock:
+            return await self._apply(registry)
+
+    async def _apply(self, registry: Registry) -> dict[str, list[str]]:
+        problems = budget_problems(registry.values(), self.budgets, self.labels)
+        for spec in registry.values():
+            if spec.runtime not in self._runtimes:
+                problems.append(f"{spec.source or spec.name}: runtime {spec.runtime} is not available")
+        if problems:
+            raise ConfigError(problems)
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": [], "unchanged": []}
+        self.registry = registry
+        for name, spec in registry.items():
+            controller = self._controllers.get(name)
+            if controller is None:
+                await self._add(spec)
+                report["added"].append(name)
+            elif controller.retired:
+                # Added back while its engine is still being removed: compared with the engine it runs, so a
+                # changed entry still recreates it (it used to keep the old engine for good).
+                controller.retire(False)
+                self._update(controller, spec)
+                report["added"].append(name)
+            else:
+                report[self._update(controller, spec)].append(name)
+        for name, controller in list(self._controllers.items()):
+            if name in registry or controller.retired:
+                continue
+            controller.retire()
+            report["removed"].append(name)
+            if controller.spec.manages_lifecycle:
+                # Requests queued for it learn at once that it is gone (they used to wait until max_wait).
+                self.scheduler.withdraw_all(name, "it was removed from models.d")
+                if controller.state is S.FAILED:
+                    await controller.stop("removed from models.d")
+        self.events.emit(Event(self.clock.wall(), "*", "reload", reason="models.d reloaded",
+                               data={k: v for k, v in report.items() if v and k != "unchanged"}))
+        self.settle_reload()
+        return report
+
+    def _update(self, controller: ModelController, spec: ModelSpec) -> str:
+        """Apply `spec` to a model that has an entry already; returns the report's key."""
+        if _same(controller.spec, spec):
+            if controller.pending_spec is None:
+                return "unchanged"
+            controller.set_pending(None)  # back to what runs: nothing to recreate
+            return "updated"
+        if self._same_engine(controller.spec, spec):
+            controller.set_pending(None)
+            controller.replace_spec(spec)
+            self._sync_seat(controller, policy=True)
+            return "updated"
+        controller.set_pending(spec)  # applied at once when no engine runs
+        if controller.pending_spec is not None:
+            controller.stop_if_idle("models.d changed: recreating with the new entry")
+        else:
+            self._sync_seat(controller, policy=True)
+        return "changed"
+
+    def _same_engine(self, a: ModelSpec, b: ModelSpec) -> bool:
+        return (a.runtime == b.runtime and a.engine == b.engine
+                and engine_for(a.engine).launch_hash(a) == engine_for(b.engine).launch_hash(b)
+                and candidates(a, self.budgets, self.labels) == candidates(b, self.budgets, self.labels))
+
+    def _sync_seat(self, controller: ModelController, policy: bool = False) -> None:
+        """The seat and the gate follow the controller's entry: its nodes (once it holds nothing anywhere), its
+        footprint, priority and max_concurrent (at once), and its pin (when models.d changed it: `policy`)."""
+        spec = controller.spec
+        gate = self._gates.get(spec.name)
+        if gate is not None:
+            gate.limiter.resize(spec.max_concurrent, spec.max_waiting)  # in place: never two limits at once
+        seat = self.scheduler.seats.get(spec.name)
+        if seat is None or not spec.manages_lifecycle:
+            return
+        self.scheduler.move(spec.name, candidates(spec, self.budgets, self.labels), spec.nodes)
+        self.scheduler.update(spec.name, footprint_gb=spec.memory_gb, sleeping_gb=spec.sleeping_gb,
+                              priority=spec.priority, pinned=spec.pinned if policy else seat.pinned)
+
+    def settle_reload(self) -> None:
+        """Finish what reloads left pending: models that were busy are recreated once idle; removed ones are
+        dropped once stopped. Called after a reload and by the reaper loop."""
+        for name, controller in list(self._controllers.items()):
+            if controller.pending_spec is not None:
+                if controller.apply_pending():
+                    self._sync_seat(controller, policy=True)
+                else:
+                    controller.stop_if_idle("models.d changed: recreating with the new entry")
+            if not controller.retired:
+                continue
+            if not controller.spec.manages_lifecycle or (controller.idle_stopped and self.scheduler.unregister(name)):
+                del self._controllers[name]
+                self._gates.pop(name, None)
+            elif controller.state is S.FAILED:
+                controller.begin_reap()
+            else:
+                controller.stop_if_idle("removed from models.d")
+
+    # -- the idle reaper -----------------------------------------------------------------------------------
 
     async def reap_once(self) -> None:
+        """Stop (or put to sleep) the models idle past their idle_timeout, and retry removing what failed engines
+        left behind once their runtime answers again."""
         stopping = []
-        for decision in idle_stops(self.statuses(), self.clock.now()):
+        for decision in idle_stops(self.describe().models, self.clock.now()):
             controller = self._controllers[decision.model]
             if decision.sleep:
-                task = controller.sleep_if_idle(decision.reason)
-                kind = "idle_sleep"
+                task, kind = controller.sleep_if_idle(decision.reason), "idle_sleep"
             else:
-                task = controller.stop_if_idle(decision.reason)
-                kind = "idle_stop"
+                task, kind = controller.stop_if_idle(decision.reason), "idle_stop"
             if task is not None:
                 self.events.emit(Event(self.clock.wall(), decision.model, kind, reason=decision.reason))
                 stopping.append(task)
+        now = self.clock.now()
+        for controller in self._controllers.values():
+            if controller.residue is not None and (controller.retry_at is None or now >= controller.retry_at):
+                controller.begin_reap()
         await asyncio.gather(*stopping, return_exceptions=True)
 
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self.options.reap_interval)
             try:
-                await self.settle_reload()
+                self.settle_reload()
                 await self.reap_once()
             except Exception:  # the reaper must survive one bad stop
                 log.exception("idle reaper")
+
+
+def _same(a: ModelSpec, b: ModelSpec) -> bool:
+    return a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
+
+
+__all__ = ["Waker"]

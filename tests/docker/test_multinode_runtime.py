@@ -312,6 +312,7 @@ async def test_through_the_gateway_a_two_node_model_serves_fails_by_part_restart
         found["worker-1"].kill()
         failed = await gw.waker.events.wait_for(lambda e: e.target == "failed", timeout=30)
         assert "exited unexpectedly with code 137 (SIGKILL) in worker-1 on node 'b'" in failed.reason
+        await gw.waker.events.wait_for(lambda e: e.kind == "removed" and e.model == model_name, timeout=30)
         assert parts(docker_client, model_name) == {}  # the head went down with its worker
         assert held(gw) == {"a": 0, "b": 0}
         assert (await client.post(gw.v1 + "/chat/completions", json=body)).status_code == 200

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.settings import GatewaySettings
 from tests.docker.conftest import IMAGE
+from waker import compose
 from waker.runtime.docker.container import LABEL_INSTANCE, LABEL_MANAGED, LABEL_MODEL
 from waker.runtime.docker.memory_probe import LABEL_MEMORY_PROBE, DockerMemInfo, DockerMemoryProbe
 from waker.runtime.memory import GIB, meminfo_gb
@@ -106,7 +107,7 @@ def test_remote_node_in_settings_gets_a_docker_probe_that_refreshes_in_the_backg
     settings = GatewaySettings(nodes={"local": {"memory_probe": "none"},
                                       "spark2": {"docker_host": SOCKET, "memory_probe": "docker",
                                                  "memory_probe_interval": "1s"}})
-    probe = settings.probes()["spark2"]
+    probe = compose.probes(settings.nodes)["spark2"]
     assert isinstance(probe, DockerMemoryProbe)
     probe.start()
     try:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from tests.fakes import FakeProber, FakeRuntime
+from tests.fakes import FakeEngineApi, FakeRuntime
 from waker.clock import FakeClock
 from waker.config.registry import ConfigError, Registry
 from waker.config.spec import ModelSpec, RuntimeKind
@@ -31,7 +31,7 @@ async def waker_with(*specs: ModelSpec, capacity: float = 100, live: float | Non
     runtime = FakeRuntime()
     waker = Waker(Registry(list(specs)), runtimes={RuntimeKind.PROCESS: runtime},
                   budgets={"local": Budget(capacity, 0)}, probes={"local": FixedProbe(live)}, clock=FakeClock(),
-                  queue=policy or QueuePolicy(), prober=FakeProber(runtime), preload=preload)
+                  queue=policy or QueuePolicy(), engine_api=FakeEngineApi(runtime), preload=preload)
     waker.runtime = runtime  # type: ignore[attr-defined]
     async with waker:
         yield waker
@@ -165,11 +165,12 @@ async def test_live_memory_holds_a_start_the_ledger_would_allow() -> None:
 
 def test_model_bigger_than_its_node_is_rejected_at_load() -> None:
     with pytest.raises(ConfigError, match="big needs 200 GB but node 'local' has a budget of 120 GB"):
-        Waker(Registry([spec("big", 200)]), budgets={"local": Budget(128, 8)})
+        Waker(Registry([spec("big", 200)]), runtimes={RuntimeKind.PROCESS: FakeRuntime()},
+              budgets={"local": Budget(128, 8)})
 
 
 def test_unknown_node_and_preload_are_config_errors() -> None:
     with pytest.raises(ConfigError) as err:
-        Waker(Registry([spec("m", 1, node="spark9")]), preload=["nope"])
+        Waker(Registry([spec("m", 1, node="spark9")]), runtimes={RuntimeKind.PROCESS: FakeRuntime()}, preload=["nope"])
     assert any("unknown node 'spark9'" in p for p in err.value.problems)
     assert any("preload: 'nope'" in p for p in err.value.problems)

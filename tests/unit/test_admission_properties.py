@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeProber, FakeRuntime
+from tests.fakes import FakeEngineApi, FakeRuntime
 from waker.clock import FakeClock
 from waker.config.registry import Registry
 from waker.config.spec import ModelSpec, RuntimeKind
@@ -94,7 +94,7 @@ async def replay(sizes: list[int], trace: list[tuple[int, int, int]], pinned: in
     clock = FakeClock()
     events = EventLog(keep=100_000)
     waker = Waker(Registry(specs), runtimes={RuntimeKind.PROCESS: runtime}, budgets={"local": Budget(CAPACITY, 0)},
-                  probes={"local": FixedProbe(None)}, clock=clock, events=events, prober=FakeProber(runtime),
+                  probes={"local": FixedProbe(None)}, clock=clock, events=events, engine_api=FakeEngineApi(runtime),
                   queue=QueuePolicy(max_hold=max_hold, max_wait=3600, poll_interval=3600))
     def within_budget(tick: int) -> None:
         assert waker.admissions["local"].held_gb() <= CAPACITY

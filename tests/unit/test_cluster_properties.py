@@ -8,7 +8,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeProber, FakeRuntime
+from tests.fakes import FakeEngineApi, FakeRuntime
 from tests.unit.test_admission_properties import Req, drive
 from waker.clock import FakeClock
 from waker.config.registry import Registry
@@ -44,14 +44,14 @@ async def replay(models: list[tuple[int, int]], trace: list[tuple[int, int, int]
     clock = FakeClock()
     waker = Waker(Registry(specs), runtimes={RuntimeKind.DOCKER: runtime},
                   budgets={n: Budget(gb, 0) for n, gb in NODES.items()},
-                  probes={n: FixedProbe(None) for n in NODES}, clock=clock, prober=FakeProber(runtime),
+                  probes={n: FixedProbe(None) for n in NODES}, clock=clock, engine_api=FakeEngineApi(runtime),
                   queue=QueuePolicy(max_hold=max_hold, max_wait=3600, poll_interval=3600))
     def within_budgets(tick: int) -> None:
         for name, admission in waker.admissions.items():
             assert admission.held_gb() <= NODES[name], f"node {name} over budget at tick {tick}"
         for controller in waker.controllers():
             if controller.spec.nodes == 2 and controller.state.value in ("starting", "ready"):
-                assert {n: a.held_by(controller) for n, a in waker.admissions.items() if n != "b"} == {
+                assert {n: a.held_by(controller.name) for n, a in waker.admissions.items() if n != "b"} == {
                     "a": controller.spec.memory_gb, "c": controller.spec.memory_gb}
 
     outcomes, _ = await drive(waker, clock, requests, within_budgets, TICKS_LIMIT)

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics
-from tests.fakes import FakeProber, FakeRuntime
+from tests.fakes import FakeEngineApi, FakeRuntime
 from tests.harness import serve_app
 from waker.clock import FakeClock
 from waker.config.registry import Registry
@@ -49,7 +49,7 @@ async def waker_with(*specs: ModelSpec, capacity: float = 100, live: float | Non
     runtimes = {RuntimeKind.PROCESS: runtime, RuntimeKind.EXTERNAL: ExternalRuntime()}
     waker = Waker(Registry(list(specs)), runtimes=runtimes,
                   budgets={"local": Budget(capacity, 0)}, probes={"local": FixedProbe(live)}, clock=FakeClock(),
-                  queue=policy or QueuePolicy(), prober=FakeProber(runtime))
+                  queue=policy or QueuePolicy(), engine_api=FakeEngineApi(runtime))
     waker.runtime = runtime  # type: ignore[attr-defined]
     async with waker:
         yield waker

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from tests.fakes import FakeProber, FakeRuntime
+from tests.fakes import FakeEngineApi, FakeRuntime
 from waker.clock import FakeClock
 from waker.config.registry import ConfigError, Registry
 from waker.config.spec import ModelSpec, RuntimeKind
@@ -130,7 +130,7 @@ def test_placement_problems_say_what_is_missing() -> None:
     assert any("needs 2 nodes" in p and "found 1 (spark1)" in p for p in problems)
     assert placement_problems(spec("g", 100, nodes=2, engine="vllm", model="w"), BUDGETS, LABELS) == []
     with pytest.raises(ConfigError, match="unknown node 'spark9'"):
-        Waker(Registry([spec("m", 1, node="spark9")]), budgets=BUDGETS)
+        Waker(Registry([spec("m", 1, node="spark9")]), runtimes={RuntimeKind.DOCKER: FakeRuntime()}, budgets=BUDGETS)
 
 
 def test_spanning_several_nodes_is_validated_in_the_entry() -> None:
@@ -152,7 +152,7 @@ async def cluster(*specs: ModelSpec, budgets: dict[str, float],
     waker = Waker(Registry(list(specs)), runtimes={RuntimeKind.DOCKER: runtime},
                   budgets={n: Budget(gb, 0) for n, gb in budgets.items()},
                   probes={n: FixedProbe(None) for n in budgets}, clock=FakeClock(),
-                  queue=policy or QueuePolicy(), prober=FakeProber(runtime))
+                  queue=policy or QueuePolicy(), engine_api=FakeEngineApi(runtime))
     waker.runtime = runtime  # type: ignore[attr-defined]
     async with waker:
         yield waker
@@ -204,7 +204,7 @@ async def test_a_stopped_model_is_placed_afresh_at_its_next_start() -> None:
         await use(w, "x")
         assert launched_on(w, "x") == ("a",)  # a tie: the first node listed
         await w.stop("x")
-        assert w.controller("x").placed == ()
+        assert w.scheduler.seats["x"].placed == ()
         await use(w, "other")
         await use(w, "x")
         assert launched_on(w, "other") == ("a",) and launched_on(w, "x") == ("b",)
@@ -277,12 +277,12 @@ async def test_a_drain_set_by_one_node_is_not_lifted_by_another() -> None:
         assert launched_on(w, "hot") == ("b",)  # a would need an eviction
         cold = asyncio.create_task(use(w, "cold"))
         await w.events.wait_for(lambda e: e.kind == "drain" and e.model == "hot", 1)
-        deadline = w.controller("hot").drain_deadline
+        deadline = w.scheduler.seats["hot"].drain_deadline
         assert deadline is not None
         # Node a (where hot is registered but holds nothing) plans again: b's deadline stands.
         w.admissions["a"].step()
         await use(w, "filler")
-        assert w.controller("hot").drain_deadline == deadline
+        assert w.scheduler.seats["hot"].drain_deadline == deadline
         await lease.__aexit__(None, None, None)
         await asyncio.wait_for(cold, 1)
-        assert w.controller("hot").state is S.STOPPED and w.controller("hot").drain_deadline is None
+        assert w.controller("hot").state is S.STOPPED and w.scheduler.seats["hot"].drain_deadline is None

@@ -2,9 +2,9 @@
 
 from waker.clock import FakeClock
 from waker.config.spec import ModelSpec
-from waker.lifecycle.controller import ModelStatus
 from waker.scheduling.reaper import idle_stops
 from waker.state import ModelState
+from waker.status import ModelStatus
 
 
 def status(clock: FakeClock, *, state: ModelState = ModelState.READY, idle: float = 0, up: float = 1000,

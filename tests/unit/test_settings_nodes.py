@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.settings import GatewaySettings
+from waker import compose
 from waker.runtime.docker.memory_probe import DockerMemoryProbe
 from waker.runtime.memory import FixedProbe, MemInfoProbe
 
@@ -27,13 +28,13 @@ def test_labels_and_cluster_address_parse_from_the_environment(monkeypatch: pyte
         "spark1": {"labels": {"gpu": "gb10", "link": "qsfp"}, "cluster_address": "192.168.100.1"},
         "spark2": {"docker_host": "ssh://me@spark2", "address": "10.0.0.2", "labels": {"gpu": "gb10"}},
     })
-    assert settings.node_labels() == {"spark1": {"gpu": "gb10", "link": "qsfp"}, "spark2": {"gpu": "gb10"}}
+    assert compose.labels(settings.nodes) == {"spark1": {"gpu": "gb10", "link": "qsfp"}, "spark2": {"gpu": "gb10"}}
     assert settings.nodes["spark1"].cluster_address == "192.168.100.1"
     assert settings.nodes["spark2"].cluster_address is None
 
 
 def test_nodes_without_labels_have_empty_ones() -> None:
-    assert GatewaySettings().node_labels() == {"local": {}}
+    assert compose.labels(GatewaySettings().nodes) == {"local": {}}
 
 
 def test_docker_nodes_get_the_cluster_address_defaulting_to_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +42,7 @@ def test_docker_nodes_get_the_cluster_address_defaulting_to_the_address(monkeypa
         "spark1": {"address": "10.0.0.1", "cluster_address": "192.168.100.1"},
         "spark2": {"docker_host": "tcp://10.0.0.2:2375", "address": "10.0.0.2", "publish_ip": "0.0.0.0"},
     })
-    nodes = settings.docker_nodes()
+    nodes = compose.docker_nodes(settings.nodes)
     assert (nodes["spark2"].name, nodes["spark2"].url, nodes["spark2"].address, nodes["spark2"].publish_ip) == \
         ("spark2", "tcp://10.0.0.2:2375", "10.0.0.2", "0.0.0.0")
     assert nodes["spark1"].link_address == "192.168.100.1"
@@ -58,13 +59,14 @@ def test_auto_reads_this_machine_for_a_local_docker_host(monkeypatch: pytest.Mon
                                                          docker_host: str | None) -> None:
     settings = from_env(monkeypatch, {"box": {"docker_host": docker_host}})
     assert settings.nodes["box"].probe_kind() == "auto"
-    assert not isinstance(settings.probes()["box"], DockerMemoryProbe)  # NVML or /proc/meminfo, as make_probe picks
+    # NVML or /proc/meminfo, as make_probe picks
+    assert not isinstance(compose.probes(settings.nodes)["box"], DockerMemoryProbe)
 
 
 @pytest.mark.parametrize("docker_host", ["tcp://10.0.0.2:2375", "ssh://me@spark2", "https://spark2:2376"])
 def test_auto_reads_a_remote_node_through_its_docker(monkeypatch: pytest.MonkeyPatch, docker_host: str) -> None:
     settings = from_env(monkeypatch, {"local": {"memory_probe": "meminfo"}, "spark2": {"docker_host": docker_host}})
-    probes = settings.probes()
+    probes = compose.probes(settings.nodes)
     assert isinstance(probes["local"], MemInfoProbe)
     probe = probes["spark2"]
     assert isinstance(probe, DockerMemoryProbe)
@@ -75,7 +77,7 @@ def test_auto_reads_a_remote_node_through_its_docker(monkeypatch: pytest.MonkeyP
 
 def test_auto_follows_docker_host_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "ssh://me@spark2")
-    probe = from_env(monkeypatch, {"spark2": {}}).probes()["spark2"]
+    probe = compose.probes(from_env(monkeypatch, {"spark2": {}}).nodes)["spark2"]
     assert isinstance(probe, DockerMemoryProbe)
     assert probe.name == "docker (ssh://me@spark2)"
 
@@ -83,7 +85,7 @@ def test_auto_follows_docker_host_from_the_environment(monkeypatch: pytest.Monke
 def test_docker_probe_can_be_forced_for_a_local_socket_with_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = from_env(monkeypatch, {"box": {"docker_host": "unix:///run/other.sock", "memory_probe": "docker",
                                               "memory_probe_interval": "2s"}})
-    probe = settings.probes()["box"]
+    probe = compose.probes(settings.nodes)["box"]
     assert isinstance(probe, DockerMemoryProbe)
     assert (probe.interval, probe.max_age) == (2.0, 6.0)
 
@@ -91,15 +93,15 @@ def test_docker_probe_can_be_forced_for_a_local_socket_with_its_interval(monkeyp
 def test_none_turns_the_probe_off_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = from_env(monkeypatch, {"local": {"memory_probe": "none"},
                                       "spark2": {"docker_host": "ssh://me@spark2", "memory_probe": "none"}})
-    for probe in settings.probes().values():
+    for probe in compose.probes(settings.nodes).values():
         assert isinstance(probe, FixedProbe)
         assert probe.free_gb() is None
 
 
 def test_this_machines_probe_named_for_a_remote_node_leaves_it_to_the_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
     # /proc/meminfo here says nothing about spark2; such a setting was ignored before, and still is (loudly named).
-    probe = from_env(monkeypatch, {"spark2": {"docker_host": "ssh://me@spark2", "memory_probe": "meminfo"}}) \
-        .probes()["spark2"]
+    settings = from_env(monkeypatch, {"spark2": {"docker_host": "ssh://me@spark2", "memory_probe": "meminfo"}})
+    probe = compose.probes(settings.nodes)["spark2"]
     assert isinstance(probe, FixedProbe)
     assert probe.free_gb() is None
     assert probe.name == "none (meminfo reads this machine, not 'spark2')"
@@ -112,6 +114,6 @@ def test_unknown_probe_kind_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_default_settings_keep_one_local_node() -> None:
     settings = GatewaySettings()
-    assert list(settings.docker_nodes()) == ["local"]
-    assert settings.docker_nodes()["local"].url is None
-    assert not isinstance(settings.probes()["local"], DockerMemoryProbe)
+    assert list(compose.docker_nodes(settings.nodes)) == ["local"]
+    assert compose.docker_nodes(settings.nodes)["local"].url is None
+    assert not isinstance(compose.probes(settings.nodes)["local"], DockerMemoryProbe)

@@ -8,4 +8,6 @@ def retry_delay(failures: int, cap: float) -> float:
     """
     if failures <= 1:
         return 0.0
-    return min(float(2 ** (failures - 1)), cap)
+    # The exponent is capped before the power: after 1025 failures 2.0 ** 1024 would overflow (a client
+    # retrying through a long Docker outage gets there: tests/unit/test_backoff.py).
+    return min(2.0 ** min(failures - 1, 62), cap)

@@ -1,600 +1,758 @@
-"""One model's lifecycle, owned by one controller: state, single-flight start, leases, stop."""
+"""One model's engine over time, owned by one controller.
+
+The rule: a model's lifecycle fields are written only by its controller, either synchronously when an
+operation begins (entering its state with no await between the check and the write) or by that operation's
+task; operations never overlap (a stop takes over a start, wake or sleep in progress by cancelling it, once;
+a wake waits for the engine to finish falling asleep; a start waits for the removal of a previous engine),
+and every operation task ends in a stable state (READY, SLEEPING, STOPPED or FAILED) whether it succeeds,
+fails or is cancelled, its clean-up shielded from further cancellation. So a model is never STARTING, WAKING
+or STOPPING without a live task that ends it within its timeout: the simulation checks it after every step
+(tests/sim/test_simulation.py).
+
+What the controller does not know: where a model may run, what the budget holds, drains and pins. Those are
+scheduling state (waker/scheduling); the scheduler tells the controller where to start, and the controller
+reports every transition through `on_change`.
+"""
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import aiohttp
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from enum import StrEnum
+from typing import TypeVar
 
 from waker.clock import Clock
 from waker.config.durations import format_duration
 from waker.config.spec import ModelSpec
 from waker.engines.base import Engine
-from waker.errors import ModelNotFound, QueueFull, ShuttingDown, StartFailed, StartTimeout, WakeFailed
+from waker.errors import StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
 from waker.lifecycle.backoff import retry_delay
-from waker.lifecycle.engine_api import Prober
+from waker.lifecycle.engine_api import EngineApi, EngineCallError
 from waker.options import WakerOptions
 from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable
-from waker.sleep import SleepError, call_engine, launch_spec, sleep_calls, wake_calls
-
-if TYPE_CHECKING:
-    from waker.scheduling.node import Admission
-from waker.state import ModelState, check_transition
+from waker.state import TRANSITIONAL, Hold, ModelState, check_transition
+from waker.status import Failure
 
 S = ModelState
+T = TypeVar("T")
+log = logging.getLogger("sparkgate.lifecycle")
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a leased model answers."""
-
-    api_base: str  # e.g. http://127.0.0.1:8000/v1
-    spec: ModelSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    reason: str
-    exit_code: int | None
-    log_tail: tuple[str, ...]
-    at: float
+class Op(StrEnum):
+    START = "start"  # launch (or adopt) and probe until ready
+    WAKE = "wake"
+    SLEEP = "sleep"
+    STOP = "stop"
+    REAP = "reap"  # remove what is left of an engine that failed (the model stays FAILED, or becomes STOPPED)
 
 
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    """A consistent snapshot of one model, for policy decisions and display."""
-
-    name: str
-    state: ModelState
-    since: float
-    in_flight: int
-    waiting: int
-    last_used: float | None
-    ready_since: float | None
-    failures: int
-    retry_at: float | None
-    last_error: Failure | None
-    spec: ModelSpec
+class EngineExited(Exception):
+    def __init__(self, watch: "asyncio.Future[Exit]") -> None:
+        super().__init__("the engine exited")
+        self.watch = watch
 
 
 class ModelController:
-    """Owns one model. All transitions happen here, each checked against the table and emitted.
+    """Owns one model's engine; see the module docstring for the rule every method follows."""
 
-    Starts are single-flight: the first caller creates the start task, every other caller awaits
-    the same task, so any number of concurrent requests cause exactly one engine start
-    (tests/unit/test_model.py::test_cold_model_starts_once_for_concurrent_requests).
-    """
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        engine: Engine,
-        runtime: Runtime,
-        prober: Prober,
-        events: EventLog,
-        clock: Clock,
-        options: WakerOptions,
-        admission: "Admission | None" = None,
-        on_change: Callable[[], None] | None = None,
-        session: aiohttp.ClientSession | None = None,
-        nodes: tuple[str, ...] | None = None,
-    ) -> None:
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, engine: Engine, runtime: Runtime, api: EngineApi, events: EventLog,
+                 clock: Clock, options: WakerOptions, on_change: Callable[[], None] | None = None) -> None:
+        self._spec = spec
         self._engine = engine
         self._runtime = runtime
-        self._prober = prober
+        self._api = api
         self._events = events
         self._clock = clock
         self._options = options
-
-        self.state = S.STOPPED
-        self.since = clock.now()
-        self.in_flight = 0
-        self.waiting = 0
-        self.last_used: float | None = None
-        self.ready_since: float | None = None
-        self.failures = 0
-        self.retry_at: float | None = None
-        self.last_error: Failure | None = None
-        self.handle: EngineHandle | None = None
-
-        # Set by each node's scheduler where others wait for this model's memory (a model spanning nodes
-        # can be asked to drain by one node and not by another): the earliest deadline holds.
-        self._drains: dict[str, float] = {}
-        self.drain_deadline: float | None = None  # the earliest of them (read on every request)
-        self.pinned = spec.pinned  # the admin API may pin or unpin at run time
-        self.pending_spec: ModelSpec | None = None  # models.d changed: applied once the engine is stopped
-        self.retired = False  # removed from models.d: stopped when idle, then dropped
-        # Placement: the nodes it may run on, the ones it runs on (or was placed on and waits for), and,
-        # for a multi-node start, the nodes whose memory is already reserved while it waits for the rest.
-        self.candidates: tuple[str, ...] = nodes or (spec.home or "local",)
-        self.placed: tuple[str, ...] = self.candidates if len(self.candidates) == spec.nodes else ()
-        self.reserved: set[str] = set()
-        self._admission = admission
         self._on_change = on_change
-        self._session = session
-        self._launch = launch_spec(spec)
-        self._changed = asyncio.Event()
-        self._sleep_task: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(spec.max_concurrent) if spec.max_concurrent else None
-        self.slot_waiters = 0
 
-        self._start_task: asyncio.Task[EngineHandle] | None = None
-        self._stop_task: asyncio.Task[None] | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self._state = S.STOPPED
+        self._since = clock.now()
+        self._handle: EngineHandle | None = None  # the engine it runs (from launch until it is stopped)
+        self._exit: asyncio.Future[Exit] | None = None  # that engine's end, watched once for its whole life
+        self._residue: EngineHandle | None = None  # FAILED: what is left of an engine, removed before a new start
+        self._residue_running = False  # ... which may still run (its stop failed, or we lost track of it)
+        self._placed: tuple[str, ...] = ()
+        self._in_flight = 0
+        self._waiting = 0
+        self._last_used: float | None = None
+        self._ready_since: float | None = None
+        self._failures = 0
+        self._retry_at: float | None = None
+        self._last_error: Failure | None = None
+        self._pending: ModelSpec | None = None  # models.d changed its engine: applied once no engine runs
+        self._retired = False
         self._closed = False
 
-    # -- state ---------------------------------------------------------------------------------
+        self._op: asyncio.Task[object] | None = None
+        self._op_kind: Op | None = None
+        self._start_op: asyncio.Task[EngineHandle] | None = None  # the latest start or wake (requests join it)
+        self._starts = 0  # starts and wakes begun so far
+        self._stop_reason: str | None = None  # why the running operation was taken over by a stop
+        self._changed = asyncio.Event()
 
-    def _transition(self, target: ModelState, reason: str, **data: object) -> None:
-        check_transition(self.spec.name, self.state, target)
-        source, self.state, self.since = self.state, target, self._clock.now()
-        if target in (S.STOPPED, S.FAILED, S.SLEEPING):
-            self._drains.clear()
-            self.drain_deadline = None
-        if target in (S.STOPPED, S.FAILED) and source is not S.FAILED:
-            self.unplace()  # it holds nothing anywhere now: the next start is placed afresh
-        self._events.emit(
-            Event(self._clock.wall(), self.spec.name, "transition", source, target, reason, dict(data))
-        )
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-        if self._on_change is not None:
-            self._on_change()
-
-    def status(self) -> ModelStatus:
-        return ModelStatus(
-            name=self.spec.name,
-            state=self.state,
-            since=self.since,
-            in_flight=self.in_flight,
-            waiting=self.waiting,
-            last_used=self.last_used,
-            ready_since=self.ready_since,
-            failures=self.failures,
-            retry_at=self.retry_at,
-            last_error=self.last_error,
-            spec=self.spec,
-        )
-
-    async def log_tail(self, lines: int | None = None) -> tuple[str, ...]:
-        """The engine's last output lines (of the failed run when there is none running)."""
-        lines = self._options.log_tail_lines if lines is None else lines
-        if self.handle is not None:
-            return await self._tail_of(self.handle)
-        return self.last_error.log_tail[-lines:] if self.last_error else ()
-
-    # -- leases ----------------------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------------------
 
     @property
-    def limited(self) -> bool:
-        """True when `max_concurrent` bounds the requests at once (take a `concurrency_slot`)."""
-        return self._slots is not None
+    def spec(self) -> ModelSpec:
+        return self._spec
 
-    @contextlib.asynccontextmanager
-    async def concurrency_slot(self) -> AsyncIterator[None]:
-        """A place among the model's `max_concurrent` requests: wait for one, or QueueFull beyond
-        `max_waiting` waiting requests (no limit when max_concurrent is unset)."""
-        slots = self._slots  # this one is released, even if a reload swaps it meanwhile
-        if slots is None:
-            yield
-            return
-        if slots.locked() and self.slot_waiters >= self.spec.max_waiting:
-            raise QueueFull(
-                f"{self.spec.name} already runs {self.spec.max_concurrent} requests (max_concurrent) and "
-                f"{self.slot_waiters} more wait (max_waiting {self.spec.max_waiting}); try again shortly",
-                model=self.spec.name)
-        self.slot_waiters += 1
-        try:
-            await slots.acquire()
-        finally:
-            self.slot_waiters -= 1
-        try:
-            yield
-        finally:
-            slots.release()
+    @property
+    def name(self) -> str:
+        return self._spec.name
 
-    async def acquire(self) -> Endpoint:
-        """A ready endpoint, counted as in flight until `release()`; starts the engine if needed.
+    @property
+    def state(self) -> ModelState:
+        return self._state
 
-        The model is never idle-stopped while acquired or while an acquire waits.
-        """
-        self.waiting += 1
-        try:
-            handle = await self.ensure_ready()
-            # No await between the READY check in ensure_ready and this increment: the reaper,
-            # which runs on the same loop, can't slip a stop in between.
-            self.in_flight += 1
-        finally:
-            self.waiting -= 1
-        return Endpoint(handle.api_base, self.spec)
+    @property
+    def since(self) -> float:
+        return self._since
+
+    @property
+    def handle(self) -> EngineHandle | None:
+        return self._handle
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def last_used(self) -> float | None:
+        return self._last_used
+
+    @property
+    def ready_since(self) -> float | None:
+        return self._ready_since
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    @property
+    def retry_at(self) -> float | None:
+        return self._retry_at
+
+    @property
+    def last_error(self) -> Failure | None:
+        return self._last_error
+
+    @property
+    def placed(self) -> tuple[str, ...]:
+        return self._placed
+
+    @property
+    def pending_spec(self) -> ModelSpec | None:
+        return self._pending
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def starts(self) -> int:
+        """Starts and wakes begun so far: a request admitted for a start joins the one begun after it asked."""
+        return self._starts
+
+    @property
+    def operation(self) -> asyncio.Task[object] | None:
+        """The operation running now, if any."""
+        return self._op
+
+    @property
+    def residue(self) -> EngineHandle | None:
+        return self._residue
+
+    @property
+    def engine(self) -> EngineHandle | None:
+        """The engine it runs, or what is left of one that failed (for readers: logs, memory, the sampler)."""
+        return self._handle or self._residue
+
+    @property
+    def hold(self) -> Hold:
+        """What its engine holds of its footprint in the ledger."""
+        state = self._state
+        if state is S.SLEEPING:
+            return Hold.FULL if self._op_kind is Op.SLEEP else Hold.SLEEPING  # still falling asleep: not freed yet
+        if state in TRANSITIONAL or state is S.READY:
+            return Hold.FULL
+        if state is S.FAILED and self._residue is not None:
+            return Hold.FULL  # what an engine left (the other parts of a group, a process group): counted until gone
+        return Hold.NONE
+
+    def changed(self) -> asyncio.Event:
+        """Set at the next transition."""
+        return self._changed
+
+    def failure_error(self, retry_after: float | None = None) -> StartFailed:
+        failure = self._last_error
+        assert failure is not None
+        message = failure.reason
+        if retry_after:
+            message += (f" (failed {self._failures} times in a row; next start attempt in "
+                        f"{format_duration(retry_after)})")
+        return StartFailed(message, model=self.name, exit_code=failure.exit_code, log_tail=failure.log_tail,
+                           retry_after=retry_after)
+
+    async def log_tail(self, lines: int) -> tuple[str, ...]:
+        """The engine's last `lines` output lines (of the failed run when none runs)."""
+        if lines <= 0:
+            return ()
+        if self._handle is not None:
+            return await self._tail(self._handle, lines)
+        return self._last_error.log_tail[-lines:] if self._last_error else ()
+
+    # -- leases (requests) ------------------------------------------------------------------------------
+
+    def take(self) -> EngineHandle | None:
+        """Count one request in flight if the engine is READY (no await between the check and the count, so no
+        stop can slip in between: tests/unit/test_model.py::test_idle_stop_yields_to_a_new_lease)."""
+        if self._state is S.READY and self._handle is not None:
+            self._in_flight += 1
+            return self._handle
+        return None
 
     def release(self) -> None:
-        self.in_flight -= 1
-        self.last_used = self._clock.now()
-        if self.in_flight == 0 and self._on_change is not None:
+        self._in_flight -= 1
+        self._last_used = self._clock.now()
+        if self._in_flight == 0 and self._on_change is not None:
             self._on_change()  # a drained model may be the victim someone waits for
 
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Endpoint]:
-        """`acquire` and `release` around one request."""
-        endpoint = await self.acquire()
+    @contextlib.contextmanager
+    def waiting_for_it(self) -> Iterator[None]:
+        """Count a request that waits for the model (joining its start, queued, held back): it is not idle."""
+        self._waiting += 1
         try:
-            yield endpoint
+            yield
         finally:
-            self.release()
+            self._waiting -= 1
 
-    async def ensure_ready(self) -> EngineHandle:
-        # A request that waited for this model's start or wake is always served once it is up: only
-        # new work is held back from a draining model (else two models could evict each other's
-        # waiters forever: tests/unit/test_admission_properties.py with max_hold 0).
-        waited_for_start = False
-        while True:
-            if self._closed:
-                raise ShuttingDown("the gateway is shutting down", model=self.spec.name)
-            if self.retired:
-                raise ModelNotFound(f"The model '{self.spec.name}' was removed from models.d", model=self.spec.name)
-            if self.state is S.READY and self.handle is not None:
-                if waited_for_start or not self.holding_back(self._clock.now()):
-                    return self.handle
-                # Draining for a model that waits for room: no new work keeps it alive. Wait for it
-                # to stop, then queue like everyone else (tests/unit/test_admission.py, max_hold).
-                await self._changed.wait()
-                continue
-            if self.state is S.STOPPING and self._stop_task is not None:
-                await asyncio.shield(self._stop_task)
-                continue
-            if self.state in (S.STARTING, S.WAKING) and self._start_task is not None:
-                waited_for_start = True
-                await self._join_start()
-                continue
-            if self.state is S.FAILED and self.retry_at is not None:
-                wait = self.retry_at - self._clock.now()
-                if wait > 0:
-                    raise self._failure_error(retry_after=wait)
-            if self.state not in (S.STOPPED, S.FAILED, S.SLEEPING):
-                await self._changed.wait()  # a transient state with no task to join yet
-                continue
-            if self._admission is None:
-                self.begin_start("request for a model that is not running")
-            else:
-                # The scheduler starts (or wakes) the model when there is room: then it is STARTING or
-                # WAKING, and this loop joins that one start like every other waiter.
-                await self._admission.admit(self)
-
-    # -- placement -------------------------------------------------------------------------------
-
-    def set_on_change(self, on_change: Callable[[], None] | None) -> None:
-        self._on_change = on_change
-
-    def place(self, nodes: tuple[str, ...]) -> None:
-        """Bind the next start to `nodes` (chosen by the cluster admission; the first is the head)."""
-        self.placed = nodes
-        self.reserved.clear()
-
-    def unplace(self) -> None:
-        """Forget where it was placed (a model that may run on several nodes is placed at each start)."""
-        self.reserved.clear()
-        if len(self.candidates) > self.spec.nodes:
-            self.placed = ()
-
-    def admitted(self, node: str) -> None:
-        """`node`'s scheduler found room: start (or wake) it, or, for a model spanning several nodes, hold
-        this node's share until every one of its nodes has admitted it."""
-        if not self.placed:
-            self.placed = (node,)
-        if len(self.placed) > 1:
-            self.reserved.add(node)
-            if not self.reserved.issuperset(self.placed):
-                return
-            self.reserved.clear()
-        if self.state is S.SLEEPING:
-            self.begin_wake("request for a sleeping model")
-        else:
-            where = f" on {', '.join(self.placed)}" if len(self.candidates) > 1 else ""
-            self.begin_start(f"request for a model that is not running{where}")
-
-
-    def drain_from(self, node: str) -> float | None:
-        return self._drains.get(node)
-
-    def set_drain(self, deadline: float | None, node: str = "local") -> None:
-        """Set by `node`'s scheduler (None lifts it there); requests held back re-check at once."""
-        if deadline is None:
-            self._drains.pop(node, None)
-        else:
-            self._drains[node] = deadline
-        self.drain_deadline = min(self._drains.values(), default=None)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    def holding_back(self, now: float) -> bool:
-        """True when the model takes no new work: it is draining and its hold time is over."""
-        return self.drain_deadline is not None and now >= self.drain_deadline
-
-    def begin_start(self, reason: str) -> None:
-        """Enter STARTING now and launch the engine in a task that waiters join.
-
-        STARTING is entered before the task exists, with no await in between: every later caller
-        sees it and joins this start instead of making another.
-        """
-        self._transition(S.STARTING, reason)
-        self._start_task = asyncio.create_task(self._start(), name=f"start {self.spec.name}")
-        # A start nobody waits for any more (all clients left) must not log "never retrieved".
-        self._start_task.add_done_callback(_consume_exception)
-
-    def begin_wake(self, reason: str) -> None:
-        self._transition(S.WAKING, reason)
-        self._start_task = asyncio.create_task(self._wake(), name=f"wake {self.spec.name}")
-        self._start_task.add_done_callback(_consume_exception)
-
-    async def _join_start(self) -> None:
-        task = self._start_task
-        assert task is not None
+    async def join_start(self, after: int | None = None) -> None:
+        """Wait for the latest start or wake to end (only one begun after `after` starts, when given: the one a
+        request was admitted for, which may have ended already); StartFailed if it failed or was cancelled."""
+        task = self._start_op
+        if task is None or (after is not None and self._starts <= after):
+            return
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise  # the waiter itself was cancelled (its client left)
-            raise StartFailed(f"start of {self.spec.name} was cancelled", model=self.spec.name) from None
+            why = self._stop_reason or "it was stopped"
+            raise StartFailed(f"start of {self.name} was cancelled: {why}", model=self.name) from None
 
-    def _failure_error(self, retry_after: float | None = None) -> StartFailed:
-        failure = self.last_error
-        assert failure is not None
-        message = failure.reason
-        if retry_after:
-            message += (
-                f" (failed {self.failures} times in a row; next start attempt in "
-                f"{format_duration(retry_after)})"
-            )
-        return StartFailed(
-            message,
-            model=self.spec.name,
-            exit_code=failure.exit_code,
-            log_tail=failure.log_tail,
-            retry_after=retry_after,
-        )
+    async def settled(self) -> None:
+        """Wait until no operation runs (its outcome is in the state)."""
+        while (op := self._op) is not None:
+            await _settled(op)
 
-    # -- start -----------------------------------------------------------------------------------
+    # -- operations -------------------------------------------------------------------------------------
 
-    def adopt(self, handle: EngineHandle, nodes: tuple[str, ...] = ()) -> None:
-        """Take over an engine that is already running (gateway restart) on `nodes`: it is probed like a
-        fresh start, never restarted."""
-        if nodes:
-            self.place(nodes)
+    def begin_start(self, placed: tuple[str, ...] = (), reason: str = "request for a model that is not running") \
+            -> bool:
+        """Enter STARTING now and launch the engine (on `placed`, head first) in a task that requests join; False
+        when it can't start (retired, closed, or not stopped or failed)."""
+        if self._closed or self._retired or self._state not in (S.STOPPED, S.FAILED):
+            return False
+        prior = self._op  # the removal of what an earlier engine left, still running
+        self._placed = placed
+        self._stop_reason = None
+        self._starts += 1
+        self._transition(S.STARTING, reason)
+        self._start_op = self._run(Op.START, self._start(prior, None))
+        return True
+
+    def begin_wake(self, reason: str = "request for a sleeping model") -> bool:
+        if self._closed or self._retired or self._state is not S.SLEEPING or self._handle is None:
+            return False
+        prior = self._op if self._op_kind is Op.SLEEP else None  # never wake an engine still falling asleep
+        self._stop_reason = None
+        self._starts += 1
+        self._transition(S.WAKING, reason)
+        self._start_op = self._run(Op.WAKE, self._wake(prior))
+        return True
+
+    def adopt(self, handle: EngineHandle, placed: tuple[str, ...] = (), sleeping: bool = False) -> None:
+        """Take over an engine left running by an earlier gateway on `placed`: probed like a fresh start (never
+        restarted), or SLEEPING at once when it sleeps."""
+        if self._state is not S.STOPPED or self._op is not None:
+            raise RuntimeError(f"{self.name}: can't adopt {handle.ident} while {self._state}")
+        self._placed = placed
+        if sleeping:
+            self._watch(handle)
+            self._last_used = self._clock.now()
+            self._transition(S.SLEEPING, f"adopting sleeping engine {handle.ident}")
+            return
+        self._starts += 1
         self._transition(S.STARTING, f"adopting running engine {handle.ident}")
-        self._start_task = asyncio.create_task(self._start(handle), name=f"adopt {self.spec.name}")
-        self._start_task.add_done_callback(_consume_exception)
+        self._start_op = self._run(Op.START, self._start(None, handle))
 
-    async def _start(self, adopted: EngineHandle | None = None) -> EngineHandle:
-        spec = self.spec
+    def mark_external(self, handle: EngineHandle) -> None:
+        """An always-on endpoint: READY from the start, never started or stopped by us."""
+        self._handle = handle
+        self._ready_since = self._last_used = self._clock.now()
+        self._transition(S.READY, "external endpoint, always on", url=handle.api_base)
+
+    def sleep_if_idle(self, reason: str) -> "asyncio.Task[object] | None":
+        """Put an idle READY engine to sleep (its memory is released, the process stays); None if it is not idle
+        or its engine has no sleep mode."""
+        if (self._state is not S.READY or self._in_flight or self._waiting or self._handle is None
+                or self._op is not None or not self._engine.supports_sleep):
+            return None
+        spec = self._spec
+        self._transition(S.SLEEPING, reason, level=spec.sleep_level, holds_gb=spec.sleeping_gb)
+        return self._run(Op.SLEEP, self._sleep(self._handle))
+
+    def stop_if_idle(self, reason: str, ignore_waiting: bool = False) -> "asyncio.Task[object] | None":
+        """Begin stopping only if the model is READY or SLEEPING with nothing in flight (nor waiting, unless
+        `ignore_waiting`: requests held back by a drain). Checked at the moment of the transition, not when
+        the caller decided: a lease taken in between wins (test_idle_stop_yields_to_a_new_lease)."""
+        if self._state not in (S.READY, S.SLEEPING) or self._in_flight or self._op is not None:
+            return None
+        if self._waiting and not ignore_waiting:
+            return None
+        return self._begin_stop(reason)
+
+    async def stop(self, reason: str) -> None:
+        """Stop the engine, whatever it is doing; returns once it is gone (STOPPED), or FAILED when the runtime
+        can't be reached to stop it (the waker's reaper retries the removal)."""
+        for _ in range(4):  # each round awaits an operation or begins one; three are the most it takes
+            op = self._op
+            if self._state is S.STOPPED:
+                return
+            if op is not None and (self._state in (S.STARTING, S.WAKING)
+                                   or (self._state is S.SLEEPING and self._op_kind is Op.SLEEP)):
+                # Take the running operation over, once: its own clean-up stops the engine (it finds STOPPING).
+                self._stop_reason = reason
+                self._transition(S.STOPPING, reason)
+                op.cancel()
+                await _settled(op)
+            elif op is not None:  # a stop or a removal under way (or a taken-over one): its outcome is ours
+                await _settled(op)
+            elif self._state in (S.READY, S.SLEEPING):
+                await _settled(self._begin_stop(reason))
+            elif self._state is S.FAILED and self._residue is not None:
+                reap = self.begin_reap()
+                if reap is not None:
+                    await _settled(reap)
+                return  # one attempt: if the runtime is still away, the reaper tries again later
+            elif self._state is S.FAILED:
+                self._transition(S.STOPPED, reason)
+                return
+
+    def begin_reap(self) -> "asyncio.Task[object] | None":
+        """Remove what a failed engine left (a container, a process group, or an engine whose stop failed); None if
+        there is nothing to remove or an operation runs."""
+        if self._state is not S.FAILED or self._residue is None or self._op is not None:
+            return None
+        return self._run(Op.REAP, self._reap(self._residue, with_tail=False))
+
+    async def close(self) -> None:
+        """Refuse new work and stop the engine, unless it outlives the gateway (containers are left running, to be
+        adopted by the next gateway instead of restarted; a half-started one is not worth keeping)."""
+        self._closed = True
+        if self._runtime.detached:
+            if self._state in (S.STARTING, S.WAKING):
+                await self.stop("gateway shutting down: a half-started engine is not kept")
+            await self.settled()
+            return
+        await self.stop("gateway shutting down")
+
+    # -- models.d changes -------------------------------------------------------------------------------
+
+    def replace_spec(self, spec: ModelSpec) -> None:
+        """A new entry whose engine is the same (policy only): it applies at once."""
+        self._spec = spec
+
+    def set_pending(self, spec: ModelSpec | None) -> None:
+        """A new entry that shapes the engine differently: used from the next start (applied once none runs)."""
+        self._pending = spec
+        self.apply_pending()
+
+    def apply_pending(self) -> bool:
+        """Take the pending entry if no engine runs now (the next start uses it)."""
+        if self._pending is None or not self.idle_stopped:
+            return False
+        self._spec, self._pending = self._pending, None
+        self._events.emit(Event(self._clock.wall(), self.name, "reconfigured", reason="models.d changed"))
+        return True
+
+    @property
+    def idle_stopped(self) -> bool:
+        """No engine runs or is left, and no operation runs."""
+        return self._state in (S.STOPPED, S.FAILED) and self._residue is None and self._op is None
+
+    def retire(self, retired: bool = True) -> None:
+        """Removed from models.d (or added back): a retired model takes no new work."""
+        self._retired = retired
+
+    # -- the operations' tasks ----------------------------------------------------------------------------
+
+    def _run(self, kind: Op, coro: Awaitable[T]) -> "asyncio.Task[T]":
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)  # type: ignore[assignment]
+        task.set_name(f"{kind} {self.name}")
+        self._op, self._op_kind = task, kind  # type: ignore[assignment]
+        task.add_done_callback(self._op_ended)
+        return task
+
+    def _op_ended(self, task: "asyncio.Task[object]") -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever cares joined the task
+        if self._op is not task:
+            return  # superseded (a wake that took over a sleep)
+        kind, self._op, self._op_kind = self._op_kind, None, None
+        if self._state in TRANSITIONAL:
+            # Every operation ends in a stable state; if one ever does not, the model must not stay wedged.
+            log.error("%s: %s operation ended in %s; marking it failed", self.name, kind, self._state)
+            self._events.emit(Event(self._clock.wall(), self.name, "internal_error",
+                                    reason=f"{kind} ended in {self._state}"))
+            if self._handle is not None:
+                self._residue, self._residue_running, self._handle = self._handle, True, None
+            self._fail(f"internal error: the {kind} of {self.name} ended while {self._state}", None, ())
+        elif self._state is S.SLEEPING and kind is Op.SLEEP:
+            self._notify()  # it holds only its sleeping footprint from now on
+        self._check_exit()
+
+    async def _start(self, prior: "asyncio.Task[object] | None", adopted: EngineHandle | None) -> EngineHandle:
+        spec = self._spec
         started = self._clock.now()
-        if adopted is not None:
-            handle = adopted
-        else:
-            try:
-                launch = self._launch.model_copy(update={"placed_on": self.placed}) if self.placed else self._launch
-                handle = await self._runtime.start(launch, self._engine)
-            except asyncio.CancelledError:
-                self._fail(f"start of {spec.name} was cancelled", None, ())
-                raise
-            except RuntimeUnavailable as exc:
-                self._fail(str(exc), None, (), unavailable=True)
-                raise self._failure_error() from exc
-            except Exception as exc:  # the runtime could not launch it at all
-                self._fail(f"{spec.name} could not be launched: {exc}", None, ())
-                raise self._failure_error() from exc
-        self.handle = handle
-        exited = asyncio.create_task(handle.wait_exit(), name=f"exit {spec.name}")
-        probing = asyncio.create_task(
-            self._prober.until_ready(handle.root_url, self._engine.readiness(self._launch), spec.upstream_name),
-            name=f"probe {spec.name}",
-        )
+        handle = adopted
+        limit = asyncio.timeout(spec.start_timeout)
         try:
-            done, _ = await asyncio.wait(
-                {exited, probing}, timeout=spec.start_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            if prior is not None:
+                await _settled(prior)
+            async with limit:
+                if adopted is None:
+                    if self._residue is not None:
+                        await self._dispose(self._residue, self._grace_for_residue())
+                        self._residue, self._residue_running = None, False
+                    launching = asyncio.ensure_future(self._runtime.start(self._launch_spec(), self._engine))
+                    try:
+                        handle = await asyncio.shield(launching)
+                    except asyncio.CancelledError:
+                        # Cancelled while the runtime creates it: what it makes is stopped below, never untracked.
+                        handle = await _result_of(launching)
+                        raise
+                self._watch(handle)
+                await self._race(self._api.until_ready(handle.root_url, self._engine.readiness(spec),
+                                                       spec.upstream_name), handle)
         except asyncio.CancelledError:
-            probing.cancel()
-            exited.cancel()
-            code = await handle.stop(spec.stop_timeout)
-            self._fail(f"start of {spec.name} was cancelled", code, await self._tail_of(handle))
+            await _finish(self._after_cancel(handle))
             raise
-        probing.cancel()
-        if exited in done:
+        except EngineExited as exc:
             took = format_duration(self._clock.now() - started)
-            reason, code = self._exit_reason(exited, "{name} exited with {exit} during start (after " + took + ")")
-            self._fail(reason, code, await self._tail_of(handle), unavailable=code is None)
-            raise self._failure_error()
-        if not done:
-            exited.cancel()
-            code = await handle.stop(spec.stop_timeout)
-            self._fail(
-                f"{spec.name} did not become ready within its start_timeout of "
-                f"{format_duration(spec.start_timeout)}",
-                code,
-                await self._tail_of(handle),
-            )
-            failure = self._failure_error()
-            raise StartTimeout(failure.message, model=spec.name, exit_code=code, log_tail=failure.log_tail)
+            await _finish(self._after_exit(exc.watch, handle, "{name} exited with {exit} during start (after "
+                                           + took + ")"))
+            raise self.failure_error() from None
+        except RuntimeUnavailable as exc:
+            await _finish(self._after_failure(handle, str(exc), unavailable=True))
+            raise self.failure_error() from None
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            await _finish(self._after_failure(handle, f"{spec.name} did not become ready within its start_timeout "
+                                              f"of {format_duration(spec.start_timeout)}"))
+            failure = self.failure_error()
+            raise StartTimeout(failure.message, model=spec.name, exit_code=failure.exit_code,
+                               log_tail=failure.log_tail) from None
+        except Exception as exc:  # the runtime could not launch it at all
+            reason = f"{spec.name} could not be launched: {exc}" if handle is None else f"{spec.name}: {exc}"
+            await _finish(self._after_failure(handle, reason))
+            raise self.failure_error() from None
         now = self._clock.now()
-        self.ready_since = self.last_used = now
+        self._ready_since = self._last_used = now
         self._transition(S.READY, "engine answered its readiness check", seconds=round(now - started, 3),
                          engine=handle.ident)
-        self._watch_task = asyncio.create_task(self._watch(handle, exited), name=f"watch {spec.name}")
         return handle
 
-    def _exit_reason(self, exited: asyncio.Task[Exit], when: str) -> tuple[str, int | None]:
+    async def _wake(self, prior: "asyncio.Task[object] | None") -> EngineHandle:
+        spec, handle, started = self._spec, self._handle, self._clock.now()
+        assert handle is not None
+        limit = asyncio.timeout(spec.wake_timeout)
         try:
-            end = exited.result()
-        except RuntimeUnavailable as exc:
-            return f"{self.spec.name}: lost track of its engine: {exc}", None
-        return when.format(name=self.spec.name, exit=end.describe()), end.code
+            async with limit:
+                if prior is not None:
+                    await _settled(prior)
+                await self._race(self._api.call(handle.root_url, self._engine.wake_calls(spec), spec.wake_timeout),
+                                 handle)
+        except asyncio.CancelledError:
+            if prior is not None:
+                prior.cancel()
+            await _finish(self._after_cancel(handle))
+            raise
+        except EngineExited as exc:
+            await _finish(self._after_exit(exc.watch, handle, "{name} exited with {exit} while waking"))
+            raise WakeFailed(self.failure_error().message, model=spec.name) from None
+        except (EngineCallError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not limit.expired():
+                raise
+            why = f"no answer within its wake_timeout of {format_duration(spec.wake_timeout)}" \
+                if isinstance(exc, TimeoutError) else str(exc)
+            await _finish(self._after_failure(handle, f"{spec.name} could not be woken: {why}"))
+            raise WakeFailed(self.failure_error().message, model=spec.name) from None
+        now = self._clock.now()
+        self._ready_since = self._last_used = now
+        self._transition(S.READY, "engine woke up", seconds=round(now - started, 3))
+        return handle
 
-    async def _tail_of(self, handle: EngineHandle) -> tuple[str, ...]:
+    async def _sleep(self, handle: EngineHandle) -> None:
+        spec = self._spec
+        me = asyncio.current_task()
         try:
-            return await asyncio.wait_for(handle.log_tail(self._options.log_tail_lines), timeout=5)
+            await asyncio.wait_for(self._race(
+                self._api.call(handle.root_url, self._engine.sleep_calls(spec), spec.wake_timeout), handle),
+                spec.wake_timeout)
+        except asyncio.CancelledError:
+            if self._state is S.STOPPING and self._op is me:
+                await _finish(self._after_cancel(handle))
+            raise
+        except EngineExited as exc:
+            if self._op is me:
+                await _finish(self._after_exit(exc.watch, handle, "{name} exited with {exit} while falling asleep"))
+        except (EngineCallError, TimeoutError) as exc:
+            if self._op is me and self._state is S.SLEEPING:
+                # An engine that can't sleep must not keep its memory while counted as asleep.
+                self._transition(S.STOPPING, f"sleep failed ({exc or 'no answer'}); stopping instead")
+                await _finish(self._end(handle))
+
+    def _begin_stop(self, reason: str) -> "asyncio.Task[object]":
+        # STOPPING is entered synchronously so no lease can see READY after this point.
+        handle = self._handle
+        self._ready_since = None
+        self._transition(S.STOPPING, reason)
+        return self._run(Op.STOP, _finish(self._end(handle)))
+
+    async def _reap(self, residue: EngineHandle, with_tail: bool) -> None:
+        if with_tail and self._last_error is not None:
+            tail = await self._tail(residue, self._options.log_tail_lines)
+            self._last_error = replace(self._last_error, log_tail=tail)
+        running = self._residue_running
+        try:
+            await self._dispose(residue, self._grace_for_residue())
+        except Exception as exc:  # still unreachable: kept, and tried again by the reaper
+            log.info("%s: could not remove what its engine left yet: %s", self.name, exc)
+            return
+        if self._residue is residue:
+            self._residue, self._residue_running = None, False
+            self._forget_exit()
+            self._events.emit(Event(self._clock.wall(), self.name, "removed", reason=f"{residue.ident} removed"))
+            if running and self._state is S.FAILED:
+                self._transition(S.STOPPED, "the engine whose stop had failed is gone now")
+            else:
+                self._notify()  # its memory is free now
+            self.apply_pending()
+
+    # -- clean-up paths (each run to its end, whatever else is cancelled meanwhile) ------------------------
+
+    async def _after_cancel(self, handle: EngineHandle | None) -> None:
+        """A stop took the operation over (the state is STOPPING): the engine goes, then STOPPED."""
+        if self._state is not S.STOPPING:  # not a stop: the gateway's loop is going away; still end stable
+            self._transition(S.STOPPING, f"{self._op_kind or 'operation'} of {self.name} was cancelled")
+        await self._end(handle)
+
+    async def _end(self, handle: EngineHandle | None) -> None:
+        """Stop `handle` (STOPPING), and what an earlier engine left if anything, then STOPPED; FAILED, keeping
+        the engine to remove later, when the runtime can't be reached (its memory may still be held: the ledger
+        keeps counting it)."""
+        code = None
+        for engine in (handle, self._residue):
+            if engine is None:
+                continue
+            try:
+                stopped = await self._dispose(engine, self._spec.stop_timeout)
+            except Exception as exc:
+                self._residue, self._residue_running = engine, True
+                if self._handle is handle:
+                    self._handle = None
+                self._fail(f"could not stop {self.name}: {exc}; its engine may still hold memory and is removed as "
+                           "soon as the runtime answers", None, (), unavailable=isinstance(exc, RuntimeUnavailable))
+                return
+            if engine is handle:
+                code = stopped
+            else:
+                self._residue, self._residue_running = None, False
+        if self._handle is handle:
+            self._handle = None
+        self._forget_exit()
+        self._transition(S.STOPPED, "engine stopped", exit_code=code)
+        self.apply_pending()
+
+    async def _after_failure(self, handle: EngineHandle | None, reason: str, unavailable: bool = False) -> None:
+        """A start or wake failed: stop the engine if one was launched, then FAILED with its last lines."""
+        code, tail = None, ()
+        if handle is not None:
+            tail = await self._tail(handle, self._options.log_tail_lines)
+            try:
+                code = await self._dispose(handle, self._spec.stop_timeout)
+            except Exception as exc:
+                self._residue, self._residue_running = handle, True
+                reason += f"; stopping it failed too ({exc}): removed as soon as the runtime answers"
+            else:
+                self._forget_exit()
+        self._handle = None
+        self._fail(reason, code, tail, unavailable=unavailable)
+
+    async def _after_exit(self, watch: "asyncio.Future[Exit]", handle: EngineHandle | None, when: str) -> None:
+        reason, code = self._exit_reason(watch, when)
+        tail = await self._tail(handle, self._options.log_tail_lines) if handle is not None else ()
+        self._handle = None
+        if handle is not None:
+            self._residue, self._residue_running = handle, code is None
+        self._fail(reason, code, tail, unavailable=code is None)
+        if handle is not None:
+            self._run(Op.REAP, self._reap(handle, with_tail=False))
+
+    # -- the engine's end --------------------------------------------------------------------------------
+
+    def _watch(self, handle: EngineHandle) -> None:
+        self._handle = handle
+        watch = asyncio.ensure_future(handle.wait_exit())
+        self._exit = watch
+        watch.add_done_callback(lambda _: self._check_exit())
+
+    def _forget_exit(self) -> None:
+        watch, self._exit = self._exit, None
+        if watch is not None and not watch.done():
+            watch.cancel()
+
+    def _check_exit(self) -> None:
+        """An engine that ended while READY or SLEEPING with no operation running has crashed (an operation in
+        progress watches the exit itself, and this runs again when it ends: an engine that exits right after a
+        wake is never left READY with nobody watching)."""
+        watch, handle = self._exit, self._handle
+        if watch is None or not watch.done() or watch.cancelled() or handle is None or self._op is not None:
+            return
+        if self._state not in (S.READY, S.SLEEPING):
+            return
+        reason, code = self._exit_reason(watch, "{name} exited unexpectedly with {exit}")
+        self._handle, self._ready_since = None, None
+        self._residue, self._residue_running = handle, code is None  # lost track of it: it may still run
+        self._fail(reason, code, (), unavailable=code is None)
+        # Its last lines, then reap what it left behind (process group, container) before a retry can start.
+        self._run(Op.REAP, self._reap(handle, with_tail=True))
+
+    def _exit_reason(self, watch: "asyncio.Future[Exit]", when: str) -> tuple[str, int | None]:
+        try:
+            end = watch.result()
+        except RuntimeUnavailable as exc:
+            return f"{self.name}: lost track of its engine: {exc}", None
+        except Exception as exc:
+            return f"{self.name}: lost track of its engine: {exc!r}", None
+        return when.format(name=self.name, exit=end.describe()), end.code
+
+    async def _race(self, work: Awaitable[T], handle: EngineHandle) -> T:
+        """`work`, unless the engine exits first (EngineExited)."""
+        task = asyncio.ensure_future(work)
+        watch = self._exit
+        try:
+            if watch is None:
+                return await task
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise EngineExited(watch)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    def _launch_spec(self) -> ModelSpec:
+        launch = self._engine.launch_spec(self._spec)
+        return launch.model_copy(update={"placed_on": self._placed}) if self._placed else launch
+
+    def _grace_for_residue(self) -> float:
+        # An engine that exited leaves remains only (a process group, a stopped container): no grace needed.
+        return self._spec.stop_timeout if self._residue_running else 0.0
+
+    async def _dispose(self, handle: EngineHandle, grace: float) -> int | None:
+        """Stop `handle`, retrying while the runtime is unreachable for up to `stop_retry` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.stop_retry
+        pause = 0.5
+        while True:
+            try:
+                return await handle.stop(grace)
+            except RuntimeUnavailable:
+                if loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    async def _tail(self, handle: EngineHandle, lines: int) -> tuple[str, ...]:
+        try:
+            return await asyncio.wait_for(handle.log_tail(lines), timeout=5)
         except Exception as exc:  # logs are a courtesy; their absence must not hide the failure
             return (f"(engine output unavailable: {exc or type(exc).__name__})",)
 
     def _fail(self, reason: str, exit_code: int | None, log_tail: tuple[str, ...], unavailable: bool = False) -> None:
         now = self._clock.now()
-        stable = self.ready_since is not None and now - self.ready_since >= self._options.stable_after
-        self.failures = 1 if stable else self.failures + 1
+        stable = self._ready_since is not None and now - self._ready_since >= self._options.stable_after
+        self._failures = 1 if stable else self._failures + 1
         # A runtime that is down (not the engine's fault) is retried soon: it recovers on its own.
         cap = min(self._options.backoff_cap, 5.0) if unavailable else self._options.backoff_cap
-        self.retry_at = now + retry_delay(self.failures, cap)
-        self.last_error = Failure(reason, exit_code, log_tail, self._clock.wall())
-        self.handle = None
-        self.ready_since = None
-        self._transition(
-            S.FAILED, reason, exit_code=exit_code, failures=self.failures,
-            retry_in=round(self.retry_at - now, 3), log_tail=list(log_tail[-10:]),
-        )
+        self._retry_at = now + retry_delay(self._failures, cap)
+        self._last_error = Failure(reason, exit_code, log_tail, self._clock.wall())
+        self._ready_since = None
+        self._transition(S.FAILED, reason, exit_code=exit_code, failures=self._failures,
+                         retry_in=round(self._retry_at - now, 3), log_tail=list(log_tail[-10:]))
 
-    async def _watch(self, handle: EngineHandle, exited: asyncio.Task[Exit]) -> None:
-        """A READY engine that exits on its own has crashed."""
-        await asyncio.wait({exited})
-        if self.handle is not handle or self.state not in (S.READY, S.SLEEPING):
-            return  # stopped on purpose (or a wake in progress reports it)
-        reason, code = self._exit_reason(exited, "{name} exited unexpectedly with {exit}")
-        tail = await self._tail_of(handle)
-        if code is not None:
-            # Reap what the engine left behind (process group, container) before a retry can start.
-            with contextlib.suppress(Exception):
-                await handle.stop(0.0)
-        if self.handle is handle and self.state in (S.READY, S.SLEEPING):
-            self._fail(reason, code, tail, unavailable=code is None)
+    def _transition(self, target: ModelState, reason: str, **data: object) -> None:
+        check_transition(self.name, self._state, target)
+        source, self._state, self._since = self._state, target, self._clock.now()
+        self._events.emit(Event(self._clock.wall(), self.name, "transition", source, target, reason, dict(data)))
+        self._notify()
 
-    # -- sleep and wake ----------------------------------------------------------------------------
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        if self._on_change is not None:
+            self._on_change()
 
-    def sleep_if_idle(self, reason: str) -> asyncio.Task[None] | None:
-        """Put an idle READY engine to sleep (its memory is released, the process stays)."""
-        if self.state is not S.READY or self.in_flight or self.waiting or self.handle is None:
-            return None
-        self._transition(S.SLEEPING, reason, level=self.spec.sleep_level, holds_gb=self.spec.sleeping_gb)
-        self._sleep_task = asyncio.create_task(self._sleep(self.handle), name=f"sleep {self.spec.name}")
-        return self._sleep_task
 
-    async def _sleep(self, handle: EngineHandle) -> None:
-        assert self._session is not None, "sleep needs the waker's HTTP session"
+async def _settled(task: "asyncio.Future[object]") -> None:
+    """Wait for `task` to end, whatever its outcome (the state tells it)."""
+    with contextlib.suppress(BaseException):
+        await asyncio.shield(task)
+    if not task.done():  # we were cancelled: let the caller's cancellation go on
+        raise asyncio.CancelledError
+
+
+async def _result_of(task: "asyncio.Future[T]") -> T | None:
+    """The result of `task` once it ends, waiting through any cancellation of ours; None if it failed."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+async def _finish(work: Awaitable[None]) -> None:
+    """Run clean-up `work` to its end even if the task running it is cancelled meanwhile; the cancellation goes
+    on afterwards (a second stop, or a stop then a shutdown, must not leave a model STARTING with its engine alive)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
         try:
-            await call_engine(self._session, handle.root_url, sleep_calls(self.spec), self.spec.wake_timeout)
-        except SleepError as exc:
-            if self.state is S.SLEEPING and self.handle is handle:
-                # An engine that can't sleep must not keep its memory while counted as asleep.
-                await asyncio.shield(self._begin_stop(f"sleep failed ({exc}); stopping instead"))
-
-    async def _wake(self) -> EngineHandle:
-        spec, handle, started = self.spec, self.handle, self._clock.now()
-        assert handle is not None and self._session is not None
-        if self._sleep_task is not None:
-            with contextlib.suppress(Exception):
-                await self._sleep_task  # never wake an engine that is still falling asleep
-        try:
-            await call_engine(self._session, handle.root_url, wake_calls(spec), spec.wake_timeout)
-        except SleepError as exc:
-            if self.state is S.WAKING and self.handle is handle:
-                await self._stop_after_failure(handle, f"{spec.name} could not be woken: {exc}")
-            raise WakeFailed(f"{spec.name} could not be woken: {exc}", model=spec.name) from None
-        now = self._clock.now()
-        self.ready_since = self.last_used = now
-        self._transition(S.READY, "engine woke up", seconds=round(now - started, 3))
-        return handle
-
-    async def _stop_after_failure(self, handle: EngineHandle, reason: str) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-        with contextlib.suppress(Exception):
-            await handle.stop(self.spec.stop_timeout)
-        self._fail(reason, handle.exit_code, await self._tail_of(handle))
-
-    # -- stop ------------------------------------------------------------------------------------
-
-    async def stop(self, reason: str) -> None:
-        """Stop the engine (whatever it is doing); returns when it is gone."""
-        if self.state is S.STARTING and self._start_task is not None:
-            self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StartFailed):
-                await self._start_task
-        if self.state is S.STOPPING and self._stop_task is not None:
-            await asyncio.shield(self._stop_task)
-            return
-        if self.state is S.WAKING and self._start_task is not None:
-            self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StartFailed):
-                await self._start_task
-        if self.state not in (S.READY, S.FAILED, S.SLEEPING):
-            return
-        if self.state is S.FAILED and self.handle is None:
-            self._transition(S.STOPPED, reason)
-            return
-        await asyncio.shield(self._begin_stop(reason))
-
-    def stop_if_idle(self, reason: str) -> asyncio.Task[None] | None:
-        """Start stopping only if the model is still READY with nothing in flight or waiting.
-
-        Checked at the moment of the transition, not when the reaper decided: a lease taken in
-        between must win (tests/unit/test_model.py::test_idle_stop_yields_to_a_new_lease).
-        """
-        if self.state not in (S.READY, S.SLEEPING) or self.in_flight:
-            return None
-        if self.waiting and not self.holding_back(self._clock.now()):
-            return None
-        return self._begin_stop(reason)
-
-    def _begin_stop(self, reason: str) -> asyncio.Task[None]:
-        # STOPPING is entered synchronously so no lease can see READY after this point.
-        handle, self.handle, self.ready_since = self.handle, None, None
-        self._transition(S.STOPPING, reason)
-        self._stop_task = asyncio.create_task(self._finish_stop(handle), name=f"stop {self.spec.name}")
-        return self._stop_task
-
-    async def _finish_stop(self, handle: EngineHandle | None) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-        code = await handle.stop(self.spec.stop_timeout) if handle is not None else None
-        self._transition(S.STOPPED, "engine stopped", exit_code=code)
-        self.apply_pending_spec()
-
-    def apply_pending_spec(self) -> bool:
-        """Take the new models.d entry while no engine runs (the next start uses it)."""
-        if self.pending_spec is None or self.state not in (S.STOPPED, S.FAILED):
-            return False
-        self.replace_spec(self.pending_spec)
-        self.pending_spec = None
-        self._events.emit(Event(self._clock.wall(), self.spec.name, "reconfigured", reason="models.d changed"))
-        return True
-
-    def replace_spec(self, spec: ModelSpec) -> None:
-        """A new entry for this model: policy fields apply at once; engine-shaping ones at the next start."""
-        self.spec = spec
-        self._launch = launch_spec(spec)
-        self.pinned = spec.pinned
-        self._slots = asyncio.Semaphore(spec.max_concurrent) if spec.max_concurrent else None
-
-    def mark_ready_external(self, handle: EngineHandle) -> None:
-        """An always-on endpoint: READY from the start, never started or stopped by us."""
-        self.handle = handle
-        self.ready_since = self.last_used = self._clock.now()
-        self._transition(S.READY, "external endpoint, always on", url=handle.api_base)
-
-    async def close(self) -> None:
-        """Refuse new leases; stop the engine unless it outlives the gateway (containers are left
-        running, to be adopted by the next gateway instead of restarted)."""
-        self._closed = True
-        if self._runtime.detached:
-            if self._start_task is not None and not self._start_task.done():
-                self._start_task.cancel()  # a half-started engine is not worth keeping
-                with contextlib.suppress(asyncio.CancelledError, StartFailed):
-                    await self._start_task
-            return
-        await self.stop("gateway shutting down")
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
-def _consume_exception(task: asyncio.Task[EngineHandle]) -> None:
-    if not task.cancelled():
-        task.exception()
+__all__ = ["ModelController", "Op"]

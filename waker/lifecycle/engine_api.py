@@ -1,22 +1,37 @@
-"""Readiness probing: is the engine answering yet?"""
+"""The engine's own HTTP API, as the lifecycle uses it: is it ready yet, put it to sleep or wake it, does it
+sleep. What to call comes from the engine's adapter (waker/engines); this module only makes the calls."""
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import aiohttp
 
-from waker.engines.base import Readiness
+from waker.engines.base import Call, Readiness
 
 
-class Prober(Protocol):
+class EngineCallError(Exception):
+    """A sleep or wake call answered non-2xx, or could not be made."""
+
+
+class EngineApi(Protocol):
     async def until_ready(self, root_url: str, check: Readiness, served_name: str) -> None:
-        """Returns once the engine is ready; runs until cancelled otherwise."""
+        """Returns once the engine is ready; runs until cancelled otherwise (the caller bounds it)."""
+        ...
+
+    async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
+        """Make `calls` in order, each within `timeout`; EngineCallError on the first that fails."""
+        ...
+
+    async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
+        """Whether the engine sleeps, by `call` (answering `{"is_sleeping": bool}`); None when it can't tell."""
         ...
 
 
-class ReadinessProber:
-    """Polls an engine until it is ready; each probe has its own short timeout."""
+class HttpEngineApi:
+    """`EngineApi` over one shared aiohttp session. Readiness is polled every `interval`, each probe with its own
+    `timeout`, so a hung engine can't stall the loop."""
 
     def __init__(self, session: aiohttp.ClientSession, interval: float, timeout: float) -> None:
         self._session = session
@@ -38,6 +53,32 @@ class ReadinessProber:
         return False
 
     async def until_ready(self, root_url: str, check: Readiness, served_name: str) -> None:
-        """Returns once ready; runs until cancelled otherwise (the caller bounds it)."""
         while not await self.is_ready(root_url, check, served_name):
             await asyncio.sleep(self._interval)
+
+    async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
+        limit = aiohttp.ClientTimeout(total=timeout)
+        for call in calls:
+            try:
+                async with self._session.request(call.method, root_url + call.path, json=call.json,
+                                                 timeout=limit) as resp:
+                    if resp.status >= 300:
+                        body = (await resp.text())[:300]
+                        raise EngineCallError(f"{call.method} {call.path} answered {resp.status}: {body}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise EngineCallError(f"{call.method} {call.path} failed: {exc or type(exc).__name__}") from exc
+
+    async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
+        try:
+            async with self._session.request(call.method, root_url + call.path, json=call.json,
+                                             timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        answer = body.get("is_sleeping") if isinstance(body, dict) else None
+        return answer if isinstance(answer, bool) else None
+
+
+__all__ = ["EngineApi", "EngineCallError", "HttpEngineApi"]

@@ -1,38 +1,27 @@
-"""The executor of one node's scheduler: the queue of requests waiting for room, and the loop that
-turns `scheduler.plan` into starts, wakes, evictions and drains.
+"""One node's admission: its budget, its live memory probe, the FIFO queue of tickets waiting for room there,
+and the step that turns `plan` into admissions, evictions and drains.
 
-Everything here is bookkeeping and side effects; every decision is `plan`'s.
+Every decision is `plan`'s (pure); a step only reads the models through `Effects.usage` and acts through
+`Effects.evict` and the owner's `admitted` / `impossible` callbacks. The cluster admission (cluster.py)
+owns the nodes and the seats and is the only caller.
 """
 
-import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from waker.clock import Clock
-from waker.errors import NoRoom, QueueFull, ShuttingDown
+from waker.errors import WakerError
 from waker.events import Event, EventLog
-from waker.runtime.memory import MemoryProbe
-from waker.scheduling.budget import Budget
-from waker.scheduling.plan import Blocked, ModelView, Snapshot, Ticket, held_gb, plan
+from waker.scheduling.budget import Budget, MemoryProbe
+from waker.scheduling.effects import Effects, Usage
+from waker.scheduling.plan import Blocked, ModelView, Snapshot, Ticket, plan
+from waker.scheduling.seat import Seat
 from waker.state import ModelState
-
-if TYPE_CHECKING:
-    from waker.lifecycle.controller import ModelController
 
 S = ModelState
 log = logging.getLogger("sparkgate.admission")
-
-
-class Admission(Protocol):
-    async def admit(self, controller: "ModelController") -> None:
-        """Returns once the model has been started or woken (state STARTING/WAKING) for the caller."""
-        ...
-
-    def kick(self) -> None:
-        """Something changed (a transition, a request ended): plan again soon."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,213 +32,163 @@ class QueuePolicy:
     poll_interval: float = 0.25  # re-plan this often while requests wait (live memory coming back)
 
 
+class Waiter(Protocol):
+    """Requests waiting for a model to be admitted: told once, either way."""
+
+    def admitted(self) -> None:
+        """The model's start (or wake) has begun."""
+        ...
+
+    def refused(self, error: WakerError) -> None:
+        ...
+
+
 @dataclass(slots=True)
-class _Ticket:
+class Queued:
+    """The requests waiting for room for one model on one node (they share one start)."""
+
     model: str
-    since: float
-    waiters: set[asyncio.Future[None]] = field(default_factory=set)
-    announced: bool = False
+    since: float  # arrival of its oldest waiter (drain deadlines count from here)
+    waiters: list[Waiter] = field(default_factory=list)
+    announced: bool = False  # its "queued" event was emitted
 
 
 class NodeAdmission:
-    """Admission for one node: FIFO tickets (one per model), planned by `scheduler.plan`."""
+    """Admission for one node: FIFO tickets (one per model), planned by `plan`."""
 
-    def __init__(self, node: str, budget: Budget, probe: MemoryProbe, clock: Clock, events: EventLog,
-                 policy: QueuePolicy) -> None:
-        self.node = node
+    def __init__(self, name: str, budget: Budget, probe: MemoryProbe, seats: Mapping[str, Seat], effects: Effects,
+                 clock: Clock, events: EventLog, policy: QueuePolicy,
+                 admitted: Callable[[str, "NodeAdmission", Queued], None],
+                 impossible: Callable[[Queued, str], None]) -> None:
+        self.name = name
         self.budget = budget
         self.probe = probe
+        self._seats = seats  # every seat (the cluster's); `members` says which ones may run here
+        self._effects = effects
         self._clock = clock
         self._events = events
         self.policy = policy
-        self._controllers: dict[str, ModelController] = {}
-        self._queue: dict[str, _Ticket] = {}  # insertion order = arrival order
-        self._blocked: dict[str, Blocked] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._admitted = admitted
+        self._impossible = impossible
+        self.members: dict[str, None] = {}  # models registered here, in registration order
+        self.tickets: dict[str, Queued] = {}  # insertion order = arrival order
+        self.blocked: dict[str, Blocked] = {}
         self.high_water_gb = 0.0
-
-    def register(self, controller: "ModelController") -> None:
-        self._controllers[controller.spec.name] = controller
-
-    def unregister(self, name: str) -> None:
-        self._controllers.pop(name, None)
 
     @property
     def queued(self) -> int:
-        return sum(len(t.waiters) for t in self._queue.values())
+        return sum(len(t.waiters) for t in self.tickets.values())
 
     def queue_of(self, model: str) -> int:
-        ticket = self._queue.get(model)
+        ticket = self.tickets.get(model)
         return len(ticket.waiters) if ticket else 0
 
     def held_gb(self) -> float:
-        return sum(_held(c, self.node) for c in self._controllers.values())
+        return sum(self.held_by(model) for model in self.members)
+
+    def held_by(self, model: str) -> float:
+        seat = self._seats[model]
+        return seat.held_on(self.name, self._effects.usage(model).hold) if model in self.members else 0.0
 
     def exclusive_gb(self, excluding: str) -> float:
         """Memory of the models that may run only here (and on no other node) but hold none now."""
-        return sum(c.spec.memory_gb for name, c in self._controllers.items()
-                   if name != excluding and len(c.candidates) == c.spec.nodes and _held(c, self.node) == 0)
-
-    def held_by(self, controller: "ModelController") -> float:
-        return _held(controller, self.node)
-
-    # -- requests ------------------------------------------------------------------------------------
-
-    async def admit(self, controller: "ModelController") -> None:
-        if self._closed:
-            raise ShuttingDown("the gateway is shutting down", model=controller.spec.name)
-        name = controller.spec.name
-        if self.queued >= self.policy.max_queue:
-            raise QueueFull(
-                f"{self.queued} requests already wait for room on node {self.node!r} (max_queue "
-                f"{self.policy.max_queue}); try again shortly", model=name)
-        ticket = self._queue.get(name)
-        if ticket is None:
-            ticket = self._queue[name] = _Ticket(name, self._clock.now())
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ticket.waiters.add(waiter)
-        self.step()  # admit at once when it fits: no extra hop through the loop
-        try:
-            async with asyncio.timeout(self.policy.max_wait):
-                await waiter
-        except TimeoutError:
-            raise NoRoom(self._no_room_message(name), model=name, retry_after=30) from None
-        finally:
-            ticket.waiters.discard(waiter)
-            if not ticket.waiters and self._queue.get(name) is ticket:
-                # Nobody waits any more (answered, timed out or left): the ticket goes.
-                del self._queue[name]
-                self._blocked.pop(name, None)
-                self.kick()
-
-    def _no_room_message(self, name: str) -> str:
-        blocked = self._blocked.get(name)
-        if blocked is None:
-            return f"no room could be made for {name} within max_wait ({self.policy.max_wait:g}s)"
-        holders = ", ".join(f"{m} ({gb:g} GB, {n} in flight)" for m, gb, n in blocked.holders[:5]) or "nobody"
-        return (
-            f"{name} needs {blocked.needed_gb:g} GB; {blocked.free_gb:g} GB of the {self.budget.capacity_gb:g} GB "
-            f"budget on node {self.node!r} is free; held by {holders}. Waited {self.policy.max_wait:g}s "
-            f"({blocked.reason})."
-        )
-
-    # -- the loop ------------------------------------------------------------------------------------
-
-    def kick(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            timeout = self.policy.poll_interval if self._queue else None
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                self.step()
-            except Exception:  # one bad step must not stop admission for the node
-                log.exception("admission step on node %s", self.node)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"admission {self.node}")
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-        for ticket in self._queue.values():
-            for waiter in ticket.waiters:
-                if not waiter.done():
-                    waiter.set_exception(ShuttingDown("the gateway is shutting down", model=ticket.model))
+        return sum(self._seats[m].footprint_gb for m in self.members
+                   if m != excluding and self._seats[m].fixed and self.held_by(m) == 0)
 
     def snapshot(self) -> Snapshot:
         now = self._clock.now()
-        models = {name: _view(c, now, self.node) for name, c in self._controllers.items()}
-        queue = tuple(
-            Ticket(t.model, t.since, _need(self._controllers[t.model])) for t in self._queue.values() if t.waiters
-        )
+        usages = {m: self._effects.usage(m) for m in self.members}
+        models = {m: self._view(self._seats[m], usages[m], now) for m in self.members}
+        queue = tuple(Ticket(t.model, t.since, self._need(t.model, usages[t.model]))
+                      for t in self.tickets.values() if t.waiters and t.model in usages)
         return Snapshot(now=now, capacity_gb=self.budget.capacity_gb, models=models, queue=queue,
                         live_free_gb=self.probe.free_gb(), max_hold=self.policy.max_hold)
 
+    def _need(self, model: str, usage: Usage) -> float:
+        return self._seats[model].need_on(self.name, usage.hold, waking=usage.state is S.SLEEPING)
+
+    def _view(self, seat: Seat, usage: Usage, now: float) -> ModelView:
+        state = usage.state
+        if self.name in seat.reserved and state in (S.STOPPED, S.FAILED):
+            state = S.STARTING  # held for a multi-node start that waits for its other nodes: not evictable
+        return ModelView(
+            name=seat.model, state=state, footprint_gb=seat.footprint_gb, held_gb=seat.held_on(self.name, usage.hold),
+            in_flight=usage.in_flight,
+            # Requests held back from a draining model don't keep it busy: that is the point of draining.
+            waiting=0 if seat.holding_back(now) else usage.waiting,
+            last_used=usage.last_used or 0.0, pinned=seat.pinned, priority=seat.priority,
+        )
+
     def step(self) -> None:
+        """Plan once and carry the plan out."""
         snap = self.snapshot()
         decided = plan(snap)
         wall = self._clock.wall()
-        for name, why in decided.impossible.items():
-            ticket = self._queue.pop(name)
-            for waiter in ticket.waiters:
-                if not waiter.done():
-                    waiter.set_exception(NoRoom(why, model=name))
-        for name in decided.admit:
-            ticket = self._queue.pop(name)
-            self._blocked.pop(name, None)
-            controller = self._controllers[name]
-            need = _need(controller)
-            numbers = {"needed_gb": need, "held_gb": round(snap.held_gb, 3), "capacity_gb": snap.capacity_gb,
-                       "live_free_gb": snap.live_free_gb, "waited_s": round(snap.now - ticket.since, 3),
-                       "requests": len(ticket.waiters)}
-            self._events.emit(Event(wall, name, "admit", reason=f"{need:g} GB fits on node {self.node!r}",
-                                    data={**numbers, "node": self.node}))
-            controller.admitted(self.node)  # starts it, or reserves this node's share of a multi-node model
-            for waiter in ticket.waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-        for name, reason in decided.stop:
-            controller = self._controllers[name]
-            if controller.stop_if_idle(reason) is not None:
-                self._events.emit(Event(wall, name, "evict", reason=reason,
-                                        data={"frees_gb": snap.models[name].held_gb}))
-        # Drains are recomputed every step: a model nobody waits for any more takes new work again
-        # (else its held-back requests would wait forever: test_admission_properties, max_hold 0).
-        drains = dict(decided.drain)
-        for name, controller in self._controllers.items():
-            deadline = drains.get(name)
-            if deadline == controller.drain_from(self.node):
-                continue  # each node sets and lifts only its own deadline
-            if deadline is not None and controller.drain_deadline is None:
-                self._events.emit(Event(wall, name, "drain", reason=(
-                    f"holds memory others wait for on node {self.node!r}; takes no new work after "
-                    f"{max(deadline - snap.now, 0):.0f}s"), data={"deadline_in_s": round(deadline - snap.now, 3),
-                                                                "node": self.node}))
-            controller.set_drain(deadline, self.node)
-        for name, blocked in decided.blocked.items():
-            self._blocked[name] = blocked
-            ticket = self._queue[name]
+        for model, why in decided.impossible.items():
+            ticket = self.tickets.pop(model)
+            self.blocked.pop(model, None)
+            self._impossible(ticket, why)
+        for model in decided.admit:
+            ticket = self.tickets.pop(model)
+            self.blocked.pop(model, None)
+            need = next(t.need_gb for t in snap.queue if t.model == model)
+            self._events.emit(Event(wall, model, "admit", reason=f"{need:g} GB fits on node {self.name!r}", data={
+                "needed_gb": need, "held_gb": round(snap.held_gb, 3), "capacity_gb": snap.capacity_gb,
+                "live_free_gb": snap.live_free_gb, "waited_s": round(snap.now - ticket.since, 3),
+                "requests": len(ticket.waiters), "node": self.name}))
+            self._admitted(model, self, ticket)
+        for model, reason in decided.stop:
+            seat = self._seats[model]
+            if self._effects.evict(model, reason, ignore_waiting=seat.holding_back(snap.now)):
+                self._events.emit(Event(wall, model, "evict", reason=reason,
+                                        data={"frees_gb": snap.models[model].held_gb, "node": self.name}))
+        self._apply_drains(dict(decided.drain), snap.now, wall)
+        for model, blocked in decided.blocked.items():
+            ticket = self.tickets.get(model)
+            if ticket is None:
+                continue
+            self.blocked[model] = blocked
             if not ticket.announced:
                 ticket.announced = True
-                self._events.emit(Event(wall, name, "queued", reason=blocked.reason, data={
-                    "needed_gb": blocked.needed_gb, "free_gb": blocked.free_gb,
+                self._events.emit(Event(wall, model, "queued", reason=blocked.reason, data={
+                    "needed_gb": blocked.needed_gb, "free_gb": blocked.free_gb, "node": self.name,
                     "holders": [list(h) for h in blocked.holders]}))
         self.high_water_gb = max(self.high_water_gb, self.held_gb())
 
+    def _apply_drains(self, drains: dict[str, float], now: float, wall: float) -> None:
+        # Drains are recomputed every step, and each node sets and lifts only its own deadline: a model nobody
+        # waits for any more takes new work again (else its held-back requests would wait forever:
+        # tests/unit/test_admission_properties.py with max_hold 0), and one node can't lift another's.
+        for model in self.members:
+            seat = self._seats[model]
+            deadline = drains.get(model)
+            if deadline == seat.drains.get(self.name):
+                continue
+            if deadline is None:
+                del seat.drains[self.name]
+            else:
+                if seat.drain_deadline is None:
+                    self._events.emit(Event(wall, model, "drain", reason=(
+                        f"holds memory others wait for on node {self.name!r}; takes no new work after "
+                        f"{max(deadline - now, 0):.0f}s"), data={"deadline_in_s": round(deadline - now, 3),
+                                                                "node": self.name}))
+                seat.drains[self.name] = deadline
+            seat.notify()
 
-def _held(c: "ModelController", node: str) -> float:
-    """What `c` holds in `node`'s ledger: its share where it is placed (each node of a multi-node model
-    holds `memory_gb`), including a node reserved for a multi-node start that waits for its other nodes."""
-    if node in c.reserved:
-        return c.spec.memory_gb
-    if node not in c.placed:
-        return 0.0
-    return held_gb(c.state, c.spec.memory_gb, c.spec.sleeping_gb)
+    def no_room_message(self, model: str) -> str:
+        blocked = self.blocked.get(model)
+        if blocked is None:
+            return f"no room could be made for {model} within max_wait ({self.policy.max_wait:g}s)"
+        holders = ", ".join(f"{m} ({gb:g} GB, {n} in flight)" for m, gb, n in blocked.holders[:5]) or "nobody"
+        return (
+            f"{model} needs {blocked.needed_gb:g} GB; {blocked.free_gb:g} GB of the {self.budget.capacity_gb:g} GB "
+            f"budget on node {self.name!r} is free; held by {holders}. Waited {self.policy.max_wait:g}s "
+            f"({blocked.reason})."
+        )
+
+    def idle(self) -> bool:
+        """Nothing to plan for: no ticket waits and no model drains here."""
+        return not self.tickets and not any(self.name in self._seats[m].drains for m in self.members)
 
 
-def _need(c: "ModelController") -> float:
-    return c.spec.memory_gb - (c.spec.sleeping_gb if c.state is S.SLEEPING else 0.0)
-
-
-def _view(c: "ModelController", now: float, node: str) -> ModelView:
-    # Requests held back from a draining model don't keep it busy: that is the point of draining.
-    waiting = 0 if c.holding_back(now) else c.waiting
-    # A node reserved for a multi-node start is, to this node's plan, an engine starting: held, not evictable.
-    state = S.STARTING if node in c.reserved and c.state in (S.STOPPED, S.FAILED) else c.state
-    return ModelView(
-        name=c.spec.name, state=state, footprint_gb=c.spec.memory_gb, held_gb=_held(c, node), in_flight=c.in_flight,
-        waiting=waiting, last_used=c.last_used or 0.0, pinned=c.pinned, priority=c.spec.priority,
-    )
-
-
-OnChange = Callable[[], None]
+__all__ = ["NodeAdmission", "QueuePolicy", "Queued", "Waiter"]

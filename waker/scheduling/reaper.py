@@ -2,11 +2,30 @@
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from waker.config.durations import format_duration
-from waker.config.spec import IdleAction
-from waker.lifecycle.controller import ModelStatus
+from waker.config.spec import IdleAction, ModelSpec
 from waker.state import ModelState
+
+
+class Idle(Protocol):
+    """What the idle policy reads of a model (waker.status.ModelStatus has it all)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def spec(self) -> ModelSpec: ...
+    @property
+    def state(self) -> ModelState: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def last_used(self) -> float | None: ...
+    @property
+    def ready_since(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +35,7 @@ class IdleStop:
     sleep: bool = False  # idle_action sleep: release memory through the engine's API, keep it up
 
 
-def idle_stops(models: Iterable[ModelStatus], now: float) -> list[IdleStop]:
+def idle_stops(models: Iterable[Idle], now: float) -> list[IdleStop]:
     """Models to stop now: READY, managed by us, no work in flight or waiting, idle past
     `idle_timeout` (0 = never) and up for at least `min_uptime` (guards against flapping)."""
     stops = []

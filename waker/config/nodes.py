@@ -1,0 +1,61 @@
+"""The nodes engines run on: one Docker host each, with its memory budget, labels and live memory probe.
+
+Data only, typed once at the edge (the gateway's `SPARKGATE_NODES` setting); waker/compose.py builds the
+runtimes, budgets and probes from it.
+"""
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from waker.config.durations import Duration
+
+
+class NodeConfig(BaseModel):
+    """A Docker host that engines with `runtime: docker` run on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    docker_host: str | None = Field(
+        default=None, description="unix://, tcp:// or ssh://user@host; default: DOCKER_HOST or the local socket"
+    )
+    address: str = Field(default="127.0.0.1", description="address the gateway uses to reach engines there")
+    publish_ip: str = Field(default="127.0.0.1", description="address engine ports are published on there")
+    total_gb: float = Field(default=128.0, gt=0, description="memory of the node in GiB (a DGX Spark: 128)")
+    reserve_gb: float = Field(default=8.0, ge=0, description="kept free for the OS, the gateway and page cache")
+    memory_probe: str = Field(
+        default="auto", pattern="^(auto|meminfo|nvml|docker|none)$",
+        description="live free memory: auto (this machine's: NVML, or /proc/meminfo on unified memory; for a remote "
+                    "docker_host: its /proc/meminfo read through Docker), meminfo, nvml, docker, none",
+    )
+    memory_probe_interval: Duration = Field(
+        default=5.0, gt=0, description="seconds between reads of the docker memory probe (stale after 3)"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='facts for placement, e.g. {"gpu": "gb10", "link": "qsfp"}'
+    )
+    cluster_address: str | None = Field(
+        default=None, description="address on the inter-node link (e.g. the QSFP IP) for multi-node engines; "
+                                  "default: address",
+    )
+
+    @field_validator("docker_host")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("unix://", "tcp://", "ssh://", "http://", "https://")):
+            raise ValueError("docker_host must start with unix://, tcp:// or ssh://")
+        return value
+
+    def is_local(self) -> bool:
+        """Whether the Docker host is this machine: no docker_host (nor DOCKER_HOST), or a unix socket."""
+        host = self.docker_host or os.environ.get("DOCKER_HOST")
+        return host is None or host.startswith("unix://")
+
+    def probe_kind(self) -> str:
+        """What "auto" stands for here: this machine's probe for a local Docker host, Docker's for a remote one."""
+        if self.memory_probe != "auto":
+            return self.memory_probe
+        return "auto" if self.is_local() else "docker"
+
+
+__all__ = ["NodeConfig"]

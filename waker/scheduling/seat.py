@@ -1,0 +1,87 @@
+"""A model's seat: everything the scheduling side knows of one model, owned by the cluster admission alone.
+
+Where it may run (candidates), where it runs or was placed to start (placed), the nodes already holding
+its share of a multi-node start (reserved), the drain deadline each node set for it, whether it is
+pinned, and the footprint its running engine was admitted with. The controller knows none of this; it
+only starts, stops and reports.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+
+from waker.state import Hold
+
+
+@dataclass(slots=True)
+class Seat:
+    model: str
+    candidates: tuple[str, ...]  # nodes it may run on, settings order
+    span: int  # nodes one instance spans
+    footprint_gb: float  # memory_gb as declared now: what the next start needs on each node
+    sleeping_gb: float  # what it holds asleep, as declared now
+    priority: int = 0
+    pinned: bool = False
+    placed: tuple[str, ...] = ()  # where it runs, or where its next start goes (head first)
+    reserved: set[str] = field(default_factory=set)  # nodes holding its share while a multi-node start waits
+    drains: dict[str, float] = field(default_factory=dict)  # node -> deadline after which it takes no new work
+    admitted_gb: float | None = None  # footprint the running engine was admitted with (a reload may change
+    admitted_sleeping_gb: float | None = None  # memory_gb meanwhile: that applies from the next start)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if len(self.candidates) == self.span:
+            self.placed = self.candidates  # no choice to make
+
+    @property
+    def fixed(self) -> bool:
+        """It may run only where it is placed (no choice): its placement outlives its engine."""
+        return len(self.candidates) == self.span
+
+    @property
+    def drain_deadline(self) -> float | None:
+        """The earliest deadline any node set: a model spanning nodes drains when any of them asks."""
+        return min(self.drains.values(), default=None)
+
+    def holding_back(self, now: float) -> bool:
+        """True when the model takes no new work: it is draining and its hold time is over."""
+        deadline = self.drain_deadline
+        return deadline is not None and now >= deadline
+
+    def held_on(self, node: str, hold: Hold) -> float:
+        """GB this model holds in `node`'s ledger when its engine holds `hold`."""
+        if node in self.reserved:
+            return self.footprint_gb  # held for the start that waits for its other nodes
+        if node not in self.placed or hold is Hold.NONE:
+            return 0.0
+        if hold is Hold.SLEEPING:
+            return self.admitted_sleeping_gb if self.admitted_sleeping_gb is not None else self.sleeping_gb
+        return self.admitted_gb if self.admitted_gb is not None else self.footprint_gb
+
+    def need_on(self, node: str, hold: Hold, waking: bool) -> float:
+        """GB its next start (or wake, `waking`) adds on `node`: what it will hold there less what it holds
+        already (an engine that may still run from before is replaced by the start, not added to)."""
+        target = self.admitted_gb if waking and self.admitted_gb is not None else self.footprint_gb
+        return max(target - self.held_on(node, hold), 0.0)
+
+    def admit(self, waking: bool) -> None:
+        """Its start or wake begins now on `placed`: the footprint it holds is fixed until its engine is gone
+        (a wake keeps the one it was started with)."""
+        self.reserved.clear()
+        if not waking or self.admitted_gb is None:
+            self.admitted_gb, self.admitted_sleeping_gb = self.footprint_gb, self.sleeping_gb
+
+    def release(self, keep_placement: bool) -> None:
+        """Its engine is gone: it holds nothing, drains nowhere, and (unless it may run only where it was, or a
+        request is on its way to a node) is placed afresh at its next start."""
+        self.admitted_gb = self.admitted_sleeping_gb = None
+        self.drains.clear()
+        if not keep_placement and not self.fixed and not self.reserved:
+            self.placed = ()
+
+    def notify(self) -> None:
+        """Wake the requests waiting on this seat (a drain set or lifted, a transition): they look again."""
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+__all__ = ["Seat"]
