@@ -10,4 +10,5 @@ fi
 # The image that docker tests run their engines in (debootstrap + docker import; cached by tag).
 tests/docker/build_image.sh
 .venv/bin/ruff check .
+.venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"
