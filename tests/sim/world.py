@@ -77,6 +77,9 @@ class SimEngine:
         self.nodes = nodes
         self.behaviour = dataclasses.replace(behaviour)  # its own copy: a test may change it while it runs
         self.keep = spec.keep_container  # a stop keeps it (stopped) instead of removing it
+        # The memory it takes (GB on each of its nodes): its entry's declaration when it was launched, or when a
+        # new gateway claimed it (the world can't know better than the entry, and nothing else sizes it).
+        self.memory_gb, self.sleeping_gb = spec.memory_gb, spec.sleeping_gb
         self.state = EngineState.CREATING
         self.removed = False
         self.exit: Exit | None = None  # how it ended, reported or not (wait_exit: only once reported)
@@ -145,6 +148,13 @@ class SimEngine:
     @property
     def holds_memory(self) -> bool:
         return self.state in (EngineState.LOADING, EngineState.READY, EngineState.ASLEEP)
+
+    @property
+    def held_gb(self) -> float:
+        """What it really holds on each of its nodes now: its sleeping footprint asleep, nothing once exited."""
+        if self.state is EngineState.ASLEEP:
+            return self.sleeping_gb
+        return self.memory_gb if self.holds_memory else 0.0
 
     # Life, driven by timers (virtual time)
 
@@ -243,6 +253,9 @@ class SimEngine:
         if b.fail_sleep if role == "sleep" else b.fail_wake:
             raise EngineCallError(f"{what} answered 500: Internal Server Error")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieved here: when the caller stopped waiting (timed out, cancelled), nobody else would, and asyncio
+        # would report the exit's error as "never retrieved".
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._calls[done] = None
 
         def finish() -> None:
@@ -290,6 +303,10 @@ class SimRuntime:
     def script(self, model: str, *behaviours: Behaviour) -> None:
         """The next starts of `model` behave so, one each, in order; later ones as `default`."""
         self._scripts.setdefault(model, []).extend(behaviours)
+
+    def unscript(self) -> None:
+        """Forget every scripted behaviour not used yet: later starts behave as `default`."""
+        self._scripts.clear()
 
     def down(self, *nodes: str) -> None:
         """The runtime on `nodes` (all when none given) can't be reached until `up`."""
@@ -369,6 +386,7 @@ class SimRuntime:
     def claim(self, found: Found, spec: ModelSpec) -> SimEngine:
         engine = self._mine(found)
         engine.keep = spec.keep_container
+        engine.memory_gb, engine.sleeping_gb = spec.memory_gb, spec.sleeping_gb
         return engine
 
     # Inner workings
