@@ -124,6 +124,26 @@ def test_settle_runs_every_chain_of_wakeups_without_moving_time(vt: VirtualTime)
     assert vt.run(program(), settle=False) == list(range(50))
 
 
+def test_settle_sees_the_timers_after_the_loop_purges_cancelled_ones(vt: VirtualTime) -> None:
+    """asyncio replaces its timer heap with a new list when over half of more than 100 timers are cancelled; a
+    settle that kept the old list saw a timer due for ever and reported a Livelock (found by the simulation)."""
+
+    async def program() -> list[str]:
+        loop = asyncio.get_running_loop()
+        fired: list[str] = []
+
+        def storm() -> None:  # while settle runs: the loop purges its heap in its next turn
+            for timer in [loop.call_later(60, fired.append, "cancelled") for _ in range(150)]:
+                timer.cancel()
+            loop.call_later(0, fired.append, "due now")
+
+        loop.call_soon(storm)
+        await settle()
+        return fired
+
+    assert vt.run(program()) == ["due now"]
+
+
 def test_a_deadlock_is_reported_at_once() -> None:
     """With no limit, looptime sees that nothing can ever happen; with one, the limit comes at once."""
     began = time.perf_counter()

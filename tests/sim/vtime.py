@@ -82,14 +82,24 @@ async def settle(max_rounds: int = 100_000) -> None:
     public API says "nothing else is runnable", and counting `sleep(0)`s would only guess.
     """
     loop = asyncio.get_running_loop()
-    ready: Any = getattr(loop, "_ready")  # noqa: B009 - private on purpose, see above
-    timers: list[asyncio.TimerHandle] = getattr(loop, "_scheduled")  # noqa: B009
     for _ in range(max_rounds):
+        ready, timers = _runnable(loop)
         due = bool(timers) and timers[0].when() <= loop.time()
         if not ready and not due:
             return
         await asyncio.sleep(0)
-    raise Livelock(f"still busy after {max_rounds} rounds at t={loop.time()}:\n" + _describe_tasks(loop))
+    ready, timers = _runnable(loop)
+    due = [timer for timer in timers if timer.when() <= loop.time()]
+    handles = "\n".join(f"  {handle!r}" for handle in [*list(ready)[:10], *due[:10]])
+    raise Livelock(f"still busy after {max_rounds} rounds at t={loop.time()}; runnable:\n{handles}\nthe tasks:\n"
+                   + _describe_tasks(loop))
+
+
+def _runnable(loop: asyncio.AbstractEventLoop) -> tuple[Any, list[asyncio.TimerHandle]]:
+    """The loop's ready queue and timer heap, read afresh each time: the loop replaces its heap with a new list when
+    it purges cancelled timers (more than 100 timers, half of them cancelled), so a list read once goes stale and a
+    timer due in the new one looks due for ever (a Livelock that wasn't)."""
+    return getattr(loop, "_ready"), getattr(loop, "_scheduled")  # noqa: B009 - private on purpose, see settle
 
 
 async def advance(seconds: float) -> None:
