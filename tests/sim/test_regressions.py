@@ -121,3 +121,39 @@ def test_a_stop_while_the_runtime_creates_the_engine_leaves_nothing_running(vt: 
     [engine] = runtime.engines
     assert engine.state is EngineState.EXITED and engine.removed
     vt.run(serve(waker, "big"))  # and it starts again on the next request
+
+
+@pytest.mark.xfail(strict=True, reason="Waker.warm (waker/waker.py) waits in Gate.ensure_ready without counting as "
+                   "waiting (Gate.acquire does, controller.waiting_for_it): the model it brings up is idle the moment "
+                   "it is READY, so a model queued for its room evicts it at once; two warms of models that don't fit "
+                   "together evict each other for ever and neither returns")
+def test_two_warms_of_models_that_do_not_fit_together_both_end(vt: VirtualTime) -> None:
+    runtime = SimRuntime(default=NORMAL)
+    mid_on_a = CATALOGUE["mid"].model_copy(update={"node": "a"})  # 40 GB beside big's 70 on a's 100: no room
+    waker = vt.run(boot(vt, runtime, [CATALOGUE["big"], mid_on_a]))
+
+    async def both_warm() -> int:
+        warms = [asyncio.create_task(waker.warm(name)) for name in ("big", "mid")]
+        done, _ = await asyncio.wait(warms, timeout=600)
+        return len(done)
+
+    assert vt.run(both_warm()) == 2
+    assert len(runtime.engines) <= 3, f"{len(runtime.engines)} engines started for two warms"
+
+
+@pytest.mark.xfail(strict=True, reason="ModelController.close (waker/lifecycle/controller.py) leaves an engine of a "
+                   "detached runtime running for the next gateway but keeps watching its exit: when the next waker "
+                   "stops it, the closed controller marks its model FAILED and reaps the engine")
+def test_a_waker_that_shut_down_leaves_the_engines_it_left_running_alone(vt: VirtualTime) -> None:
+    runtime = SimRuntime(default=NORMAL)
+    first = started(vt, runtime, "mid")
+    vt.run(serve(first, "mid"))
+    vt.run(first.shutdown())
+    second = started(vt, runtime, "mid")  # adopts mid's engine
+    [engine] = runtime.running()
+    assert second.describe().model("mid").engine is engine
+
+    vt.run(second.stop("mid"))
+    vt.run(advance(1))
+    assert first.controller("mid").state is S.READY  # as it was left: it no longer owns that engine
+    assert [e.reason for e in first.events.recent("mid") if e.target == S.FAILED] == []
