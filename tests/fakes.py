@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from waker.config.spec import ModelSpec
 from waker.engines.base import Call, Engine, Readiness
 from waker.lifecycle.engine_api import EngineCallError
-from waker.runtime.base import Exit, RuntimeUnavailable
+from waker.runtime.base import Exit, Found, RuntimeUnavailable
 
 
 class FakeHandle:
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, runtime: "FakeRuntime | None" = None) -> None:
         self.number = number
+        self._runtime = runtime
         self.ready = asyncio.Event()
         self._exited: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
         self.lines: list[str] = [f"engine {number} booting"]
@@ -19,6 +20,9 @@ class FakeHandle:
         self.asleep = False
         self.calls: list[str] = []  # sleep and wake calls it received, "METHOD path"
         self.fail_calls = False  # answer every sleep or wake call with an error
+        self.exit_after_wake = False  # exit just after answering its wake calls
+        # Set: stop() waits for it (an engine that ignores SIGTERM for its grace); a cancelled stop kills it.
+        self.stop_gate: asyncio.Event | None = None
 
     @property
     def ident(self) -> str:
@@ -34,7 +38,9 @@ class FakeHandle:
 
     @property
     def exit_code(self) -> int | None:
-        return self._exited.result().code if self._exited.done() else None
+        if not self._exited.done() or self._exited.exception() is not None:
+            return None
+        return self._exited.result().code
 
     def exit(self, code: int, line: str = "", oom: bool = False) -> None:
         if line:
@@ -49,13 +55,26 @@ class FakeHandle:
     async def wait_exit(self) -> Exit:
         return await asyncio.shield(self._exited)
 
+    def _reachable(self) -> None:
+        if self._runtime is not None and self._runtime.down:
+            raise RuntimeUnavailable("Docker on node 'local' is unreachable: Connection refused")
+
     async def stop(self, grace: float) -> int | None:
+        self._reachable()
         self.stops += 1
+        if self.stop_gate is not None and not self._exited.done():
+            try:
+                await self.stop_gate.wait()
+            except asyncio.CancelledError:
+                self.exit(137)  # cancel-safe, like the real handles: a cancelled stop still ends the engine
+                raise
+            self.exit(137)
         self.exit(0)
-        return 0
+        return self.exit_code
 
     async def log_tail(self, lines: int) -> tuple[str, ...]:
-        return tuple(self.lines[-lines:])
+        self._reachable()
+        return tuple(self.lines[-lines:]) if lines > 0 else ()
 
 
 class FakeRuntime:
@@ -69,11 +88,16 @@ class FakeRuntime:
         self.specs: list[ModelSpec] = []  # as launched (with placed_on)
         self.started = asyncio.Event()
         self.fail_launch: Exception | None = None
+        self.down = False  # the runtime is unreachable: start, stop and logs raise RuntimeUnavailable
+        self.found: list[Found] = []  # what discover() reports (engines left by an earlier gateway)
+        self.discarded: list[tuple[str, str]] = []  # (model, reason)
 
     async def start(self, spec: ModelSpec, engine: Engine) -> FakeHandle:
+        if self.down:
+            raise RuntimeUnavailable("Docker on node 'local' is unreachable: Connection refused")
         if self.fail_launch is not None:
             raise self.fail_launch
-        handle = FakeHandle(len(self.handles) + 1)
+        handle = FakeHandle(len(self.handles) + 1, self)
         self.handles.append(handle)
         self.specs.append(spec)
         if self.auto_ready:
@@ -81,12 +105,33 @@ class FakeRuntime:
         self.started.set()
         return handle
 
+    def leave_running(self, model: str, spec_hash: str, asleep: bool = False) -> FakeHandle:
+        """An engine an earlier gateway left running: found by discover()."""
+        handle = FakeHandle(len(self.handles) + 1, self)
+        handle.ready.set()
+        handle.asleep = asleep
+        self.handles.append(handle)
+        self.found.append(Found(model, spec_hash, True, handle, ("local",)))
+        return handle
+
+    async def discover(self) -> list[Found]:
+        return list(self.found)
+
+    async def discard(self, found: Found, reason: str) -> None:
+        self.discarded.append((found.model, reason))
+        await found.handle.stop(0)
+
+    def claim(self, found: Found, spec: ModelSpec) -> FakeHandle:
+        assert isinstance(found.handle, FakeHandle)
+        return found.handle
+
 
 class FakeEngineApi:
     """The engines' own API: ready when the fake handle says so; sleep and wake calls flip its `asleep`."""
 
     def __init__(self, runtime: FakeRuntime) -> None:
         self._runtime = runtime
+        self.block: asyncio.Event | None = None  # set: sleep and wake calls wait for it (an engine slow to answer)
 
     def _handle(self, root_url: str) -> FakeHandle:
         return next(h for h in self._runtime.handles if h.root_url == root_url)
@@ -96,6 +141,8 @@ class FakeEngineApi:
 
     async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
         handle = self._handle(root_url)
+        if self.block is not None:
+            await self.block.wait()
         for call in calls:
             handle.calls.append(f"{call.method} {call.path}")
             if handle.fail_calls:
@@ -104,6 +151,8 @@ class FakeEngineApi:
                 handle.asleep = True
             elif "wake" in call.path or "resume" in call.path:
                 handle.asleep = False
+        if handle.exit_after_wake and not handle.asleep:
+            handle.exit(1, "segfault right after waking")
 
     async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
         return self._handle(root_url).asleep

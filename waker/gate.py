@@ -167,7 +167,10 @@ class Gate:
                     await controller.changed().wait()  # a stop took the start over: it ends soon
                 continue
             if state is S.STOPPING:
-                await controller.settled()
+                if controller.operation is not None:
+                    await controller.settled()
+                else:
+                    await controller.changed().wait()
                 continue
             if state is S.FAILED and controller.retry_at is not None:
                 wait = controller.retry_at - self._clock.now()

@@ -55,7 +55,8 @@ async def test_clients_that_leave_the_admission_queue_are_removed_from_it(tmp_pa
             await until(lambda: admission.queued == 0 and queued.waiting == 0, timeout=10, what="queue emptied")
             assert admission.queue_of("queued") == 0
             # Nobody waits for busy's memory any more: it is no longer drained, and nothing started.
-            await until(lambda: busy.drain_deadline is None, timeout=10, what="drain lifted")
+            seat = gw.waker.scheduler.seats["busy"]
+            await until(lambda: seat.drain_deadline is None, timeout=10, what="drain lifted")
             assert gw.starts("queued") == 0
             assert busy.state == "ready" and busy.in_flight == 1
             assert admission.held_gb() == 60

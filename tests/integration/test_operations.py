@@ -25,7 +25,7 @@ async def test_admin_api_starts_stops_pins_and_shows_logs(tmp_path: Path) -> Non
         logs = (await client.get("/admin/models/m/logs?lines=5")).json()
         assert any("fake engine m starting" in line for line in logs["lines"])
         assert (await client.post("/admin/models/m/pin")).json() == {"model": "m", "pinned": True}
-        assert gw.waker.controller("m").pinned
+        assert gw.waker.describe().model("m").pinned
         await client.post("/admin/models/m/unpin")
         refused = await client.post("/admin/models/m/sleep")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_sleep_mode"

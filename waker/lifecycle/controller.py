@@ -167,7 +167,12 @@ class ModelController:
     @property
     def operation(self) -> asyncio.Task[object] | None:
         """The operation running now, if any."""
-        return self._op
+        return self._running()
+
+    def _running(self) -> asyncio.Task[object] | None:
+        # An operation that has returned has written its outcome; its done-callback may not have run yet.
+        op = self._op
+        return op if op is not None and not op.done() else None
 
     @property
     def residue(self) -> EngineHandle | None:
@@ -253,7 +258,7 @@ class ModelController:
 
     async def settled(self) -> None:
         """Wait until no operation runs (its outcome is in the state)."""
-        while (op := self._op) is not None:
+        while (op := self._running()) is not None:
             await _settled(op)
 
     # -- operations -------------------------------------------------------------------------------------
@@ -264,7 +269,7 @@ class ModelController:
         when it can't start (retired, closed, or not stopped or failed)."""
         if self._closed or self._retired or self._state not in (S.STOPPED, S.FAILED):
             return False
-        prior = self._op  # the removal of what an earlier engine left, still running
+        prior = self._running()  # the removal of what an earlier engine left, still running
         self._placed = placed
         self._stop_reason = None
         self._starts += 1
@@ -275,7 +280,7 @@ class ModelController:
     def begin_wake(self, reason: str = "request for a sleeping model") -> bool:
         if self._closed or self._retired or self._state is not S.SLEEPING or self._handle is None:
             return False
-        prior = self._op if self._op_kind is Op.SLEEP else None  # never wake an engine still falling asleep
+        prior = self._running() if self._op_kind is Op.SLEEP else None  # never wake an engine still falling asleep
         self._stop_reason = None
         self._starts += 1
         self._transition(S.WAKING, reason)
@@ -285,7 +290,7 @@ class ModelController:
     def adopt(self, handle: EngineHandle, placed: tuple[str, ...] = (), sleeping: bool = False) -> None:
         """Take over an engine left running by an earlier gateway on `placed`: probed like a fresh start (never
         restarted), or SLEEPING at once when it sleeps."""
-        if self._state is not S.STOPPED or self._op is not None:
+        if self._state is not S.STOPPED or self._running() is not None:
             raise RuntimeError(f"{self.name}: can't adopt {handle.ident} while {self._state}")
         self._placed = placed
         if sleeping:
@@ -307,7 +312,7 @@ class ModelController:
         """Put an idle READY engine to sleep (its memory is released, the process stays); None if it is not idle
         or its engine has no sleep mode."""
         if (self._state is not S.READY or self._in_flight or self._waiting or self._handle is None
-                or self._op is not None or not self._engine.supports_sleep):
+                or self._running() is not None or not self._engine.supports_sleep):
             return None
         spec = self._spec
         self._transition(S.SLEEPING, reason, level=spec.sleep_level, holds_gb=spec.sleeping_gb)
@@ -317,7 +322,7 @@ class ModelController:
         """Begin stopping only if the model is READY or SLEEPING with nothing in flight (nor waiting, unless
         `ignore_waiting`: requests held back by a drain). Checked at the moment of the transition, not when
         the caller decided: a lease taken in between wins (test_idle_stop_yields_to_a_new_lease)."""
-        if self._state not in (S.READY, S.SLEEPING) or self._in_flight or self._op is not None:
+        if self._state not in (S.READY, S.SLEEPING) or self._in_flight or self._running() is not None:
             return None
         if self._waiting and not ignore_waiting:
             return None
@@ -327,7 +332,7 @@ class ModelController:
         """Stop the engine, whatever it is doing; returns once it is gone (STOPPED), or FAILED when the runtime
         can't be reached to stop it (the waker's reaper retries the removal)."""
         for _ in range(4):  # each round awaits an operation or begins one; three are the most it takes
-            op = self._op
+            op = self._running()
             if self._state is S.STOPPED:
                 return
             if op is not None and (self._state in (S.STARTING, S.WAKING)
@@ -353,7 +358,7 @@ class ModelController:
     def begin_reap(self) -> "asyncio.Task[object] | None":
         """Remove what a failed engine left (a container, a process group, or an engine whose stop failed); None if
         there is nothing to remove or an operation runs."""
-        if self._state is not S.FAILED or self._residue is None or self._op is not None:
+        if self._state is not S.FAILED or self._residue is None or self._running() is not None:
             return None
         return self._run(Op.REAP, self._reap(self._residue, with_tail=False))
 
@@ -390,7 +395,7 @@ class ModelController:
     @property
     def idle_stopped(self) -> bool:
         """No engine runs or is left, and no operation runs."""
-        return self._state in (S.STOPPED, S.FAILED) and self._residue is None and self._op is None
+        return self._state in (S.STOPPED, S.FAILED) and self._residue is None and self._running() is None
 
     def retire(self, retired: bool = True) -> None:
         """Removed from models.d (or added back): a retired model takes no new work."""
@@ -630,7 +635,7 @@ class ModelController:
         progress watches the exit itself, and this runs again when it ends: an engine that exits right after a
         wake is never left READY with nobody watching)."""
         watch, handle = self._exit, self._handle
-        if watch is None or not watch.done() or watch.cancelled() or handle is None or self._op is not None:
+        if watch is None or not watch.done() or watch.cancelled() or handle is None or self._running() is not None:
             return
         if self._state not in (S.READY, S.SLEEPING):
             return
