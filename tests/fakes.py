@@ -115,7 +115,7 @@ class FakeRuntime:
         return handle
 
     async def discover(self) -> list[Found]:
-        return list(self.found)
+        return [f for f in self.found if f.handle.exit_code is None]
 
     async def discard(self, found: Found, reason: str) -> None:
         self.discarded.append((found.model, reason))

@@ -69,7 +69,7 @@ class Limiter:
                 if waiter.done() and not waiter.cancelled():
                     self.active -= 1  # handed a slot just as it was cancelled: give it on
                     self._hand_over()
-                else:
+                elif waiter in self._waiters:  # a hand-over may have dropped it already (it was cancelled)
                     self._waiters.remove(waiter)
                 raise
         else:
@@ -131,6 +131,13 @@ class Gate:
 
     def release(self) -> None:
         self.controller.release()
+
+    async def warm(self) -> None:
+        """Bring the model up (through admission, like a request) without using it. It counts as waiting until it
+        is up, or a model queued for its room would evict it the moment it is READY, and two warms of models that
+        don't fit together would evict each other for ever (tests/sim/test_regressions.py)."""
+        with self.controller.waiting_for_it():
+            await self.ensure_ready()
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Endpoint]:

@@ -12,3 +12,4 @@ class WakerOptions:
     backoff_cap: float = 300.0  # longest wait between start attempts of a crash-looping model
     stable_after: float = 60.0  # READY this long before a crash: the failure count starts over
     stop_retry: float = 30.0  # keep trying to stop an engine this long while its runtime is unreachable
+    rediscover_interval: float = 30.0  # look for engines nobody tracks (e.g. on a node unreachable at boot)

@@ -192,7 +192,7 @@ class Waker:
         """Start the preload list at boot, one after the other (each through admission)."""
         for name in self._preload:
             try:
-                await self.gate(name).ensure_ready()
+                await self.gate(name).warm()
                 self.events.emit(Event(self.clock.wall(), name, "preloaded", reason="listed in preload"))
             except WakerError as exc:
                 log.warning("preload of %s failed: %s", name, exc)
@@ -202,7 +202,14 @@ class Waker:
     async def _adopt_running_engines(self) -> None:
         """Engines left running by a previous gateway are taken over, never restarted, as far as each node's
         budget holds them (pinned first, then by priority); stale ones (spec changed, model gone from models.d,
-        over the budget) are stopped and reported."""
+        over the budget) are stopped and reported.
+
+        Run at boot, then every `rediscover_interval` by the reaper: a node unreachable at boot is looked at
+        again once it answers, so the engines there are adopted or removed, never left running untracked
+        (tests/sim/test_regressions.py::test_engines_on_a_node_unreachable_at_boot_are_tracked_once_it_is_back).
+        Only models with no engine and no operation are considered: an engine the waker starts right now is
+        found by the runtime before the start returns, and must be left alone."""
+        seen = {name: (c.since, c.starts) for name, c in self._controllers.items()}
         found: list[tuple[Adopter, Found]] = []
         for runtime in {id(r): r for r in self._runtimes.values()}.values():
             if not isinstance(runtime, Adopter):
@@ -217,13 +224,17 @@ class Waker:
             return (0 if spec and spec.pinned else 1, -(spec.priority if spec else 0), item[1].model)
 
         for runtime, engine in sorted(found, key=rank):
+            controller = self._controllers.get(engine.model)
+            if controller is not None and (not controller.idle_stopped or controller.closed
+                                           or seen.get(engine.model) != (controller.since, controller.starts)):
+                continue  # it has an engine, or something happened to it while we looked: not an orphan
             await self._take_over(runtime, engine)
 
     async def _take_over(self, runtime: Adopter, found: Found) -> None:
         spec = self.registry.get(found.model)
         controller = self._controllers.get(found.model)
         seat = self.scheduler.seats.get(found.model)
-        if spec is None or controller is None or seat is None:
+        if spec is None or controller is None or seat is None or controller.retired:
             stale = "its model is no longer in models.d"
         elif engine_for(spec.engine).launch_hash(spec) != found.spec_hash:
             stale = "its model's spec changed"
@@ -231,24 +242,25 @@ class Waker:
             if spec.keep_container:
                 return  # kept stopped on purpose: reused by the next start
             stale = "stopped and not kept"
-        elif controller.state is not S.STOPPED:
+        elif not controller.idle_stopped:
             stale = "another engine of the model was taken over already"
         else:
             sleeping = await self._is_sleeping(spec, found)
-            hold = Hold.SLEEPING if sleeping else Hold.FULL
-            nodes = found.nodes or seat.placed or seat.candidates[: spec.nodes]
-            if any(n not in seat.candidates for n in nodes):
-                stale = f"it runs on {', '.join(nodes)}, where models.d no longer lets it run"
-            elif not self.scheduler.fits(spec.name, nodes, hold):
-                held = ", ".join(f"{n}: {self.scheduler.nodes[n].held_gb():g} of "
-                                 f"{self.scheduler.nodes[n].budget.capacity_gb:g} GB held" for n in nodes)
-                stale = f"it does not fit the memory budget any more ({held})"
+            if not controller.idle_stopped:  # a request started it while we asked
+                stale = "another engine of the model was started meanwhile"
             else:
-                claim = getattr(runtime, "claim", None)
-                handle = claim(found, spec) if claim is not None else found.handle
-                self.scheduler.adopted(spec.name, nodes)
-                controller.adopt(handle, nodes, sleeping)
-                return
+                hold = Hold.SLEEPING if sleeping else Hold.FULL
+                nodes = found.nodes or seat.placed or seat.candidates[: spec.nodes]
+                if any(n not in seat.candidates for n in nodes):
+                    stale = f"it runs on {', '.join(nodes)}, where models.d no longer lets it run"
+                elif not self.scheduler.fits(spec.name, nodes, hold):
+                    held = ", ".join(f"{n}: {self.scheduler.nodes[n].held_gb():g} of "
+                                     f"{self.scheduler.nodes[n].budget.capacity_gb:g} GB held" for n in nodes)
+                    stale = f"it does not fit the memory budget any more ({held})"
+                else:
+                    self.scheduler.adopted(spec.name, nodes)
+                    controller.adopt(runtime.claim(found, spec), nodes, sleeping)
+                    return
         self.events.emit(Event(self.clock.wall(), found.model, "stale_engine",
                                reason=f"{found.handle.ident}: {stale}; removed"))
         try:
@@ -305,7 +317,7 @@ class Waker:
     async def warm(self, name: str) -> None:
         """Bring `name` up through admission, like a request would; failures are in its state and events."""
         with contextlib.suppress(WakerError):
-            await self.gate(name).ensure_ready()
+            await self.gate(name).warm()
 
     async def logs(self, name: str, lines: int) -> tuple[str, ...]:
         return await self.controller(name).log_tail(lines)
@@ -471,11 +483,15 @@ class Waker:
         await asyncio.gather(*stopping, return_exceptions=True)
 
     async def _reap_forever(self) -> None:
+        next_discovery = self.clock.now() + self.options.rediscover_interval
         while True:
             await asyncio.sleep(self.options.reap_interval)
             try:
                 self.settle_reload()
                 await self.reap_once()
+                if self.clock.now() >= next_discovery:
+                    next_discovery = self.clock.now() + self.options.rediscover_interval
+                    await self._adopt_running_engines()
             except Exception:  # the reaper must survive one bad stop
                 log.exception("idle reaper")
 
