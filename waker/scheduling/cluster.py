@@ -13,7 +13,7 @@ tickets wait. Simulations drive the same code without the loops (`settle`).
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from waker.clock import Clock
 from waker.errors import NoRoom, QueueFull, ShuttingDown, WakerError, Withdrawn
@@ -22,11 +22,17 @@ from waker.scheduling.budget import Budget, MemoryProbe
 from waker.scheduling.effects import Effects
 from waker.scheduling.node import NodeAdmission, Queued, QueuePolicy, Waiter
 from waker.scheduling.placement import choose
+from waker.scheduling.plan import Snapshot
 from waker.scheduling.seat import Seat
 from waker.state import Hold, ModelState
 
 S = ModelState
 log = logging.getLogger("sparkgate.admission")
+
+Placer = Callable[[str, float, int, Sequence[str], Mapping[str, Snapshot], Mapping[str, float]],
+                  tuple[str, ...] | None]
+"""Where a cold model starts: (model, GB needed, nodes it spans, candidate nodes, their snapshots, GB of models that
+may run only there) -> nodes, or None if it never fits (placement.choose)."""
 
 
 class _FutureWaiter:
@@ -46,8 +52,9 @@ class ClusterAdmission:
     """Seats and node queues; see the module docstring."""
 
     def __init__(self, budgets: Mapping[str, Budget], probes: Mapping[str, MemoryProbe], effects: Effects,
-                 clock: Clock, events: EventLog, policy: QueuePolicy | None = None) -> None:
+                 clock: Clock, events: EventLog, policy: QueuePolicy | None = None, placer: Placer = choose) -> None:
         self.policy = policy or QueuePolicy()
+        self._placer = placer  # placement.choose; bench/cluster.py compares others
         self.seats: dict[str, Seat] = {}
         self._effects = effects
         self._clock = clock
@@ -232,7 +239,7 @@ class ClusterAdmission:
     def _place(self, seat: Seat) -> None:
         snapshots = {n: self.nodes[n].snapshot() for n in seat.candidates}
         exclusive = {n: self.nodes[n].exclusive_gb(excluding=seat.model) for n in seat.candidates}
-        nodes = choose(seat.model, seat.footprint_gb, seat.span, seat.candidates, snapshots, exclusive)
+        nodes = self._placer(seat.model, seat.footprint_gb, seat.span, seat.candidates, snapshots, exclusive)
         if nodes is None:
             raise NoRoom(f"{seat.model} needs {seat.footprint_gb:g} GB on {seat.span} node(s) of "
                          f"{', '.join(seat.candidates)}; pinned models hold too much of them", model=seat.model)
