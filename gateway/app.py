@@ -93,7 +93,7 @@ def build_waker(settings: GatewaySettings, registry: Registry | None = None,
     """The waker for `settings`: models.d (or `registry`), the nodes with their budgets, labels and probes."""
     options = WakerOptions(probe_interval=settings.probe_interval, probe_timeout=settings.probe_timeout,
                            reap_interval=settings.reap_interval, log_tail_lines=settings.log_tail_lines,
-                           backoff_cap=settings.backoff_cap)
+                           backoff_cap=settings.backoff_cap, stop_retry=settings.stop_retry)
     queue = QueuePolicy(max_queue=settings.max_queue, max_wait=settings.max_wait, max_hold=settings.max_hold)
     return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db), settings.nodes,
                                options=options, queue=queue, preload=settings.preload, instance=settings.instance,

@@ -33,6 +33,9 @@ class GatewaySettings(BaseSettings):
     reap_interval: Duration = 1.0
     log_tail_lines: int = Field(default=40, ge=0)
     backoff_cap: Duration = 300.0
+    stop_retry: Duration = Field(
+        default=30.0, description="keep trying to stop an engine this long while its Docker host is unreachable; "
+                                  "then the model is failed, its memory still counted, and the stop retried later")
 
     nodes: dict[str, NodeConfig] = Field(
         default_factory=lambda: {"local": NodeConfig()},

@@ -99,6 +99,7 @@ class Waker:
         self._session: aiohttp.ClientSession | None = None
         self._controllers: dict[str, ModelController] = {}
         self._gates: dict[str, Gate] = {}
+        self._spec_pinned: dict[str, bool] = {}  # `pinned` as models.d last said, per model
         # Live memory is read where the gateway runs; other nodes rely on their ledger (or the probe given).
         given = dict(probes or {})
         self._probes = {n: given.get(n) or (make_probe("auto") if n == "local" else FixedProbe(None))
@@ -177,6 +178,7 @@ class Waker:
             nodes = candidates(spec, self.budgets, self.labels)
             self.scheduler.register(name, nodes, spec.nodes, spec.memory_gb, spec.sleeping_gb, spec.priority,
                                     spec.pinned)
+            self._spec_pinned[name] = spec.pinned
             self._gates[name] = Gate(controller, self.scheduler, self.clock)
         else:
             self._gates[name] = Gate(controller, None, self.clock)
@@ -184,8 +186,8 @@ class Waker:
 
     def _changed(self, name: str) -> None:
         controller = self._controllers.get(name)
-        if controller is not None and controller.state in (S.STOPPED, S.FAILED) and controller.idle_stopped:
-            self._sync_seat(controller)
+        if controller is not None and controller.engine_gone:
+            self._sync_seat(controller)  # a new entry applied as its engine went: its seat follows
         self.scheduler.changed(name)
 
     async def _preload_in_order(self) -> None:
@@ -414,13 +416,13 @@ class Waker:
         if self._same_engine(controller.spec, spec):
             controller.set_pending(None)
             controller.replace_spec(spec)
-            self._sync_seat(controller, policy=True)
+            self._sync_seat(controller)
             return "updated"
         controller.set_pending(spec)  # applied at once when no engine runs
         if controller.pending_spec is not None:
             controller.stop_if_idle("models.d changed: recreating with the new entry")
         else:
-            self._sync_seat(controller, policy=True)
+            self._sync_seat(controller)
         return "changed"
 
     def _same_engine(self, a: ModelSpec, b: ModelSpec) -> bool:
@@ -428,9 +430,10 @@ class Waker:
                 and engine_for(a.engine).launch_hash(a) == engine_for(b.engine).launch_hash(b)
                 and candidates(a, self.budgets, self.labels) == candidates(b, self.budgets, self.labels))
 
-    def _sync_seat(self, controller: ModelController, policy: bool = False) -> None:
+    def _sync_seat(self, controller: ModelController) -> None:
         """The seat and the gate follow the controller's entry: its nodes (once it holds nothing anywhere), its
-        footprint, priority and max_concurrent (at once), and its pin (when models.d changed it: `policy`)."""
+        footprint, priority and max_concurrent (at once), and its pin when models.d changed it (a pin set through
+        the admin API stays until then)."""
         spec = controller.spec
         gate = self._gates.get(spec.name)
         if gate is not None:
@@ -439,8 +442,10 @@ class Waker:
         if seat is None or not spec.manages_lifecycle:
             return
         self.scheduler.move(spec.name, candidates(spec, self.budgets, self.labels), spec.nodes)
+        pinned = seat.pinned if self._spec_pinned.get(spec.name) == spec.pinned else spec.pinned
+        self._spec_pinned[spec.name] = spec.pinned
         self.scheduler.update(spec.name, footprint_gb=spec.memory_gb, sleeping_gb=spec.sleeping_gb,
-                              priority=spec.priority, pinned=spec.pinned if policy else seat.pinned)
+                              priority=spec.priority, pinned=pinned)
 
     def settle_reload(self) -> None:
         """Finish what reloads left pending: models that were busy are recreated once idle; removed ones are
@@ -448,7 +453,7 @@ class Waker:
         for name, controller in list(self._controllers.items()):
             if controller.pending_spec is not None:
                 if controller.apply_pending():
-                    self._sync_seat(controller, policy=True)
+                    self._sync_seat(controller)
                 else:
                     controller.stop_if_idle("models.d changed: recreating with the new entry")
             if not controller.retired:
@@ -456,6 +461,7 @@ class Waker:
             if not controller.spec.manages_lifecycle or (controller.idle_stopped and self.scheduler.unregister(name)):
                 del self._controllers[name]
                 self._gates.pop(name, None)
+                self._spec_pinned.pop(name, None)
             elif controller.state is S.FAILED:
                 controller.begin_reap()
             else:

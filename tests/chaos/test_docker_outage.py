@@ -113,3 +113,35 @@ async def test_crash_after_a_docker_outage_is_still_detected(
             assert (await until_served(client, url, body)).status_code == 200
         finally:
             await gw.waker.stop(model_name)
+
+
+async def test_an_idle_stop_while_docker_is_away_fails_the_model_and_it_serves_again_once_docker_is_back(
+        tmp_path: Path, docker_client: docker.DockerClient, model_name: str) -> None:
+    """It used to stay STOPPING for good, and every request got a 500, even after Docker was back."""
+    sock = tmp_path / "docker.sock"
+    models = write_models(tmp_path / "m", docker_engine_spec(model_name, node="flaky", idle_timeout="1s", memory_gb=10))
+    nodes = {"local": {"memory_probe": "none"}, "flaky": {"docker_host": f"unix://{sock}", "memory_probe": "none"}}
+    async with forwarding(sock) as daemon, run_gateway(models, nodes=nodes, reap_interval=0.2, stop_retry=1.0) as gw, \
+            httpx.AsyncClient(timeout=60) as client:
+        url = gw.v1 + "/chat/completions"
+        body = {"model": model_name, "messages": [], "max_tokens": 2}
+        assert (await client.post(url, json=body)).status_code == 200
+        [container] = containers_of(docker_client, model_name)
+
+        await daemon.stop()
+        await gw.waker.events.wait_for(lambda e: e.model == model_name and e.kind == "idle_stop", timeout=20)
+        failed = await gw.waker.events.wait_for(
+            lambda e: e.model == model_name and e.source == "stopping" and e.target == "failed", timeout=20)
+        assert "could not stop" in failed.reason and "unreachable" in failed.reason
+        status = gw.waker.describe().model(model_name)
+        assert status.held_on == {"flaky": status.spec.memory_gb}  # the container may still run: still counted
+        resp = await client.post(url, json=body)
+        assert resp.status_code == 503, resp.text  # a clear answer, retried soon; never a bare 500
+        assert "unreachable" in assert_openai_error(resp.json())["message"]
+        assert 1 <= int(resp.headers["Retry-After"]) <= 5
+
+        await daemon.start()  # the stop is retried, the old container goes, and the model serves again
+        assert (await until_served(client, url, body)).status_code == 200
+        [again] = containers_of(docker_client, model_name)
+        assert again.id != container.id
+        await gw.waker.stop(model_name)

@@ -3,6 +3,7 @@
 Fake engines and a fake clock; nothing here waits on real time."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -242,3 +243,122 @@ async def test_adopted_engine_is_probed_not_restarted() -> None:
             assert endpoint.api_base == "http://fake-7/v1"
         assert len(runtime.handles) == 1  # nothing was launched
         assert "adopting running engine fake 7" in next(e for e in events.recent() if e.kind == "transition").reason
+
+
+# -- defects found by review and by the simulation: each test failed before its fix ---------------------------
+
+
+async def sleeping(gate: Gate, runtime: FakeRuntime) -> FakeHandle:
+    """`gate`'s model (idle_action sleep) served once and put to sleep; its engine."""
+    async with gate.lease():
+        pass
+    task = gate.controller.sleep_if_idle("idle")
+    assert task is not None
+    await task
+    assert gate.controller.state is S.SLEEPING and runtime.handles[0].asleep
+    return runtime.handles[0]
+
+
+VLLM_SLEEP = {"engine": "vllm", "model": "weights", "command": None, "idle_action": "sleep"}
+
+
+async def test_stop_during_a_wake_ends_stopped_and_frees_the_memory() -> None:
+    # It used to stay WAKING for good, holding memory: every later request failed and a second stop did nothing.
+    async with make(**VLLM_SLEEP) as (gate, runtime, _):
+        engine = await sleeping(gate, runtime)
+        api: FakeEngineApi = gate.controller._api  # type: ignore[assignment]
+        api.block = asyncio.Event()  # the engine is slow to answer its wake calls
+        waiter = asyncio.create_task(gate.acquire())
+        await gate.controller.changed().wait()
+        assert gate.controller.state is S.WAKING
+        await gate.controller.stop("stopped through the admin API")
+        assert gate.controller.state is S.STOPPED and gate.controller.hold.value == "none"
+        assert engine.stops == 1 and engine.exit_code is not None
+        with pytest.raises(StartFailed, match="cancelled: stopped through the admin API"):
+            await waiter
+        api.block = None
+        async with gate.lease() as endpoint:  # and it serves again: a new engine
+            assert endpoint.api_base == "http://fake-2/v1"
+
+
+async def test_a_second_stop_during_a_cancelled_start_still_ends_stopped_with_the_engine_gone() -> None:
+    # The engine ignores SIGTERM, so the first stop's clean-up takes its whole grace; a second stop (or a shutdown)
+    # cancelled that clean-up and left the model STARTING with its engine alive.
+    async with make(runtime=FakeRuntime(auto_ready=False)) as (gate, runtime, _):
+        waiter = asyncio.create_task(gate.acquire())
+        await runtime.started.wait()
+        engine = runtime.handles[0]
+        engine.stop_gate = asyncio.Event()  # stop() waits here: SIGTERM ignored
+        first = asyncio.create_task(gate.controller.stop("first"))
+        await asyncio.sleep(0)
+        assert gate.controller.state is S.STOPPING
+        second = asyncio.create_task(gate.controller.stop("second"))
+        closing = asyncio.create_task(gate.controller.close())
+        await asyncio.sleep(0)
+        first.cancel()  # and the first stop's caller leaves as well
+        engine.stop_gate.set()  # the grace ends: killed
+        await asyncio.gather(first, second, closing, return_exceptions=True)
+        assert gate.controller.state is S.STOPPED
+        assert engine.exit_code == 137
+        with pytest.raises(StartFailed):
+            await waiter
+
+
+async def test_a_stop_while_the_runtime_is_unreachable_ends_failed_and_recovers_when_it_is_back() -> None:
+    # An idle stop or eviction with Docker unreachable left the model STOPPING for good, and every request got a
+    # 500, even after Docker was back.
+    clock = FakeClock()
+    runtime = FakeRuntime()
+    async with make(runtime=runtime, clock=clock) as (gate, _, events):
+        async with gate.lease():
+            pass
+        runtime.down = True
+        gate.controller._options = WakerOptions(stop_retry=0.01, log_tail_lines=5)  # give up retrying at once
+        stopping = gate.controller.stop_if_idle("idle")
+        assert stopping is not None
+        await stopping
+        controller = gate.controller
+        assert controller.state is S.FAILED
+        assert controller.hold.value == "full"  # the engine may still run: its memory stays counted
+        assert controller.last_error is not None and "could not stop m" in controller.last_error.reason
+        with pytest.raises(StartFailed, match="could not stop m"):  # a clear 503 with Retry-After, not a 500
+            clock.advance(-10)  # inside the backoff
+            await gate.acquire()
+        clock.advance(10)
+        runtime.down = False
+        reap = controller.begin_reap()  # what the reaper loop does every reap_interval
+        assert reap is not None
+        await reap
+        assert controller.state is S.STOPPED
+        assert [e.kind for e in events.recent()][-2:] == ["removed", "transition"]
+        async with gate.lease() as endpoint:
+            assert endpoint.api_base == "http://fake-2/v1"
+
+
+async def test_logs_show_the_number_of_lines_asked_for() -> None:
+    # `logs --lines N` ignored N for a running engine; lines=0 returned everything for a failed one.
+    async with make() as (gate, runtime, events):
+        async with gate.lease():
+            pass
+        runtime.handles[0].lines.extend(f"line {i}" for i in range(20))
+        assert await gate.controller.log_tail(3) == ("line 17", "line 18", "line 19")
+        assert await gate.controller.log_tail(0) == ()
+        runtime.handles[0].exit(1, "the end")
+        await events.wait_for(lambda e: e.target == "failed", timeout=1)
+        await gate.controller.settled()
+        assert await gate.controller.log_tail(0) == ()
+        assert await gate.controller.log_tail(2) == ("line 19", "the end")
+
+
+async def test_an_engine_that_exits_right_after_waking_is_failed_not_ready() -> None:
+    # The crash watcher could be gone after a wake: an engine that exited as it woke stayed READY, unwatched.
+    async with make(**VLLM_SLEEP) as (gate, runtime, events):
+        engine = await sleeping(gate, runtime)
+        engine.exit_after_wake = True
+        with contextlib.suppress(StartFailed):
+            async with gate.lease():
+                pass
+        failed = await events.wait_for(lambda e: e.target == "failed", timeout=1)
+        assert failed.source == "ready" and "exited unexpectedly with code 1" in failed.reason
+        # Never READY on the dead engine: failed, or (the request retried at once) a new one.
+        assert gate.controller.state is S.FAILED or gate.controller.handle is not engine

@@ -293,8 +293,8 @@ class ModelController:
         if self._state is not S.STOPPED or self._running() is not None:
             raise RuntimeError(f"{self.name}: can't adopt {handle.ident} while {self._state}")
         self._placed = placed
+        self._watch(handle)  # its engine from now on (the sampler and the ledger see it at once)
         if sleeping:
-            self._watch(handle)
             self._last_used = self._clock.now()
             self._transition(S.SLEEPING, f"adopting sleeping engine {handle.ident}")
             return
@@ -389,16 +389,26 @@ class ModelController:
 
     def apply_pending(self) -> bool:
         """Take the pending entry if no engine runs now (the next start uses it)."""
-        if self._pending is None or not self.idle_stopped:
+        return self.idle_stopped and self._apply_pending()
+
+    def _apply_pending(self) -> bool:
+        # Also called by an operation as it ends (a stop): the engine is gone, the next start is not begun yet.
+        if self._pending is None or not self.engine_gone:
             return False
         self._spec, self._pending = self._pending, None
         self._events.emit(Event(self._clock.wall(), self.name, "reconfigured", reason="models.d changed"))
+        self._notify()  # the scheduling side follows the new entry (nodes, footprint)
         return True
+
+    @property
+    def engine_gone(self) -> bool:
+        """No engine runs or is left (STOPPED, or FAILED with nothing to remove)."""
+        return self._state in (S.STOPPED, S.FAILED) and self._residue is None
 
     @property
     def idle_stopped(self) -> bool:
         """No engine runs or is left, and no operation runs."""
-        return self._state in (S.STOPPED, S.FAILED) and self._residue is None and self._running() is None
+        return self.engine_gone and self._running() is None
 
     def retire(self, retired: bool = True) -> None:
         """Removed from models.d (or added back): a retired model takes no new work."""
@@ -455,7 +465,8 @@ class ModelController:
                         # Cancelled while the runtime creates it: what it makes is stopped below, never untracked.
                         handle = await _result_of(launching)
                         raise
-                self._watch(handle)
+                if handle is not self._handle:
+                    self._watch(handle)
                 await self._race(self._api.until_ready(handle.root_url, self._engine.readiness(spec),
                                                        spec.upstream_name), handle)
         except asyncio.CancelledError:
@@ -562,7 +573,7 @@ class ModelController:
                 self._transition(S.STOPPED, "the engine whose stop had failed is gone now")
             else:
                 self._notify()  # its memory is free now
-            self.apply_pending()
+            self._apply_pending()
 
     # -- clean-up paths (each run to its end, whatever else is cancelled meanwhile) ------------------------
 
@@ -597,7 +608,7 @@ class ModelController:
             self._handle = None
         self._forget_exit()
         self._transition(S.STOPPED, "engine stopped", exit_code=code)
-        self.apply_pending()
+        self._apply_pending()
 
     async def _after_failure(self, handle: EngineHandle | None, reason: str, unavailable: bool = False) -> None:
         """A start or wake failed: stop the engine if one was launched, then FAILED with its last lines."""
