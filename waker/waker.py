@@ -471,7 +471,10 @@ class Waker:
 
     async def reap_once(self) -> None:
         """Stop (or put to sleep) the models idle past their idle_timeout, and retry removing what failed engines
-        left behind once their runtime answers again."""
+        left behind once their runtime answers again; returns once those operations have ended."""
+        await asyncio.gather(*self._reap(), return_exceptions=True)
+
+    def _reap(self) -> list["asyncio.Task[object]"]:
         stopping = []
         for decision in idle_stops(self.describe().models, self.clock.now()):
             controller = self._controllers[decision.model]
@@ -486,7 +489,7 @@ class Waker:
         for controller in self._controllers.values():
             if controller.residue is not None and (controller.retry_at is None or now >= controller.retry_at):
                 controller.begin_reap()
-        await asyncio.gather(*stopping, return_exceptions=True)
+        return stopping
 
     async def _reap_forever(self) -> None:
         next_discovery = self.clock.now() + self.options.rediscover_interval
@@ -494,7 +497,7 @@ class Waker:
             await asyncio.sleep(self.options.reap_interval)
             try:
                 self.settle_reload()
-                await self.reap_once()
+                self._reap()  # not awaited: a stop with its runtime away may take stop_retry
                 if self.clock.now() >= next_discovery:
                     next_discovery = self.clock.now() + self.options.rediscover_interval
                     await self._adopt_running_engines()
