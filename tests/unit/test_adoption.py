@@ -1,6 +1,7 @@
 """Engines an earlier gateway left running: taken over at boot within the budget, asleep when they sleep, stale
 ones removed, and untracked ones found again later. Fake engines, a fake clock."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -71,3 +72,20 @@ async def test_an_engine_of_a_changed_or_removed_model_is_removed_at_boot() -> N
         assert sorted(r for _, r in runtime.discarded) == ["its model is no longer in models.d",
                                                           "its model's spec changed"]
         assert w.controller("m").state is S.STOPPED
+
+
+async def test_an_engine_found_later_is_adopted_and_serves_the_requests_queued_for_its_model() -> None:
+    # Rediscovery (a node that was unreachable at boot answers again) may find a model's engine while requests
+    # for it wait for room: they join the adopted engine instead of waiting until max_wait.
+    runtime = FakeRuntime()
+    busy, late = spec("busy", 60), spec("late", 60)
+    async with booted(runtime, busy, late, capacity=100) as w:
+        async with w.lease("busy"):
+            waiting = asyncio.create_task(w.gate("late").acquire())
+            await w.events.wait_for(lambda e: e.kind == "queued" and e.model == "late", 1)
+            found = runtime.leave_running("late", launch_hash(late))
+            w.admissions["local"].budget = Budget(200, 0)  # (the node had room after all)
+            await w._adopt_running_engines()  # what the reaper does every rediscover_interval
+            endpoint = await asyncio.wait_for(waiting, 1)
+            w.gate("late").release()
+        assert endpoint.api_base == found.api_base

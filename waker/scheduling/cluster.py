@@ -293,6 +293,12 @@ class ClusterAdmission:
         usage = self._effects.usage(model)
         if usage.hold is Hold.NONE and usage.state in (S.STOPPED, S.FAILED):
             seat.release(keep_placement=model in self._where)
+        elif usage.state in (S.STARTING, S.WAKING, S.READY) and model in self._where:
+            # Started without this queue (an engine found running and adopted): its waiters join that start.
+            ticket = self._drop_ticket(model, self.nodes[self._where[model]])
+            seat.reserved.clear()
+            for waiter in ticket.waiters if ticket else ():
+                waiter.admitted()
         seat.notify()
         self.kick((*seat.candidates, *seat.reserved))
 
