@@ -153,6 +153,8 @@ class FakeEngineApi:
                 handle.asleep = False
         if handle.exit_after_wake and not handle.asleep:
             handle.exit(1, "segfault right after waking")
+            for _ in range(3):  # its answer arrives after the exit has been seen
+                await asyncio.sleep(0)
 
     async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
         return self._handle(root_url).asleep
