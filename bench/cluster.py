@@ -1,5 +1,6 @@
-"""Cluster simulation: placement across nodes (`waker.scheduling.placement`) and per-node admission
-(`waker.scheduling.plan.plan`) against two baselines, by discrete-event simulation with a fake clock.
+"""Cluster simulation: placement across nodes and per-node admission, as the waker's executor
+(`waker.scheduling.cluster.ClusterAdmission`) does them, against two baselines, by discrete-event simulation
+with a fake clock.
 
 What it measures
 ----------------
@@ -8,42 +9,35 @@ A cluster of nodes, each with its own memory budget and labels, and models that 
 requests (arrival, model, duration) is replayed against each policy, and the script prints requests
 answered / total, cold starts, evictions (stops made to free memory for another model), idle stops,
 queue wait (mean / p99 / max), how often a cold model was placed, and per node the most GB held at any
-instant next to its budget. After every simulated event it checks every node's held GB against its
-budget, and at the end that every request was answered; a violation goes to stderr and the exit status is 1.
+instant next to its budget. After every simulated event it checks every node's ledger against its
+budget (and that the engines started on a node never hold more than its ledger says), and at the end that
+every request was answered; a violation goes to stderr and the exit status is 1.
 
 Method
 ------
-The event heap, engines, requests, drains and idle reaper are bench/trace.py's (`SparkgateSim`), extended
-to several nodes the way waker/scheduling/cluster.py and waker/scheduling/node.py extend one node:
-- A request for a cold model that has no placement yet is placed by `waker.scheduling.placement.choose` over its
-  `waker.scheduling.placement.candidates` (each node's `Snapshot` as its `NodeAdmission` would build it: models
-  registered there, what each holds in that node's ledger, the node's FIFO queue).
-- Its ticket then queues on the first of its placed nodes in settings order that has not admitted it yet,
-  and that node's `plan` admits it, evicts for it or drains for it. A model spanning N nodes, once admitted
-  by a node, holds that node's share as STARTING (`ModelController.reserved`) and its waiters queue on the
-  next node (a fresh ticket); when every node has admitted it, it starts. One controller per model: a stop
-  decided by one node's plan stops it on all its nodes, and a stopped model is placed afresh next time.
-- After every event every node with a ticket is planned, in settings order, until a pass admits nothing.
-  Drains: each node's plan says which of its models must drain; a model's deadline is the earliest any
-  of its nodes asks for (absent = lifted), as waker/scheduling/node.py does since bench/CLUSTER.md's Finding 3.
-  `--policy sparkgate-shared-drains` simulates the earlier behaviour, where every node's step overwrote the
-  deadline of every model registered there (the last candidate node wins).
-- Idle reaper (idle_timeout, min_uptime) and max_hold as in bench/trace.py. Load time 5 s + 0.5 s/GB,
-  stop 2 s; a request holds its model for its duration; nobody gives up waiting.
+bench/trace.py's `SparkgateSim` with one `Budget` per node: the real `ClusterAdmission` (seats, each node's
+`NodeAdmission` and `plan`, placement, reservations for multi-node models in settings order, drains per
+node) acting through `Effects` over simulated engines, and requests through a simulation of the gate.
+Each model is registered on its `waker.scheduling.placement.candidates` (spec from `node`, `node_labels`,
+`nodes`, `memory_gb`); a cold one is placed by the policy's placer (ClusterAdmission's `placer` argument)
+when its first request queues. Idle reaper (`waker.scheduling.reaper.idle_stops`), max_hold, load time
+5 s + 0.5 s/GB, stop 2 s, a request holds its model for its duration, nobody gives up: as bench/trace.py.
 
 Policies
 --------
 sparkgate  `waker.scheduling.placement.choose`: where it fits now, keeping room for models that may run only there,
            tightest fit first; else fewest / least valuable victims; ties to the node listed first.
 first-fit  the first candidate nodes (settings order) where it fits now after the node's queue; if fewer
-           fit, the first other candidates. No scoring; admission is still `plan` per node.
-static     every model pinned up front to one node (a multi-node model to a fixed set), by first-fit
+           fit, the first other candidates. No scoring; admission is still the executor's, per node.
+static     every model registered up front on one node only (a multi-node model on a fixed set), by first-fit
            decreasing bin packing over its candidates (the node with most room left when none has room):
            like a hand-written models.d per machine, each machine running its own sparkgate.
-sparkgate-most-room and sparkgate-shared-drains (only with --policy): the rules before bench/CLUSTER.md's
-           Findings 1 and 3, kept as regression checks.
+sparkgate-most-room (only with --policy): the placement rule before bench/CLUSTER.md's Finding 1 (the most
+           room left among nodes where it fits, no room kept for models restricted to a node), kept as a
+           regression check. (`sparkgate-shared-drains`, a copy of the executor before Finding 3 was fixed,
+           was dropped when the simulation moved onto the real executor: bench/CLUSTER.md.)
 
-    .venv/bin/python bench/cluster.py                  # 12 nodes, 30 models, 1 h, seed 1 (a few seconds)
+    .venv/bin/python bench/cluster.py                  # 12 nodes, 32 models, 1 h, seed 1 (a few seconds)
     .venv/bin/python bench/cluster.py --seeds 20       # per-seed table and summary
     .venv/bin/python bench/cluster.py --trace t.csv --json
 """
@@ -53,7 +47,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -79,12 +73,11 @@ from bench.trace import (
 )
 from waker.config.spec import ModelSpec
 from waker.scheduling.budget import Budget
+from waker.scheduling.cluster import Placer
 from waker.scheduling.placement import FITS, candidates, choose, score
-from waker.scheduling.plan import ModelView, Snapshot, Ticket, held_gb, plan
-from waker.state import HOLDING, ModelState
+from waker.scheduling.plan import Snapshot
 
-S = ModelState
-POLICIES = ("sparkgate", "first-fit", "static", "sparkgate-most-room", "sparkgate-shared-drains")
+POLICIES = ("sparkgate", "first-fit", "static", "sparkgate-most-room")
 DEFAULT_POLICIES = POLICIES[:3]
 
 
@@ -182,10 +175,6 @@ def default_models(nodes: Sequence[Node], base: float = 5.0, per_gb: float = 0.5
 # -- placement policies -------------------------------------------------------------------------------------
 
 
-Placer = Callable[[str, float, int, Sequence[str], Mapping[str, Snapshot], Mapping[str, float]],
-                  tuple[str, ...] | None]
-
-
 def first_fit(model: str, need_gb: float, count: int, nodes: Sequence[str], snapshots: Mapping[str, Snapshot],
               exclusive_gb: Mapping[str, float]) -> tuple[str, ...] | None:
     """The first `count` nodes where `model` fits now (after the node's queue), filled up with the first others."""
@@ -242,188 +231,28 @@ class ClusterResult:
     served: dict[int, Served] = field(default_factory=dict)  # request id -> start, end
 
 
-class ClusterSim(SparkgateSim):
-    """bench/trace.py's SparkgateSim on several nodes: one ledger, queue and `plan` per node, placement on
-    cold start, reservations for multi-node models. One ticket per model, on the node admitting it now."""
-
-    def __init__(self, models: Sequence[ClusterModel], nodes: Sequence[Node], cfg: SimConfig, policy: str) -> None:
-        super().__init__([m.traffic for m in models], cfg)
-        self.policy = policy
-        self.shared_drains = policy == "sparkgate-shared-drains"
-        self.order = [n.name for n in nodes]
-        self.capacity = {n.name: n.budget.capacity_gb for n in nodes}
-        budgets = {n.name: n.budget for n in nodes}
-        labels = {n.name: dict(n.labels) for n in nodes}
-        self.span = {m.name: m.nodes for m in models}
-        allowed = {m.name: candidates(m.spec(), budgets, labels) for m in models}
-        unplaceable = [m for m, c in allowed.items() if len(c) < self.span[m]]
-        if unplaceable:
-            raise SystemExit(f"models with fewer candidate nodes than they span: {unplaceable}")
-        self.candidates = static_assignment(models, allowed, self.capacity) if policy == "static" else allowed
-        self.placer: Placer = {"first-fit": first_fit, "sparkgate-most-room": most_room}.get(policy, choose)
-        self.registered = {n: [m for m in self.models if n in self.candidates[m]] for n in self.order}
-        # ModelController.placed / reserved; placed is fixed where there is no choice (as in the controller).
-        self.placed = {m: c if len(c) == self.span[m] else () for m, c in self.candidates.items()}
-        self.reserved: dict[str, set[str]] = {m: set() for m in self.models}
-        self.ticket_node: dict[str, str] = {}
-        self.node_drains: dict[str, dict[str, float]] = {n: {} for n in self.order}  # each node's last plan
-        self.node_high_water = dict.fromkeys(self.order, 0.0)
-        self.placements = 0
-        self.placed_log: list[tuple[float, str, tuple[str, ...]]] = []
-        self.evict_log: list[tuple[float, str, str, str]] = []  # (t, node, victim, reason)
-
-    def detail(self) -> str:
-        drains = "every node overwrites a model's drain (admission.py)" if self.shared_drains else "per-node drains"
-        return f"{super().detail()}, {drains}"
-
-    # ledgers
-    def held_on(self, name: str, node: str) -> float:
-        """admission._held: a reserved node holds the full share; else what its state holds where placed."""
-        m = self.models[name]
-        if node in self.reserved[name]:
-            return m.memory_gb
-        if node not in self.placed[name]:
-            return 0.0
-        return held_gb(self.state[name], m.memory_gb, m.sleeping_gb)
-
-    def node_loads(self) -> dict[str, float]:
-        loads = dict.fromkeys(self.order, 0.0)
-        for name in self.models:
-            if self.reserved[name] or self.state[name] in HOLDING:
-                for node in self.placed[name]:
-                    loads[node] += self.held_on(name, node)
-        return loads
-
-    def held(self) -> float:
-        return max(self.node_loads().values())
-
-    def audit(self) -> None:
-        for node, held in self.node_loads().items():
-            self.node_high_water[node] = max(self.node_high_water[node], held)
-            self.high_water = max(self.high_water, held)
-            if held > self.capacity[node] + EPS and len(self.violations) < 5:
-                holders = ", ".join(f"{n} {self.state[n]} {self.held_on(n, node):g}" for n in self.registered[node]
-                                    if self.held_on(n, node))
-                self.violations.append(f"t={self.now:.1f}s node {node} holds {held:g} GB > budget "
-                                       f"{self.capacity[node]:g} GB ({holders})")
-
-    def snapshot(self, node: str | None = None) -> Snapshot:  # type: ignore[override]
-        assert node is not None
-        models = {}
-        for n in self.registered[node]:
-            m = self.models[n]
-            state = S.STARTING if node in self.reserved[n] and self.state[n] in (S.STOPPED, S.FAILED) else self.state[n]
-            models[n] = ModelView(
-                name=n, state=state, footprint_gb=m.memory_gb, held_gb=self.held_on(n, node),
-                in_flight=self.in_flight[n], waiting=0 if self.holding_back(n) else self.waiting(n),
-                last_used=self.last_used[n], pinned=m.pinned, priority=m.priority,
-            )
-        queue = tuple(Ticket(n, t.since, self.models[n].memory_gb) for n, t in self.tickets.items()
-                      if self.ticket_node[n] == node and t.requests)
-        return Snapshot(now=self.now, capacity_gb=self.capacity[node], models=models, queue=queue,
-                        live_free_gb=None, max_hold=self.cfg.max_hold)
-
-    # ClusterAdmission.admit / _place
-    def enqueue(self, name: str, requests: list[Request]) -> None:
-        if not self.placed[name] and not self.place(name, requests):
-            return
-        ticket = self.tickets.get(name)
-        if ticket is None:
-            super().enqueue(name, requests)
-            self.ticket_node[name] = next(n for n in self.order
-                                          if n in self.placed[name] and n not in self.reserved[name])
-        else:
-            ticket.requests.extend(requests)
-
-    def exclusive_gb(self, node: str, excluding: str) -> float:
-        """NodeAdmission.exclusive_gb: memory of the models that may run only on `node` and hold none there."""
-        return sum(self.models[m].memory_gb for m in self.registered[node]
-                   if m != excluding and len(self.candidates[m]) == self.span[m] and self.held_on(m, node) == 0)
-
-    def place(self, name: str, requests: list[Request]) -> bool:
-        cands = self.candidates[name]
-        snapshots = {n: self.snapshot(n) for n in cands}
-        nodes = self.placer(name, self.models[name].memory_gb, self.span[name], cands, snapshots,
-                            {n: self.exclusive_gb(n, name) for n in cands})
-        if nodes is None:
-            for r in requests:
-                self.served[r.id].rejected = f"{name}: no node could ever hold it"
-            return False
-        self.placed[name] = nodes
-        self.reserved[name].clear()
-        self.placements += 1
-        self.placed_log.append((self.now, name, nodes))
-        return True
-
-    def admitted(self, name: str, node: str, requests: list[Request]) -> None:
-        """ModelController.admitted: start, or hold this node's share until every node has admitted it."""
-        if len(self.placed[name]) > 1:
-            self.reserved[name].add(node)
-            if not self.reserved[name].issuperset(self.placed[name]):
-                self.enqueue(name, requests)  # the callers go on to the next node (a fresh ticket there)
-                return
-            self.reserved[name].clear()
-        self.start_engine(name)
-        self.attached[name].extend(requests)
-
-    def stopped(self, name: str) -> None:
-        # ModelController._transition(STOPPED) unplaces it before its waiters queue again.
-        self.reserved[name].clear()
-        if len(self.candidates[name]) > self.span[name]:
-            self.placed[name] = ()
-        super().stopped(name)
-
-    # NodeAdmission.step, for every node with a ticket, until nothing more is admitted
-    def settle(self) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for node in self.order:
-                if any(self.ticket_node[n] == node for n in self.tickets):
-                    progress |= self.step(node)
-                elif self.node_drains[node] or (self.shared_drains and self.drain_deadline):
-                    self.apply_drains(node, {})
-
-    def step(self, node: str) -> bool:
-        decided = plan(self.snapshot(node))
-        progress = False
-        for name, why in decided.impossible.items():
-            for r in self.tickets.pop(name).requests:
-                self.served[r.id].rejected = why
-        for name in decided.admit:
-            self.admitted(name, node, self.tickets.pop(name).requests)
-            progress = True
-        for name, _reason in decided.stop:
-            # ModelController.stop_if_idle: a request that took the model since the snapshot wins.
-            if (self.state[name] is S.READY and not self.in_flight[name]
-                    and (not self.waiting(name) or self.holding_back(name))):
-                self.stop_engine(name)
-                self.evict_log.append((self.now, node, name, _reason))
-        self.apply_drains(node, dict(decided.drain))
-        return progress
-
-    def apply_drains(self, node: str, drains: dict[str, float]) -> None:
-        self.node_drains[node] = drains
-        for name in self.registered[node]:
-            if self.shared_drains:  # admission.py: this node's step sets every registered model's deadline
-                deadline = drains.get(name)
-            else:  # the earliest any of its nodes asks for
-                deadline = min((d for n in self.candidates[name] if (d := self.node_drains[n].get(name)) is not None),
-                               default=None)
-            self.set_drain(name, deadline)
-
-    def stuck(self) -> str:
-        where = {n: f" queued on {self.ticket_node[n]}" for n in self.tickets}
-        return super().stuck() + "; " + ", ".join(f"{n}{w}" for n, w in where.items())
-
-    def run_cluster(self, trace: Sequence[Request]) -> ClusterResult:
-        return ClusterResult(self.run(trace), dict(self.node_high_water), self.placements, self.placed_log,
-                             self.evict_log, self.served)
+PLACERS: dict[str, Placer] = {"sparkgate": choose, "first-fit": first_fit, "static": choose,
+                              "sparkgate-most-room": most_room}
 
 
 def simulate(models: Sequence[ClusterModel], nodes: Sequence[Node], cfg: SimConfig, trace: Sequence[Request],
              policy: str) -> ClusterResult:
-    return ClusterSim(models, nodes, cfg, policy).run_cluster(trace)
+    """bench/trace.py's SparkgateSim (the waker's ClusterAdmission over simulated engines) on `nodes`, each model
+    registered on its `placement.candidates` (static: on the node(s) assigned up front), placed by `policy`'s placer."""
+    budgets = {n.name: n.budget for n in nodes}
+    labels = {n.name: dict(n.labels) for n in nodes}
+    span = {m.name: m.nodes for m in models}
+    allowed = {m.name: candidates(m.spec(), budgets, labels) for m in models}
+    unplaceable = [m for m, c in allowed.items() if len(c) < span[m]]
+    if unplaceable:
+        raise SystemExit(f"models with fewer candidate nodes than they span: {unplaceable}")
+    if policy == "static":
+        allowed = static_assignment(models, allowed, {n.name: n.budget.capacity_gb for n in nodes})
+    sim = SparkgateSim([m.traffic for m in models], cfg, budgets=budgets, candidates=allowed, span=span,
+                       placer=PLACERS[policy], policy=policy)
+    result = sim.run(trace)
+    return ClusterResult(result, dict(sim.node_high_water), sim.events.counts["placed"], sim.events.placed,
+                         sim.events.evicted, sim.served)
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -516,7 +345,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def config(args: argparse.Namespace) -> SimConfig:
-    # budget_gb is per node here (ClusterSim.capacity); SparkgateSim's single budget is unused.
+    # budget_gb is per node here (each Node's Budget); SparkgateSim's single-node budget is unused.
     return SimConfig(budget_gb=math.inf, stop_s=args.stop_s, max_hold=args.max_hold,
                      idle_timeout=args.idle_timeout, min_uptime=args.min_uptime)
 

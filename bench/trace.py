@@ -1,4 +1,5 @@
-"""Trace replay: our scheduler (`waker.scheduling.plan.plan`) against two baselines, by discrete-event simulation.
+"""Trace replay: the waker's scheduling (`waker.scheduling.cluster.ClusterAdmission`) against two baselines, by
+discrete-event simulation.
 
 What it measures
 ----------------
@@ -20,26 +21,24 @@ a cold start takes `load_s` (default 5 s + 0.5 s per GB, or per model in --model
 
 Policies
 --------
-sparkgate      `waker.scheduling.plan.plan`, imported, not reimplemented, and driven the way the executor
-               (waker/scheduling/node.py, waker/lifecycle/controller.py) drives it. After every event: a
-               `Snapshot` (state STOPPED/STARTING/READY/STOPPING, ledger GB via `held_gb`, in flight, waiting,
-               last_used, pinned, priority; one FIFO ticket per model, `since` = when the ticket was opened,
-               `need_gb` = footprint; live_free_gb None, so the ledger is the only limit) goes to `plan`,
-               and the plan is applied: admit -> STARTING, READY after load_s, and every request that
-               waited for that start runs, even on a draining model; stop -> only if still idle
-               (`stop_if_idle`) -> STOPPING -> STOPPED after stop_s; drain -> every step each model's
-               deadline becomes the one this plan gives it, or none (NodeAdmission.step with
-               ModelController.set_drain), and after its deadline new requests for the model are held
-               back until it has stopped (or the drain is lifted: then they run), then queue again with
-               a fresh ticket. A request for a READY model that is not holding back runs at once; one
-               for a STARTING model joins the start; one for a STOPPING model waits for the stop, then
-               queues. The idle reaper (waker/scheduling/reaper.py) is mirrored: `--idle-timeout` (default 900 s,
-               ModelSpec's default; 0 = off) and `--min-uptime` (60 s); its stops count as idle stops,
+sparkgate      the waker's executor itself, not a copy: one `ClusterAdmission` (seats, the node's FIFO
+               tickets, `plan` per step, drains per node, evictions) built as the waker builds it, with a
+               `FakeClock` set to the simulated time before every event, a quiet `EventLog`, a
+               `FixedProbe(None)` (the ledger is the only limit), `Budget(budget_gb, 0)` and
+               `QueuePolicy(max_hold, max_wait=inf, max_queue=no limit)`. `SparkgateSim` implements
+               `waker.scheduling.effects.Effects` over the simulated engines: usage -> state, hold, in flight,
+               waiting, last_used; start -> STARTING, READY after load_s; evict -> only if still idle
+               (`stop_if_idle`) -> STOPPING -> STOPPED after stop_s. Every transition and every last request
+               end calls `ClusterAdmission.changed` (the controller's on_change), and `settle()` steps the
+               node after every event and at every drain deadline (read from the seats). Requests go through
+               a simulation of the gate (waker/gate.py): READY and not held back -> runs at once; READY and
+               held back by a drain past its deadline -> waits until the drain is lifted (then runs) or the
+               model has stopped (then queues); STARTING -> joins the start (served once up, draining or
+               not); STOPPING -> waits for the stop, then queues; else `ClusterAdmission.enqueue` with a
+               waiter that joins the start once admitted. The idle reaper is the waker's own policy
+               (`waker.scheduling.reaper.idle_stops`), asked when a model is due: `--idle-timeout` (default
+               900 s, ModelSpec's default; 0 = off) and `--min-uptime` (60 s); its stops count as idle stops,
                not evictions.
-sparkgate-sticky  (only with --policy) the executor before 17b06b3 (f7f2f62): the earliest deadline is
-               kept until the model stops, even when no plan asks for it any more; requests held back
-               by such a stale deadline wait until something else stops the model, possibly for ever
-               (bench/README.md, Findings 1). Kept as a regression check of that fix.
 one-at-a-time  llama-swap's default: one model loaded at a time. Requests are taken in arrival order
                (llama-swap's swap lock): a request for another model waits until the loaded model has
                nothing in flight, stops it, starts its own and runs; everyone behind it waits, even
@@ -50,8 +49,10 @@ static-groups  llama-swap groups (swap off inside a group, exclusive across grou
                group waits until the whole group is idle, stops all of it, and starts its model once
                every member has stopped. Arrival order as for one-at-a-time.
 
-Checks: for every policy and run, held GB never above the budget and every request answered. A
-violation is printed (stderr) after the tables and the exit status is 1.
+Checks: for every policy and run, after every event, held GB never above the budget (sparkgate: the
+executor's own ledger, `Seat.held_on` over every seat, and the engines started on the node never holding
+more than that ledger says), and at the end every request answered. A violation is printed (stderr) after
+the tables and the exit status is 1.
 
 Default scenario (DGX Spark): budget 120 GB (128 GB - 8 GB reserve); six models, 139 GB in all, so
 not everything fits at once; a generated 1-hour trace of about 2000 requests:
@@ -79,7 +80,10 @@ Inputs
 --policy NAME (repeatable), --json
 
     .venv/bin/python bench/trace.py
-    .venv/bin/python bench/trace.py --seeds 30 --policy sparkgate --policy sparkgate-sticky
+    .venv/bin/python bench/trace.py --seeds 30
+
+`sparkgate-sticky`, a copy of the executor before 17b06b3 (drain deadlines kept until the model stopped), was
+dropped when the simulation moved onto the real executor; it is in bench/trace.py up to 4e447d2 (bench/README.md).
 """
 
 import argparse
@@ -91,8 +95,8 @@ import math
 import random
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -100,13 +104,24 @@ from typing import Any
 
 import yaml
 
-from waker.scheduling.plan import ModelView, Snapshot, Ticket, held_gb, plan
-from waker.state import ModelState
+from waker.clock import Clock, FakeClock
+from waker.config.spec import ModelSpec
+from waker.errors import WakerError, Withdrawn
+from waker.events import Event, EventLog
+from waker.runtime.memory import FixedProbe
+from waker.scheduling.budget import Budget
+from waker.scheduling.cluster import ClusterAdmission, Placer
+from waker.scheduling.effects import Usage
+from waker.scheduling.node import QueuePolicy
+from waker.scheduling.placement import choose
+from waker.scheduling.plan import held_gb
+from waker.scheduling.reaper import idle_stops
+from waker.state import HOLDING, Hold, ModelState
 
 S = ModelState
 EPS = 1e-9
-POLICIES = ("sparkgate", "one-at-a-time", "static-groups", "sparkgate-sticky")
-DEFAULT_POLICIES = POLICIES[:3]
+POLICIES = ("sparkgate", "one-at-a-time", "static-groups")
+DEFAULT_POLICIES = POLICIES
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -335,11 +350,15 @@ class Sim:
             self.served[r.id] = Served()
             self.at(r.t, partial(self.arrive, r))
         while self._heap:
-            self.now, _, fn = heapq.heappop(self._heap)
+            t, _, fn = heapq.heappop(self._heap)
+            self.set_time(t)
             fn()
             self.settle()
             self.audit()
         return self.result(trace)
+
+    def set_time(self, t: float) -> None:
+        self.now = t
 
     def audit(self) -> None:
         held = self.held()
@@ -439,172 +458,274 @@ class Sim:
         )
 
 
-# -- sparkgate: waker.scheduling.plan.plan, driven like waker/scheduling/node.py -----------------------------------
+# -- sparkgate: the waker's executor (waker.scheduling.cluster.ClusterAdmission) over simulated engines ------------
 
 
-@dataclass(slots=True)
-class _Ticket:
-    since: float
-    requests: list[Request]
+class SimEvents(EventLog):
+    """A quiet event log: nothing is logged or kept. It counts the executor's decisions by kind and keeps the
+    placements and evictions it reports, at simulated time."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(keep=0)
+        self._clock = clock
+        self.counts: Counter[str] = Counter()
+        self.placed: list[tuple[float, str, tuple[str, ...]]] = []  # (t, model, nodes)
+        self.evicted: list[tuple[float, str, str, str]] = []  # (t, node, victim, reason)
+
+    def emit(self, event: Event) -> None:
+        self.counts[event.kind] += 1
+        if event.kind == "placed":
+            self.placed.append((self._clock.now(), event.model, tuple(event.data["nodes"])))
+        elif event.kind == "evict":
+            self.evicted.append((self._clock.now(), event.data["node"], event.model, event.reason))
+
+
+@dataclass(frozen=True, slots=True)
+class _IdleView:
+    """One model as the idle policy (waker.scheduling.reaper.idle_stops) reads it."""
+
+    name: str
+    spec: ModelSpec
+    state: ModelState
+    in_flight: int
+    waiting: int
+    last_used: float | None
+    ready_since: float | None
+
+
+class _Waiter:
+    """One request queued for room (waker.scheduling.node.Waiter): told once that its model's start has begun, or
+    why not."""
+
+    __slots__ = ("request", "sim")
+
+    def __init__(self, sim: "SparkgateSim", request: Request) -> None:
+        self.sim, self.request = sim, request
+
+    def admitted(self) -> None:
+        self.sim.joined_start(self.request)
+
+    def refused(self, error: WakerError) -> None:
+        self.sim.refused(self.request, error)
+
+
+def sim_spec(m: ModelDef, cfg: SimConfig, **placement: Any) -> ModelSpec:
+    """The models.d entry of a simulated model (what placement.candidates and the idle policy read)."""
+    return ModelSpec(name=m.name, engine="vllm", runtime="docker", image="sim", model="sim", memory_gb=m.memory_gb,
+                     idle_timeout=cfg.idle_timeout, min_uptime=cfg.min_uptime, pinned=m.pinned, priority=m.priority,
+                     **placement)
 
 
 class SparkgateSim(Sim):
+    """The waker's scheduling as it runs in production: one `ClusterAdmission` (seats, node queues, `plan` per node,
+    placement, reservations, drains) acting through `Effects` implemented here over the simulated engines, and
+    requests that go through a simulation of the gate (waker/gate.py). One node ("local") unless `budgets` says
+    otherwise (bench/cluster.py)."""
+
     policy = "sparkgate"
 
-    def __init__(self, models: Sequence[ModelDef], cfg: SimConfig, sticky_drains: bool = False) -> None:
+    def __init__(self, models: Sequence[ModelDef], cfg: SimConfig, *, budgets: Mapping[str, Budget] | None = None,
+                 candidates: Mapping[str, tuple[str, ...]] | None = None, span: Mapping[str, int] | None = None,
+                 placer: Placer = choose, policy: str = "sparkgate") -> None:
         super().__init__(models, cfg)
-        # sticky_drains: the executor as committed in f7f2f62, where a drain deadline, once set, stays
-        # until the model stops (bench/README.md, Findings 1). Default: NodeAdmission.step since 17b06b3,
-        # which recomputes drains every step.
-        self.sticky_drains = sticky_drains
-        if sticky_drains:
-            self.policy = "sparkgate-sticky"
-        self.tickets: dict[str, _Ticket] = {}  # insertion order = arrival order, as in NodeAdmission
-        self.held_back: dict[str, list[Request]] = {n: [] for n in self.models}  # draining model, past deadline
+        self.policy = policy
+        budgets = dict(budgets) if budgets is not None else {"local": Budget(total_gb=cfg.budget_gb, reserve_gb=0.0)}
+        self.capacity = {n: b.capacity_gb for n, b in budgets.items()}
+        self.clock = FakeClock(start=0.0)
+        self.events = SimEvents(self.clock)
+        # Nobody gives up and nothing is refused for load: the figures measure waits (a 429 or 503 would be an
+        # answer the simulation doesn't model).
+        queue = QueuePolicy(max_queue=sys.maxsize, max_wait=math.inf, max_hold=cfg.max_hold)
+        self.cluster = ClusterAdmission(budgets, {n: FixedProbe(None) for n in budgets}, self, self.clock,
+                                        self.events, queue, placer)
+        self.specs = {m.name: sim_spec(m, cfg) for m in models}
+        for m in models:
+            where = candidates[m.name] if candidates is not None else tuple(budgets)
+            self.cluster.register(m.name, where, span[m.name] if span is not None else 1, m.memory_gb,
+                                  m.sleeping_gb, m.priority, m.pinned)
+        self.running_on: dict[str, tuple[str, ...]] = {}  # model -> nodes its engine was started on
+        # Requests inside the gate, not yet in flight (ModelController.waiting counts them all):
+        self.queued: dict[str, list[Request]] = {n: [] for n in self.models}  # for room (a ticket's waiters)
+        self.held_back: dict[str, list[Request]] = {n: [] for n in self.models}  # by a drain past its deadline
         self.wait_stop: dict[str, list[Request]] = {n: [] for n in self.models}  # arrived while STOPPING
-        self.drain_deadline: dict[str, float] = {}
-        self.last_used = dict.fromkeys(self.models, 0.0)
-        self.ready_since = dict.fromkeys(self.models, 0.0)
-        self.drains_set = 0
+        self.last_used: dict[str, float | None] = dict.fromkeys(self.models)
+        self.ready_since: dict[str, float | None] = dict.fromkeys(self.models)
+        self.node_high_water = dict.fromkeys(self.capacity, 0.0)
+        self._replans: set[float] = set()  # drain deadlines with a planning event already in the heap
 
     def detail(self) -> str:
         idle = f"idle_timeout {self.cfg.idle_timeout:g}s" if self.cfg.idle_timeout > 0 else "no idle stop"
-        drains = "kept until the model stops (f7f2f62)" if self.sticky_drains else "recomputed every step"
-        return f"max_hold {self.cfg.max_hold:g}s, {idle}, {self.drains_set} drains set, {drains}"
+        return f"max_hold {self.cfg.max_hold:g}s, {idle}, {self.events.counts['drain']} drains set"
 
-    def holding_back(self, name: str) -> bool:
-        deadline = self.drain_deadline.get(name)
-        return deadline is not None and self.now >= deadline
+    def set_time(self, t: float) -> None:
+        super().set_time(t)
+        # FakeClock moves by differences; a second step corrects the rounding of the first (it is exact then), so
+        # the executor sees exactly the simulation's time (drain deadlines are compared with it).
+        while self.clock.now() != t:
+            self.clock.advance(t - self.clock.now())
+
+    # -- Effects (waker.scheduling.effects): what the executor reads of a model and does to it -------------------
+
+    def usage(self, model: str) -> Usage:
+        state = self.state[model]
+        return Usage(state, Hold.FULL if state in HOLDING else Hold.NONE, self.in_flight[model], self.waiting(model),
+                     self.last_used[model])
+
+    def start(self, model: str, nodes: tuple[str, ...]) -> bool:
+        self.running_on[model] = nodes
+        self.start_engine(model)
+        self.cluster.changed(model)  # the controller's on_change, at every transition
+        return True
+
+    def evict(self, model: str, reason: str, *, ignore_waiting: bool) -> bool:
+        # ModelController.stop_if_idle: a request that took the model since the plan wins.
+        if self.state[model] is not S.READY or self.in_flight[model] or (self.waiting(model) and not ignore_waiting):
+            return False
+        self.stop_engine(model)
+        self.cluster.changed(model)
+        return True
+
+    # -- the gate (waker/gate.py: Gate.acquire / ensure_ready) --------------------------------------------------
 
     def waiting(self, name: str) -> int:
         """ModelController.waiting: every request inside acquire() that is not in flight yet."""
-        ticket = self.tickets.get(name)
         return (len(self.attached[name]) + len(self.held_back[name]) + len(self.wait_stop[name])
-                + (len(ticket.requests) if ticket else 0))
+                + len(self.queued[name]))
+
+    def held_back_now(self, name: str) -> bool:
+        """Gate._held_back: the model drains and its hold time is over (it takes no new work)."""
+        seat = self.cluster.seats[name]
+        return bool(seat.drains) and seat.holding_back(self.now)
 
     def arrive(self, r: Request) -> None:
         state = self.state[r.model]
-        if state is S.READY and not self.holding_back(r.model):
+        if state is S.READY and not self.held_back_now(r.model):
             self.begin(r)
         elif state is S.READY:
-            self.held_back[r.model].append(r)  # waits for the drain to end in a stop
+            self.held_back[r.model].append(r)  # until the drain is lifted (then it runs) or the model has stopped
         elif state is S.STARTING:
-            self.attached[r.model].append(r)  # joins the one start
+            self.attached[r.model].append(r)  # joins the one start; served once up, draining or not
         elif state is S.STOPPING:
-            self.wait_stop[r.model].append(r)
+            self.wait_stop[r.model].append(r)  # waits for the stop, then queues for room
         else:
-            self.enqueue(r.model, [r])
+            self.queued[r.model].append(r)  # counted as waiting before the executor's step looks
+            self.cluster.enqueue(r.model, _Waiter(self, r))
 
-    def enqueue(self, name: str, requests: list[Request]) -> None:
-        ticket = self.tickets.get(name)
-        if ticket is None:
-            ticket = self.tickets[name] = _Ticket(self.now, [])
-        ticket.requests.extend(requests)
+    def joined_start(self, r: Request) -> None:
+        """Its model's start has begun (ClusterAdmission told the waiter): it joins the start."""
+        self.queued[r.model].remove(r)
+        self.attached[r.model].append(r)
+
+    def refused(self, r: Request, error: WakerError) -> None:
+        self.queued[r.model].remove(r)
+        if isinstance(error, Withdrawn):
+            self.arrive(r)  # asked to ask again
+        else:
+            self.served[r.id].rejected = f"{type(error).__name__}: {error}"
+
+    # -- transitions: each one is reported to the executor (ModelController's on_change) ------------------------
 
     def ended(self, r: Request) -> None:
         self.last_used[r.model] = self.now
         if self.in_flight[r.model] == 0:
+            self.cluster.changed(r.model)  # ModelController.release: a drained model may be the victim awaited
             self.schedule_reap(r.model)
 
     def ready(self, name: str) -> None:
         self.last_used[name] = self.ready_since[name] = self.now
+        self.cluster.changed(name)
         if self.in_flight[name] == 0:
             self.schedule_reap(name)
 
     def stopped(self, name: str) -> None:
-        self.drain_deadline.pop(name, None)
+        self.running_on.pop(name, None)
+        self.ready_since[name] = None
+        self.cluster.changed(name)  # the seat lets its placement go before its waiters queue again
         # Held-back requests and those that waited for the stop go through admission again.
         requests = self.held_back[name] + self.wait_stop[name]
         self.held_back[name], self.wait_stop[name] = [], []
-        if requests:
-            self.enqueue(name, requests)
+        for r in requests:
+            self.arrive(r)
 
-    # the idle reaper (waker/scheduling/reaper.py: READY, nothing in flight or waiting, idle_timeout, min_uptime)
+    # -- the idle reaper (Waker.reap_once with waker.scheduling.reaper.idle_stops) -------------------------------
+
     def schedule_reap(self, name: str) -> None:
         if self.cfg.idle_timeout > 0:
-            when = max(self.last_used[name] + self.cfg.idle_timeout, self.ready_since[name] + self.cfg.min_uptime)
-            self.at(when, partial(self._reap, name))
+            last_used, ready_since = self.last_used[name], self.ready_since[name]
+            assert last_used is not None and ready_since is not None
+            when = max(last_used + self.cfg.idle_timeout, ready_since + self.cfg.min_uptime)
+            # The reaper polls every second; here it looks 1 us after the moment the model is due, so the rounding
+            # of last_used + idle_timeout can't make it look a hair too early and miss it.
+            self.at(when + 1e-6, partial(self._reap, name))
 
     def _reap(self, name: str) -> None:
-        if self.state[name] is not S.READY or self.in_flight[name] or self.waiting(name):
-            return
-        if (self.now - self.last_used[name] >= self.cfg.idle_timeout - EPS
-                and self.now - self.ready_since[name] >= self.cfg.min_uptime - EPS):
-            self.stop_engine(name, idle=True)
+        view = _IdleView(name, self.specs[name], self.state[name], self.in_flight[name], self.waiting(name),
+                         self.last_used[name], self.ready_since[name])
+        if idle_stops([view], self.now):
+            self.stop_engine(name, idle=True)  # idle_stops checked what stop_if_idle would (READY, no work)
+            self.cluster.changed(name)
 
-    # NodeAdmission.snapshot / step
-    def snapshot(self) -> Snapshot:
-        models = {}
-        for n, m in self.models.items():
-            models[n] = ModelView(
-                name=n, state=self.state[n], footprint_gb=m.memory_gb,
-                held_gb=held_gb(self.state[n], m.memory_gb, m.sleeping_gb), in_flight=self.in_flight[n],
-                waiting=0 if self.holding_back(n) else self.waiting(n), last_used=self.last_used[n],
-                pinned=m.pinned, priority=m.priority,
-            )
-        queue = tuple(Ticket(n, t.since, self.models[n].memory_gb) for n, t in self.tickets.items() if t.requests)
-        return Snapshot(now=self.now, capacity_gb=self.cfg.budget_gb, models=models, queue=queue,
-                        live_free_gb=None, max_hold=self.cfg.max_hold)
+    # -- after every event ------------------------------------------------------------------------------------
 
     def settle(self) -> None:
-        decided = plan(self.snapshot())
-        for name, why in decided.impossible.items():
-            for r in self.tickets.pop(name).requests:
-                self.served[r.id].rejected = why
-        for name in decided.admit:
-            ticket = self.tickets.pop(name)
-            self.start_engine(name)
-            self.attached[name].extend(ticket.requests)
-        for name, _reason in decided.stop:
-            # ModelController.stop_if_idle: a request that took the model since the snapshot wins.
-            if (self.state[name] is S.READY and not self.in_flight[name]
-                    and (not self.waiting(name) or self.holding_back(name))):
-                self.stop_engine(name)
-        if self.sticky_drains:
-            for name, deadline in decided.drain:
-                current = self.drain_deadline.get(name)
-                if current is None or deadline < current:
-                    self.drain_deadline[name] = deadline
-                    self.drains_set += 1
-                    self.replan_at(deadline)
-            return
-        # NodeAdmission.step: every model's deadline becomes what this plan says (absent = lifted), and
-        # ModelController.set_drain wakes the held-back requests, which run if the model takes work again.
-        drains = dict(decided.drain)
-        for name in self.models:
-            self.set_drain(name, drains.get(name))
+        self.cluster.settle()
+        for name, held in self.held_back.items():
+            # Gate: a held-back request looks again when its seat changes; a lifted drain lets it run.
+            if held and self.state[name] is S.READY and not self.held_back_now(name):
+                self.held_back[name] = []
+                for r in held:
+                    self.begin(r)
+        # The executor's loops poll while tickets wait; here a planning event at every drain deadline (the only
+        # moment a plan changes without an event: the drained model stops taking new work).
+        for seat in self.cluster.seats.values():
+            for deadline in seat.drains.values():
+                if deadline > self.now and deadline not in self._replans:
+                    self._replans.add(deadline)
+                    self.at(deadline, partial(self._replans.discard, deadline))
 
-    def set_drain(self, name: str, deadline: float | None) -> None:
-        """ModelController.set_drain: None lifts it; held-back requests run if the model takes work again."""
-        current = self.drain_deadline.get(name)
-        if deadline == current:
-            return
-        if deadline is None:
-            del self.drain_deadline[name]
-        else:
-            self.drains_set += current is None
-            self.drain_deadline[name] = deadline
-            self.replan_at(deadline)
-        if self.state[name] is S.READY and not self.holding_back(name):
-            held, self.held_back[name] = self.held_back[name], []
-            for r in held:
-                self.begin(r)
+    def audit(self) -> None:
+        """Every node: the executor's ledger within its budget, and holding at least what the engines started there
+        hold (reservations for multi-node starts are in the ledger, not yet in engines)."""
+        ledger = dict.fromkeys(self.capacity, 0.0)
+        engines = dict.fromkeys(self.capacity, 0.0)
+        state, running_on = self.state, self.running_on
+        for name, seat in self.cluster.seats.items():
+            # The seat's own account (what ClusterAdmission.held_on reads), for the models that hold something.
+            if state[name] in HOLDING:
+                for node in seat.placed:
+                    ledger[node] += seat.held_on(node, Hold.FULL)
+                gb = self.models[name].memory_gb
+                for node in running_on[name]:
+                    engines[node] += gb
+            elif seat.reserved:
+                for node in seat.reserved:
+                    ledger[node] += seat.held_on(node, Hold.NONE)
+        for node, held in ledger.items():
+            if held > self.node_high_water[node]:
+                self.node_high_water[node] = held
+                self.high_water = max(self.high_water, held)
+            if held > self.capacity[node] + EPS:
+                self.violation(f"node {node} holds {held:g} GB > budget {self.capacity[node]:g} GB", node)
+            elif engines[node] > held + EPS:
+                self.violation(f"engines on node {node} hold {engines[node]:g} GB, its ledger {held:g} GB", node)
 
-    def replan_at(self, deadline: float) -> None:
-        if deadline > self.now:
-            self.at(deadline, lambda: None)  # the executor polls; here: plan again at the deadline
+    def violation(self, problem: str, node: str) -> None:
+        if len(self.violations) < 5:
+            holders = ", ".join(f"{n} {self.state[n]} {gb:g}" for n in self.models
+                                if (gb := self.cluster.held_on(n).get(node)))
+            self.violations.append(f"t={self.now:.1f}s {problem} ({holders})")
 
     def stuck(self) -> str:
         parts = []
         for n in self.models:
             where = {"held back by a drain": len(self.held_back[n]), "waiting for a stop": len(self.wait_stop[n]),
-                     "waiting for a start": len(self.attached[n]),
-                     "queued": len(self.tickets[n].requests) if n in self.tickets else 0}
+                     "waiting for a start": len(self.attached[n]), "queued": len(self.queued[n])}
             what = ", ".join(f"{k} {v}" for k, v in where.items() if v)
             if what:
-                deadline = self.drain_deadline.get(n)
-                dl = f", drain deadline t={deadline:.1f}s" if deadline is not None else ""
-                parts.append(f"{n} ({self.state[n]}, {self.in_flight[n]} in flight{dl}): {what}")
+                seat = self.cluster.seats[n]
+                dl = f", drains {seat.drains}" if seat.drains else ""
+                on = f", queued on {', '.join(seat.placed) or '?'}" if self.queued[n] else ""
+                parts.append(f"{n} ({self.state[n]}, {self.in_flight[n]} in flight{dl}{on}): {what}")
         return "; ".join(parts) or "?"
 
 
@@ -780,7 +901,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sparkgate": lambda: SparkgateSim(models, cfg),
         "one-at-a-time": lambda: GroupSwapSim(models, cfg, [[m.name] for m in models], "one-at-a-time"),
         "static-groups": lambda: GroupSwapSim(models, cfg, groups, "static-groups"),
-        "sparkgate-sticky": lambda: SparkgateSim(models, cfg, sticky_drains=True),
     }
     policies = args.policy or DEFAULT_POLICIES
     if args.trace:

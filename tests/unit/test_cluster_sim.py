@@ -1,4 +1,4 @@
-"""bench/cluster.py: the cluster simulation drives the real placement and scheduler within every node's budget."""
+"""bench/cluster.py: the cluster simulation drives the real executor (ClusterAdmission) within every node's budget."""
 
 import math
 
@@ -12,7 +12,7 @@ from bench.cluster import (
     default_nodes,
     simulate,
 )
-from bench.trace import ModelDef, Request, SimConfig, generate_trace, load_time
+from bench.trace import ModelDef, Request, SimConfig, SparkgateSim, generate_trace, load_time
 from waker.scheduling.budget import Budget
 
 CFG = SimConfig(budget_gb=math.inf, stop_s=2.0, max_hold=60.0, idle_timeout=900.0, min_uptime=60.0)
@@ -93,22 +93,35 @@ def test_multi_node_model_holds_its_first_node_while_the_second_makes_room() -> 
     assert run.result.violations == []
 
 
-def test_a_drain_lifted_by_another_node_lets_a_busy_model_starve_a_waiter() -> None:
-    # Before the fix of bench/CLUSTER.md's Finding 3, every node's step set the drain of every model registered
-    # there, so a node where `hot` holds nothing lifted the drain n1 asked for (`sparkgate-shared-drains`).
-    # waker/scheduling/node.py now keeps each node's deadline apart, as the simulation's default does.
+def test_a_busy_model_registered_on_every_node_stops_taking_work_after_max_hold_for_a_waiter() -> None:
+    # bench/CLUSTER.md's Finding 3: every node's step used to set the drain of every model registered there, so a
+    # node where `hot` holds nothing lifted the drain n1 asked for and `big` waited until hot's traffic ended (over
+    # 500 s). Each node now keeps its own deadline (tests/unit/scheduling/test_placement.py::
+    # test_a_drain_set_by_one_node_is_not_lifted_by_another); this is the same case on the real executor.
     nodes = [_spark("n1"), _spark("n2")]
     # `fill` keeps n2 busy, so `hot` (which may run on either) is placed on n1, where `big` needs its memory.
     models = [_model("hot", 70), _model("big", 80, node=("n1",)), _model("fill", 60, node=("n2",))]
     trace = _trace((0, "fill", 900.0), *((t, "hot", 30.0) for t in range(1, 600, 10)), (100, "big", 5))
-    waits = {}
-    for policy in ("sparkgate", "sparkgate-shared-drains"):
-        run = simulate(models, nodes, CFG, trace, policy)
-        assert run.result.answered == len(trace)
-        waits[policy] = _start(run, trace[-1]) - 100  # type: ignore[operator]
-    # max_hold 60 s + the last 30 s request + stop 2 s + load 45 s, against: until hot has no more traffic
-    assert waits["sparkgate"] == pytest.approx(60 + 30 + 2 + 45, abs=10)
-    assert waits["sparkgate-shared-drains"] > 500, waits
+    run = simulate(models, nodes, CFG, trace, "sparkgate")
+    assert run.result.answered == len(trace)
+    assert [(m, where) for _, m, where in run.placed_log][:1] == [("hot", ("n1",))]
+    # max_hold 60 s + the last 30 s request + stop 2 s + load 45 s
+    assert _start(run, trace[-1]) - 100 == pytest.approx(60 + 30 + 2 + 45, abs=10)  # type: ignore[operator]
+
+
+def test_a_drain_no_ticket_needs_any_more_is_lifted_and_the_model_takes_work_again() -> None:
+    # bench/README.md, Findings 1: the executor before 17b06b3 kept a drain deadline until the model stopped, so the
+    # request at t=100 was held back for ever. One node, bench/trace.py's simulation of the real executor: small
+    # (15 GB) drains big; mid goes idle and is evicted instead; big's drain is lifted.
+    cfg = SimConfig(budget_gb=100.0, stop_s=2.0, max_hold=60.0, idle_timeout=900.0, min_uptime=60.0)
+    models = [ModelDef("big", 60, 10.0), ModelDef("mid", 30, 10.0), ModelDef("small", 15, 10.0)]
+    trace = _trace((0, "big", 200), (5, "mid", 20), (20, "small", 5), (100, "big", 5))
+    sim = SparkgateSim(models, cfg)
+    result = sim.run(trace)
+    assert (result.answered, result.evictions, result.violations) == (4, 1, [])
+    assert sim.events.counts["drain"] == 1
+    assert sim.served[2].start == 35 + 2 + 10  # mid's request ends, its stop, small's load
+    assert sim.served[3].start == 100  # at once: big no longer drains
 
 
 def _start(run: ClusterResult, r: Request) -> float | None:
