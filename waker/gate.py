@@ -4,7 +4,7 @@ while it drains), count each request in flight until its answer is sent, and bou
 The gate composes the two owners and writes neither: the controller (lifecycle) starts, wakes and reports;
 the seat (scheduling) says whether the model may take new work. A request that waited for a model's start or
 wake is always served once it is up; only new work is held back from a draining model (else two models could
-evict each other's waiters forever: tests/unit/test_admission_properties.py with max_hold 0).
+evict each other's waiters forever: tests/unit/scheduling/test_admission_properties.py with max_hold 0).
 """
 
 import asyncio

@@ -221,7 +221,7 @@ class ModelController:
 
     def take(self) -> EngineHandle | None:
         """Count one request in flight if the engine is READY (no await between the check and the count, so no
-        stop can slip in between: tests/unit/test_model.py::test_idle_stop_yields_to_a_new_lease)."""
+        stop can slip in between: tests/unit/lifecycle/test_controller.py::test_idle_stop_yields_to_a_new_lease)."""
         if self._state is S.READY and self._handle is not None and not (self._retired or self._closed):
             self._in_flight += 1
             return self._handle

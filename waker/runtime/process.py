@@ -82,7 +82,7 @@ class ProcessHandle:
                     await self._proc.wait()
         except asyncio.CancelledError:
             # Whoever stops it gave up waiting (a second stop, a shutdown): the engine must end all the same,
-            # or one that ignores SIGTERM outlives its model (tests/unit/test_process_runtime.py).
+            # or one that ignores SIGTERM outlives its model (tests/unit/runtime/test_process.py).
             self._signal_group(signal.SIGKILL)
             await run_to_end(self._proc.wait())
             raise

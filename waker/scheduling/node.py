@@ -158,7 +158,7 @@ class NodeAdmission:
     def _apply_drains(self, drains: dict[str, float], now: float, wall: float) -> None:
         # Drains are recomputed every step, and each node sets and lifts only its own deadline: a model nobody
         # waits for any more takes new work again (else its held-back requests would wait forever:
-        # tests/unit/test_admission_properties.py with max_hold 0), and one node can't lift another's.
+        # tests/unit/scheduling/test_admission_properties.py with max_hold 0), and one node can't lift another's.
         for model in self.members:
             seat = self._seats[model]
             deadline = drains.get(model)

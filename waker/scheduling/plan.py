@@ -2,7 +2,7 @@
 
 No I/O, no clock reads, no awaits: the executor (waker/scheduling/node.py) takes a snapshot, calls
 `plan`, and carries the plan out. Every case is tested table-driven and by property tests over
-random traces (tests/unit/test_scheduler.py).
+random traces (tests/unit/scheduling/test_plan.py).
 
 Rules (DESIGN.md, Scheduling):
 - A queued model starts when its footprint fits in what the ledger has free AND in live free memory.

@@ -8,7 +8,7 @@ from waker.config.durations import format_duration, parse_duration
 from waker.config.registry import ConfigError, load_dir
 from waker.errors import ModelNotFound
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

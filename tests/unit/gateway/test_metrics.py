@@ -44,7 +44,8 @@ def external(name: str, url: str, engine: str = "vllm") -> ModelSpec:
 @asynccontextmanager
 async def waker_with(*specs: ModelSpec, capacity: float = 100, live: float | None = None,
                      policy: QueuePolicy | None = None, auto_ready: bool = True) -> AsyncIterator[Waker]:
-    """A started Waker on fake engines (as tests/unit/test_admission.py builds it), plus external endpoints."""
+    """A started Waker on fake engines (as tests/unit/scheduling/test_admission.py builds it), with external
+    endpoints."""
     runtime = FakeRuntime(auto_ready=auto_ready)
     runtimes = {RuntimeKind.PROCESS: runtime, RuntimeKind.EXTERNAL: ExternalRuntime()}
     waker = Waker(Registry(list(specs)), runtimes=runtimes,

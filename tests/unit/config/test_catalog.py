@@ -14,7 +14,7 @@ from waker.engines.registry import engine_for
 from waker.scheduling.budget import Budget
 from waker.scheduling.placement import budget_problems
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "models.d" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "models.d" / "examples"
 ROLES = ("brain", "chat", "coder", "autocomplete", "utility", "embed")
 LAUNCH = Launch("0.0.0.0", 8000)
 

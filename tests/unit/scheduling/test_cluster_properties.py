@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import FakeEngineApi, FakeRuntime
-from tests.unit.test_admission_properties import Req, drive
+from tests.unit.scheduling.test_admission_properties import Req, drive
 from waker.clock import FakeClock
 from waker.config.registry import Registry
 from waker.config.spec import ModelSpec, RuntimeKind
