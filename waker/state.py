@@ -29,7 +29,7 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
     S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
-    S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED}),
+    S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED, S.SLEEPING}),  # SLEEPING: an engine found asleep
 }
 
 # States an operation passes through: a model is never in one without a live operation task that ends it

@@ -225,14 +225,32 @@ class Waker:
             spec = self.registry.get(item[1].model)
             return (0 if spec and spec.pinned else 1, -(spec.priority if spec else 0), item[1].model)
 
+        taken: set[str] = set()
         for runtime, engine in sorted(found, key=rank):
             controller = self._controllers.get(engine.model)
-            if controller is not None and (not controller.idle_stopped or controller.closed
+            if engine.model in taken:  # this pass adopted one of its engines already
+                await self._discard(runtime, engine, "a second engine of the model (one runs already)")
+                continue
+            if controller is not None and (controller.closed
                                            or seen.get(engine.model) != (controller.since, controller.starts)):
-                continue  # it has an engine, or something happened to it while we looked: not an orphan
-            await self._take_over(runtime, engine)
+                continue  # something happened to it while we looked: look again next time
+            if controller is not None and self._another_engine(controller, engine):
+                await self._discard(runtime, engine, "a second engine of the model (one runs already)")
+            elif controller is None or controller.idle_stopped:
+                if await self._take_over(runtime, engine):
+                    taken.add(engine.model)
 
-    async def _take_over(self, runtime: Adopter, found: Found) -> None:
+    @staticmethod
+    def _another_engine(controller: ModelController, found: Found) -> bool:
+        """`found` is not `controller`'s engine, and the controller is settled on one (an engine the waker starts
+        right now is found by the runtime before the start returns: a model with an operation running is left
+        alone)."""
+        engine = controller.engine
+        return (engine is not None and controller.operation is None and engine.ident != found.handle.ident
+                and controller.state in (S.READY, S.SLEEPING, S.FAILED))
+
+    async def _take_over(self, runtime: Adopter, found: Found) -> bool:
+        """Adopt `found` for its model, or remove it as stale; True when adopted."""
         spec = self.registry.get(found.model)
         controller = self._controllers.get(found.model)
         seat = self.scheduler.seats.get(found.model)
@@ -242,7 +260,7 @@ class Waker:
             stale = "its model's spec changed"
         elif not found.running:
             if spec.keep_container:
-                return  # kept stopped on purpose: reused by the next start
+                return False  # kept stopped on purpose: reused by the next start
             stale = "stopped and not kept"
         elif not controller.idle_stopped:
             stale = "another engine of the model was taken over already"
@@ -262,11 +280,15 @@ class Waker:
                 else:
                     self.scheduler.adopted(spec.name, nodes)
                     controller.adopt(runtime.claim(found, spec), nodes, sleeping)
-                    return
+                    return True
+        await self._discard(runtime, found, stale)
+        return False
+
+    async def _discard(self, runtime: Adopter, found: Found, why: str) -> None:
         self.events.emit(Event(self.clock.wall(), found.model, "stale_engine",
-                               reason=f"{found.handle.ident}: {stale}; removed"))
+                               reason=f"{found.handle.ident}: {why}; removed"))
         try:
-            await runtime.discard(found, stale)
+            await runtime.discard(found, why)
         except Exception as exc:  # a stale container must not stop the gateway from starting
             log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
 

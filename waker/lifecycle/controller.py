@@ -290,7 +290,7 @@ class ModelController:
     def adopt(self, handle: EngineHandle, placed: tuple[str, ...] = (), sleeping: bool = False) -> None:
         """Take over an engine left running by an earlier gateway on `placed`: probed like a fresh start (never
         restarted), or SLEEPING at once when it sleeps."""
-        if self._state is not S.STOPPED or self._running() is not None:
+        if not self.idle_stopped:
             raise RuntimeError(f"{self.name}: can't adopt {handle.ident} while {self._state}")
         self._placed = placed
         self._watch(handle)  # its engine from now on (the sampler and the ledger see it at once)
@@ -748,11 +748,17 @@ class ModelController:
 
 
 async def _settled(task: "asyncio.Future[object]") -> None:
-    """Wait for `task` to end, whatever its outcome (the state tells it)."""
-    with contextlib.suppress(BaseException):
+    """Wait for `task` to end, whatever its outcome (the state tells it). A cancellation of the caller goes on,
+    even when `task` ends in the same loop turn (it used to be swallowed then: a start taken over while it waited
+    for the stop before it went on and launched its engine; tests/sim/test_regressions.py)."""
+    try:
         await asyncio.shield(task)
-    if not task.done():  # we were cancelled: let the caller's cancellation go on
-        raise asyncio.CancelledError
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not task.done() or (current is not None and current.cancelling()):
+            raise
+    except Exception:
+        pass
 
 
 async def _result_of(task: "asyncio.Future[T]") -> T | None:

@@ -134,7 +134,7 @@ class ClusterAdmission:
         """An engine already running (found at boot) is `model`'s, on `nodes`: it is held there from now on."""
         seat = self.seats[model]
         seat.placed = nodes
-        seat.admit(waking=False)
+        seat.admit(waking=False, holding=False)
         self.kick(nodes)
 
     def _holds(self, model: str) -> bool:
@@ -231,7 +231,8 @@ class ClusterAdmission:
         seat = self.seats.get(model)
         if seat is None:
             return
-        reserved, seat.reserved = set(seat.reserved), set()
+        reserved = set(seat.reserved)
+        seat.give_back()
         if not self._holds(model):
             seat.release(keep_placement=False)
         self.kick((*reserved, *seat.candidates))
@@ -244,7 +245,7 @@ class ClusterAdmission:
             raise NoRoom(f"{seat.model} needs {seat.footprint_gb:g} GB on {seat.span} node(s) of "
                          f"{', '.join(seat.candidates)}; pinned models hold too much of them", model=seat.model)
         seat.placed = nodes
-        seat.reserved.clear()
+        seat.give_back()
         if not seat.fixed:
             self._events.emit(Event(self._clock.wall(), seat.model, "placed", reason=f"on {', '.join(nodes)}", data={
                 "nodes": list(nodes), "candidates": list(seat.candidates)}))
@@ -257,7 +258,7 @@ class ClusterAdmission:
         seat = self.seats[model]
         self._where.pop(model, None)
         if len(seat.placed) > 1:
-            seat.reserved.add(node.name)
+            seat.reserve(node.name)
             rest = [n for n in self._order if n in seat.placed and n not in seat.reserved]
             if rest:
                 ticket.announced = False
@@ -265,8 +266,8 @@ class ClusterAdmission:
                 self._where[model] = rest[0]
                 self.kick((rest[0],))
                 return
-        waking = self._effects.usage(model).state is S.SLEEPING
-        seat.admit(waking)
+        usage = self._effects.usage(model)
+        seat.admit(waking=usage.state is S.SLEEPING, holding=usage.hold is Hold.FULL)
         if self._effects.start(model, seat.placed):
             self.admissions += 1
             for waiter in ticket.waiters:
@@ -296,7 +297,7 @@ class ClusterAdmission:
         elif usage.state in (S.STARTING, S.WAKING, S.READY) and model in self._where:
             # Started without this queue (an engine found running and adopted): its waiters join that start.
             ticket = self._drop_ticket(model, self.nodes[self._where[model]])
-            seat.reserved.clear()
+            seat.give_back()
             for waiter in ticket.waiters if ticket else ():
                 waiter.admitted()
         seat.notify()
@@ -334,8 +335,9 @@ class ClusterAdmission:
         without the loops)."""
         while True:
             before = self.admissions
+            draining = {node for seat in self.seats.values() for node in seat.drains}
             for node in self.nodes.values():
-                if not node.idle():
+                if node.tickets or node.name in draining:
                     node.step()
             if self.admissions == before:
                 return

@@ -186,9 +186,5 @@ class NodeAdmission:
             f"({blocked.reason})."
         )
 
-    def idle(self) -> bool:
-        """Nothing to plan for: no ticket waits and no model drains here."""
-        return not self.tickets and not any(self.name in self._seats[m].drains for m in self.members)
-
 
 __all__ = ["NodeAdmission", "QueuePolicy", "Queued", "Waiter"]

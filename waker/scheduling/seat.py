@@ -24,6 +24,7 @@ class Seat:
     placed: tuple[str, ...] = ()  # where it runs, or where its next start goes (head first)
     reserved: set[str] = field(default_factory=set)  # nodes holding its share while a multi-node start waits
     drains: dict[str, float] = field(default_factory=dict)  # node -> deadline after which it takes no new work
+    starting_gb: float | None = None  # footprint of the start being admitted, fixed when its first node admits it
     admitted_gb: float | None = None  # footprint the running engine was admitted with (a reload may change
     admitted_sleeping_gb: float | None = None  # memory_gb meanwhile: that applies from the next start)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,7 +51,7 @@ class Seat:
     def held_on(self, node: str, hold: Hold) -> float:
         """GB this model holds in `node`'s ledger when its engine holds `hold`."""
         if node in self.reserved:
-            return self.footprint_gb  # held for the start that waits for its other nodes
+            return self._start_gb()  # held for the start that waits for its other nodes
         if node not in self.placed or hold is Hold.NONE:
             return 0.0
         if hold is Hold.SLEEPING:
@@ -60,15 +61,37 @@ class Seat:
     def need_on(self, node: str, hold: Hold, waking: bool) -> float:
         """GB its next start (or wake, `waking`) adds on `node`: what it will hold there less what it holds
         already (an engine that may still run from before is replaced by the start, not added to)."""
-        target = self.admitted_gb if waking and self.admitted_gb is not None else self.footprint_gb
+        target = self.admitted_gb if waking and self.admitted_gb is not None else self._start_gb()
+        if hold is Hold.FULL and self.admitted_gb is not None:
+            target = max(target, self.admitted_gb)  # what it leaves running is counted until it is gone
         return max(target - self.held_on(node, hold), 0.0)
 
-    def admit(self, waking: bool) -> None:
-        """Its start or wake begins now on `placed`: the footprint it holds is fixed until its engine is gone
-        (a wake keeps the one it was started with)."""
-        self.reserved.clear()
+    def reserve(self, node: str) -> None:
+        """`node` admitted this multi-node start and holds its share while the others make room. The footprint
+        is fixed from the first one on: a reload meanwhile can't raise what the reserved nodes hold."""
+        if self.starting_gb is None:
+            self.starting_gb = self.footprint_gb
+        self.reserved.add(node)
+
+    def admit(self, waking: bool, holding: bool) -> None:
+        """Its start or wake begins now on `placed`: the footprint it holds is fixed until its engine is gone (a
+        wake keeps the one it was started with; a start over an engine that may still run, `holding`, counts the
+        larger of the two until it stops)."""
         if not waking or self.admitted_gb is None:
-            self.admitted_gb, self.admitted_sleeping_gb = self.footprint_gb, self.sleeping_gb
+            gb, sleeping = self._start_gb(), self.sleeping_gb
+            if holding and self.admitted_gb is not None:
+                gb = max(gb, self.admitted_gb)
+                sleeping = max(sleeping, self.admitted_sleeping_gb or 0.0)
+            self.admitted_gb, self.admitted_sleeping_gb = gb, sleeping
+        self.give_back()
+
+    def give_back(self) -> None:
+        """The nodes reserved for a start are free again (it began, or nobody waits for it any more)."""
+        self.reserved.clear()
+        self.starting_gb = None
+
+    def _start_gb(self) -> float:
+        return self.starting_gb if self.starting_gb is not None else self.footprint_gb
 
     def release(self, keep_placement: bool) -> None:
         """Its engine is gone: it holds nothing, drains nowhere, and (unless it may run only where it was, or a
