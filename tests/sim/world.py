@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
-from waker.config.spec import ModelSpec
+from waker.config.spec import IdleAction, ModelSpec
 from waker.engines.base import Call, Engine, Readiness
 from waker.lifecycle.engine_api import EngineCallError
 from waker.runtime.base import Exit, Found, RuntimeUnavailable
@@ -231,6 +231,10 @@ class SimEngine:
 
     def _role(self, call: Call) -> str | None:
         """"sleep", "wake" (a step), "woken" (the last wake step), or None: a route it doesn't have (404)."""
+        if self.spec.idle_action is not IdleAction.SLEEP:
+            # Its sleep routes exist only when it was launched in sleep mode, which the adapter's launch_spec sets
+            # for idle_action sleep alone (vLLM: --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1).
+            return None
         try:
             sleep = self.adapter.sleep_calls(self.spec)
             wake = self.adapter.wake_calls(self.spec)
