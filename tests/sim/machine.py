@@ -176,11 +176,8 @@ class WatchedEvents(EventLog):
             self.internal_errors.append(event)
 
 
-# ERROR logs of known defects, each with the regression test that shows it: tolerated until it is fixed.
-KNOWN_ERRORS: dict[str, str] = {
-    # TODO: remove once fixed.
-    "can't adopt": "test_an_engine_found_after_boot_is_taken_over_by_a_model_whose_start_failed_meanwhile",
-}
+# ERROR logs of known defects (a part of the message -> the regression test that shows it): tolerated until fixed.
+KNOWN_ERRORS: dict[str, str] = {}
 
 
 class ErrorLogs(logging.Handler):
@@ -223,7 +220,6 @@ class WakerSimulation(RuleBasedStateMachine):
         # Engines on nodes that were unreachable when the waker booted, and since when their model may take them
         # over (their nodes answer and it has no engine of its own): see `_not_found_yet`.
         self.unseen: dict[SimEngine, float | None] = {}
-        self.twins: set[SimEngine] = set()  # see gateway_restart
         self.numbers = itertools.count(1)
         self.waker: Waker = self.run(self._boot(self.capacity))
 
@@ -339,11 +335,6 @@ class WakerSimulation(RuleBasedStateMachine):
 
     @rule(model=st.sampled_from(sorted(CATALOGUE)))
     def admin_stop(self, model: str) -> None:
-        # TODO: a start taken over by a stop just as the stop before it ends goes on to READY (IllegalTransition)
-        # (test_regressions.py::test_a_start_taken_over_as_the_stop_before_it_ends_is_stopped); until that is
-        # fixed, no admin stop while another one is under way.
-        if any(c.what == "stop" and c.model == model and c.outcome is None for c in self.calls):
-            return
         self._spawn(self._call("stop", model, STATE_BOUNDS[S.STOPPING] + STATE_BOUNDS[S.STARTING]),
                     self.waker.stop(model))
 
@@ -401,17 +392,6 @@ class WakerSimulation(RuleBasedStateMachine):
     def reload_memory(self, model: str, memory_gb: float) -> None:
         """Change memory_gb: policy only (the same engine), unless it changes where the model may run."""
         if model not in self.specs:
-            return
-        seat = self.waker.scheduler.seats.get(model)
-        # TODO: while a multi-node start holds a node's share, a raise applies to that share at once
-        # (test_regressions.py::test_a_reload_raising_memory_gb_keeps_a_waiting_multi_node_start_within_budget);
-        # and a lower memory_gb undercounts an engine that could not be stopped when the next start replaces it
-        # (test_regressions.py::test_a_start_over_an_engine_that_could_not_be_stopped_counts_what_that_engine_holds).
-        # Until those are fixed: no change while a share is reserved, and memory_gb is lowered only when no engine
-        # runs.
-        if seat is not None and seat.reserved:
-            return
-        if memory_gb < self.specs[model].memory_gb and not self.waker.controller(model).idle_stopped:
             return
         self._reload({**self.specs, model: self.specs[model].model_copy(update={"memory_gb": memory_gb})})
 
@@ -479,11 +459,6 @@ class WakerSimulation(RuleBasedStateMachine):
         self.capacity = capacity
         # Engines on nodes unreachable now can't be found before those nodes answer again.
         self.unseen = {e: None for e in self.runtime.running() if not self.runtime.reachable(e.nodes)}
-        # TODO: a second engine of a model found at boot is left running untracked
-        # (test_regressions.py::test_a_second_engine_of_a_model_found_at_boot_is_removed); tolerated until it is
-        # fixed (such twins come only from the gap in `_not_found_yet`).
-        engines = {id(m.engine) for m in self.waker.describe().models}
-        self.twins = {e for e in self.runtime.running() if self.runtime.reachable(e.nodes) and id(e) not in engines}
 
     @rule(seconds=st.sampled_from([0.0, 0.3, 1.0, 2.5, 6.0, 15.0, 40.0, 120.0]))
     def time_passes(self, seconds: float) -> None:
@@ -608,11 +583,9 @@ class WakerSimulation(RuleBasedStateMachine):
         """The engines on nodes unreachable when the waker booted that it may not have found yet: their nodes are
         still away, or came back less than a rediscovery ago (the reaper looks every `rediscover_interval`).
 
-        TODO: also while their model has an engine of its own, which may be a second one started meanwhile
-        (test_regressions.py::test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine): the waker
-        looks for the first one only once the model is idle again; and while their model is FAILED
-        (test_regressions.py::test_an_engine_found_after_boot_is_taken_over_by_a_model_whose_start_failed_meanwhile).
-        """
+        TODO: a request for their model meanwhile starts a second engine beside them
+        (test_regressions.py::test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine); the
+        rediscovery removes one of the two, so they are not counted against the ledger meanwhile."""
         now = self.vt.now()
         models = {m.name: m for m in self.waker.describe().models}
         waiting = []
@@ -621,16 +594,13 @@ class WakerSimulation(RuleBasedStateMachine):
             if not engine.holds_memory or (model is not None and model.engine is engine):
                 del self.unseen[engine]  # gone, or found
                 continue
-            controller = self.waker.controller(engine.spec.name) if model is not None else None
-            if not self.runtime.reachable(engine.nodes) or (controller is not None and (
-                    not controller.idle_stopped or controller.state is S.FAILED)):
+            if not self.runtime.reachable(engine.nodes):
                 self.unseen[engine] = since = None
             elif since is None:
                 self.unseen[engine] = since = now
             if since is None or now - since <= OPTIONS.rediscover_interval + OPTIONS.reap_interval + 1:
                 waiting.append(engine)
-        self.twins = {e for e in self.twins if e.holds_memory}
-        return set(waiting) | self.twins
+        return set(waiting)
 
     # -- the end of a run -----------------------------------------------------------------------------------
 

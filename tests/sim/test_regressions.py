@@ -165,9 +165,6 @@ def held(waker: Waker, node: str) -> float:
     return waker.admissions[node].held_gb()
 
 
-@pytest.mark.xfail(strict=True, reason="Seat.held_on (waker/scheduling/seat.py) counts a node reserved for a "
-                   "multi-node start at the model's footprint as declared now: a reload raising memory_gb while the "
-                   "start waits for its other node raises the reservation at once, and the ledger exceeds its budget")
 def test_a_reload_raising_memory_gb_keeps_a_waiting_multi_node_start_within_budget(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=NORMAL)
     mid_on_b = CATALOGUE["mid"].model_copy(update={"node": "b"})
@@ -189,10 +186,6 @@ def test_a_reload_raising_memory_gb_keeps_a_waiting_multi_node_start_within_budg
     assert held(waker, "a") <= 100
 
 
-@pytest.mark.xfail(strict=True, reason="Seat.admit (waker/scheduling/seat.py) fixes the footprint of a start at "
-                   "memory_gb as declared now, even when the engine it replaces (one whose stop failed: the runtime "
-                   "was away) still runs: after a reload lowered memory_gb, the ledger counts less than that engine "
-                   "holds until it is gone")
 def test_a_start_over_an_engine_that_could_not_be_stopped_counts_what_that_engine_holds(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=NORMAL)
     mid_on_a = CATALOGUE["mid"].model_copy(update={"node": "a"})
@@ -216,10 +209,6 @@ def test_a_start_over_an_engine_that_could_not_be_stopped_counts_what_that_engin
     assert held(waker, "a") >= 40
 
 
-@pytest.mark.xfail(strict=True, reason="Waker._take_over (waker/waker.py) takes any model with no engine and no "
-                   "operation (idle_stopped: STOPPED or FAILED) for an orphan's owner, but ModelController.adopt "
-                   "accepts only STOPPED: a model whose start failed while the node was away raises RuntimeError in "
-                   "the reaper at every rediscovery, and its engine stays untracked")
 def test_an_engine_found_after_boot_is_taken_over_by_a_model_whose_start_failed_meanwhile(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=NORMAL)
     waker = started(vt, runtime, "big")
@@ -235,10 +224,6 @@ def test_an_engine_found_after_boot_is_taken_over_by_a_model_whose_start_failed_
     assert waker.describe().model("big").engine is big or big.state is EngineState.EXITED
 
 
-@pytest.mark.xfail(strict=True, reason="Waker._adopt_running_engines (waker/waker.py) skips an engine whose model "
-                   "already took one over at boot (it used to remove it as stale): a second engine of a model, left "
-                   "by the gap test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine shows, runs on "
-                   "untracked, its memory not in the ledger")
 def test_a_second_engine_of_a_model_found_at_boot_is_removed(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=NORMAL)
     mid = CATALOGUE["mid"]
@@ -253,10 +238,6 @@ def test_a_second_engine_of_a_model_found_at_boot_is_removed(vt: VirtualTime) ->
     assert waker.describe().model("mid").engine is engine
 
 
-@pytest.mark.xfail(strict=True, reason="_settled (waker/lifecycle/controller.py) swallows the cancellation of its "
-                   "caller when the task it waits for ends in the same loop turn: a start still waiting for the stop "
-                   "before it (its `prior`) and taken over by a second stop at that moment goes on, launches its "
-                   "engine and fails at READY with IllegalTransition (stopping -> ready): a 500 and an internal_error")
 def test_a_start_taken_over_as_the_stop_before_it_ends_is_stopped(vt: VirtualTime) -> None:
     """Shrunk: admin_stop_while_the_engine_is_created(tiny), requests_at_once([tiny, tiny]), admin_stop(tiny)."""
     runtime = SimRuntime(default=NORMAL)
