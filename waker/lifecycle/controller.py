@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from waker.clock import Clock
 from waker.config.durations import format_duration
-from waker.config.spec import ModelSpec
+from waker.config.spec import IdleAction, ModelSpec
 from waker.engines.base import Engine
 from waker.errors import StartFailed, StartTimeout, WakeFailed
 from waker.events import Event, EventLog
@@ -74,6 +74,7 @@ class ModelController:
         self._exit: asyncio.Future[Exit] | None = None  # that engine's end, watched once for its whole life
         self._residue: EngineHandle | None = None  # FAILED: what is left of an engine, removed before a new start
         self._residue_running = False  # ... which may still run (its stop failed, or we lost track of it)
+        self._asleep = False  # its engine answered its sleep calls (holds its sleeping footprint) and was not woken
         self._placed: tuple[str, ...] = ()
         self._in_flight = 0
         self._waiting = 0
@@ -185,15 +186,23 @@ class ModelController:
 
     @property
     def hold(self) -> Hold:
-        """What its engine holds of its footprint in the ledger."""
+        """What its engine holds of its footprint in the ledger: an engine asleep holds its sleeping footprint,
+        also while it is being stopped (a stop never makes it take more); one still falling asleep holds it all."""
         state = self._state
-        if state is S.SLEEPING:
-            return Hold.FULL if self._op_kind is Op.SLEEP else Hold.SLEEPING  # still falling asleep: not freed yet
-        if state in TRANSITIONAL or state is S.READY:
+        engine = Hold.SLEEPING if self._asleep else Hold.FULL
+        if state in (S.SLEEPING, S.STOPPING):
+            return engine
+        if state in (S.STARTING, S.WAKING, S.READY):
             return Hold.FULL
         if state is S.FAILED and self._residue is not None:
-            return Hold.FULL  # what an engine left (the other parts of a group, a process group): counted until gone
+            return engine  # what an engine left (the other parts of a group, a process group): counted until gone
         return Hold.NONE
+
+    @property
+    def can_sleep(self) -> bool:
+        """Its engine was launched in sleep mode (idle_action sleep, on an engine that has one): a vLLM engine
+        started without it has no sleep routes at all."""
+        return self._spec.idle_action is IdleAction.SLEEP and self._engine.supports_sleep
 
     def changed(self) -> asyncio.Event:
         """Set at the next transition."""
@@ -282,6 +291,7 @@ class ModelController:
             return False
         prior = self._running() if self._op_kind is Op.SLEEP else None  # never wake an engine still falling asleep
         self._stop_reason = None
+        self._asleep = False  # it takes its memory back from now on
         self._starts += 1
         self._transition(S.WAKING, reason)
         self._start_op = self._run(Op.WAKE, self._wake(prior))
@@ -296,6 +306,7 @@ class ModelController:
         self._watch(handle)  # its engine from now on (the sampler and the ledger see it at once)
         if sleeping:
             self._last_used = self._clock.now()
+            self._asleep = True
             self._transition(S.SLEEPING, f"adopting sleeping engine {handle.ident}")
             return
         self._starts += 1
@@ -312,7 +323,7 @@ class ModelController:
         """Put an idle READY engine to sleep (its memory is released, the process stays); None if it is not idle
         or its engine has no sleep mode."""
         if (self._state is not S.READY or self._in_flight or self._waiting or self._handle is None
-                or self._running() is not None or not self._engine.supports_sleep):
+                or self._running() is not None or not self.can_sleep):
             return None
         spec = self._spec
         self._transition(S.SLEEPING, reason, level=spec.sleep_level, holds_gb=spec.sleeping_gb)
@@ -535,6 +546,8 @@ class ModelController:
             await asyncio.wait_for(self._race(
                 self._api.call(handle.root_url, self._engine.sleep_calls(spec), spec.wake_timeout), handle),
                 spec.wake_timeout)
+            if self._op is me:
+                self._asleep = True
         except asyncio.CancelledError:
             if self._state is S.STOPPING and self._op is me:
                 await _finish(self._after_cancel(handle))
@@ -644,6 +657,7 @@ class ModelController:
         watch.add_done_callback(lambda _: self._check_exit())
 
     def _forget_exit(self) -> None:
+        self._asleep = False
         watch, self._exit = self._exit, None
         if watch is not None and not watch.done():
             watch.cancel()
