@@ -408,28 +408,39 @@ class WakerSimulation(RuleBasedStateMachine):
     def next_start_misbehaves(self, model: str, fault: str) -> None:
         self.runtime.script(model, START_FAULTS[fault])
 
-    @rule(pick=st.integers(0, 5), fault=st.sampled_from(ENGINE_FAULTS))
-    def running_engine_misbehaves(self, pick: int, fault: str) -> None:
-        engines = self.runtime.running()
-        if fault in ("exit_on_wake", "fail_wake", "fail_sleep"):  # faults only an engine with a sleep mode shows
-            engines = [e for e in engines if e.adapter.supports_sleep and e.spec.idle_action == "sleep"]
-        if not engines:
-            return
-        engine = engines[pick % len(engines)]
+    @rule(model=st.sampled_from(sorted(CATALOGUE)), fault=st.sampled_from(ENGINE_FAULTS))
+    def running_engine_misbehaves(self, model: str, fault: str) -> None:
+        """`model`'s running engines (loading, ready or asleep) crash now, or from now on ignore SIGTERM, or (with a
+        sleep mode) fail or exit at their next wake, or fail to fall asleep."""
+        for engine in (e for e in self.runtime.running() if e.spec.name == model):
+            self.run(self._misbehave(engine, fault))
 
-        async def act() -> None:
-            if fault == "crash":
-                engine.crash(139)
-            elif fault == "exit_on_wake":
-                engine.behaviour.exit_on_wake = 1
-            elif fault == "fail_wake":
-                engine.behaviour.fail_wake = True
-            elif fault == "fail_sleep":
-                engine.behaviour.fail_sleep = True
-            else:
-                engine.behaviour.ignores_sigterm = True
+    @staticmethod
+    async def _misbehave(engine: SimEngine, fault: str) -> None:
+        if fault == "crash":
+            engine.crash(139)
+        elif fault == "exit_on_wake":
+            engine.behaviour.exit_on_wake = 1
+        elif fault == "fail_wake":
+            engine.behaviour.fail_wake = True
+        elif fault == "fail_sleep":
+            engine.behaviour.fail_sleep = True
+        else:
+            engine.behaviour.ignores_sigterm = True
 
-        self.run(act())
+    @rule(fault=st.sampled_from(["crash", "exit_on_wake", "fail_wake", "slow_wake", None]))
+    def a_sleeping_engine_is_woken(self, fault: str | None) -> None:
+        """A request for a model whose engine sleeps, the engine maybe misbehaving as it is woken (or crashing
+        asleep just before)."""
+        for m in self.waker.describe().models:
+            engine = m.engine
+            if m.state is S.SLEEPING and isinstance(engine, SimEngine) and engine.state is EngineState.ASLEEP:
+                if fault == "slow_wake":
+                    engine.behaviour.wake_time = START_FAULTS["slow_to_wake"].wake_time
+                elif fault is not None:
+                    self.run(self._misbehave(engine, fault))
+                self.request(m.name, False, 1.0, None)
+                return
 
     @rule(nodes=st.sampled_from([("a",), ("b",), ("a", "b")]), seconds=st.sampled_from([1.0, 4.0, 15.0, 60.0]))
     def runtime_outage(self, nodes: tuple[str, ...], seconds: float) -> None:
