@@ -311,3 +311,24 @@ def test_an_admin_sleep_of_a_model_launched_without_sleep_mode_leaves_it_ready(v
     assert vt.run(sleep()) is False
     vt.run(advance(5))
     assert waker.controller("wide").state is S.READY
+
+
+@pytest.mark.xfail(strict=True, reason="ModelController._start (waker/lifecycle/controller.py): a start taken over by "
+                   "a stop while the runtime makes the engine stops that engine from a local variable, never setting "
+                   "the handle: the read model shows no engine (logs, memory) for the whole of its stop")
+def test_an_engine_made_after_its_start_was_taken_over_is_shown_while_it_stops(vt: VirtualTime) -> None:
+    """Shrunk: next_start_misbehaves(big, slow_shutdown), admin_warm(big), admin_stop(big), time_passes(1)."""
+    runtime = SimRuntime(default=NORMAL)
+    runtime.script("big", dataclasses.replace(NORMAL, shutdown_time=3.0))
+    waker = started(vt, runtime, "big")
+
+    async def scenario() -> None:
+        warm = asyncio.create_task(waker.warm("big"))
+        await advance(0.1)
+        stop = asyncio.create_task(waker.stop("big"))  # while the runtime makes big's engine (0.5 s)
+        await advance(1)  # the engine is made, and takes 3 s to stop
+        [engine] = runtime.running()
+        assert waker.describe().model("big").engine is engine
+        await asyncio.gather(warm, stop)
+
+    vt.run(scenario())
