@@ -519,14 +519,7 @@ class WakerSimulation(RuleBasedStateMachine):
         status = self.waker.describe()
         for node in status.nodes:
             held = self.waker.admissions[node.name].held_gb()
-            # TODO: stopping a sleeping engine counts its full footprint at once
-            # (test_regressions.py::test_stopping_a_sleeping_model_keeps_its_node_within_budget); until that is
-            # fixed, the ledger may exceed the budget by what sleeping engines being stopped are counted beyond
-            # their sleeping footprint.
-            stopping_asleep = sum(max(m.held_on[node.name] - m.engine.sleeping_gb, 0.0) for m in status.models
-                                  if m.state is S.STOPPING and node.name in m.held_on
-                                  and isinstance(m.engine, SimEngine) and m.engine.state is EngineState.ASLEEP)
-            assert held - stopping_asleep <= node.capacity_gb + EPSILON, \
+            assert held <= node.capacity_gb + EPSILON, \
                 f"node {node.name}: {held} of {node.capacity_gb} GB held\n" + self._describe()
             by_models = sum(m.held_on.get(node.name, 0.0) for m in status.models)
             assert abs(held - by_models) < EPSILON, f"node {node.name}: ledger {held}, models {by_models}\n" \

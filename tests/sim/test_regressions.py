@@ -264,10 +264,6 @@ def test_a_start_taken_over_as_the_stop_before_it_ends_is_stopped(vt: VirtualTim
     assert waker.controller("tiny").state is S.STOPPED and runtime.running() == []
 
 
-@pytest.mark.xfail(strict=True, reason="ModelController.hold (waker/lifecycle/controller.py) counts the full footprint "
-                   "in every transitional state: stopping a sleeping engine (which holds only its sleeping footprint "
-                   "and never takes more) raises its node's ledger by the difference at once, past the budget when "
-                   "another model was admitted into the room the sleep freed")
 def test_stopping_a_sleeping_model_keeps_its_node_within_budget(vt: VirtualTime) -> None:
     """Found as "node b: 55 of 50 GB held": a sleeping engine stopped after others took the room it freed."""
     runtime = SimRuntime(default=NORMAL)
@@ -296,10 +292,6 @@ def test_stopping_a_sleeping_model_keeps_its_node_within_budget(vt: VirtualTime)
     assert vt.run(stop_it()) <= 50
 
 
-@pytest.mark.xfail(strict=True, reason="ModelController.sleep_if_idle (waker/lifecycle/controller.py) asks whether the "
-                   "engine kind can sleep (supports_sleep), not whether this engine was launched in sleep mode "
-                   "(idle_action sleep): an admin sleep of a vLLM model with idle_action stop calls routes the engine "
-                   "lacks (404), and the model is stopped instead")
 def test_an_admin_sleep_of_a_model_launched_without_sleep_mode_leaves_it_ready(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=NORMAL)
     waker = started(vt, runtime, "wide")  # vLLM, idle_action stop
