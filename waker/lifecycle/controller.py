@@ -601,6 +601,8 @@ class ModelController:
         the engine to remove later, when the runtime can't be reached (its memory may still be held: the ledger
         keeps counting it)."""
         code = None
+        if handle is not None and self._handle is None:
+            self._handle = handle  # made just as its start was taken over: shown (logs, memory) while it stops
         for engine in (handle, self._residue):
             if engine is None:
                 continue
