@@ -598,7 +598,8 @@ class WakerSimulation(RuleBasedStateMachine):
 
         TODO: a request for their model meanwhile starts a second engine beside them
         (test_regressions.py::test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine); the
-        rediscovery removes one of the two, so they are not counted against the ledger meanwhile."""
+        rediscovery removes one of the two once the model is settled, so they are not counted against the ledger
+        meanwhile."""
         now = self.vt.now()
         models = {m.name: m for m in self.waker.describe().models}
         waiting = []
@@ -608,10 +609,20 @@ class WakerSimulation(RuleBasedStateMachine):
                 del self.unseen[engine]  # gone, or found
                 continue
             if not self.runtime.reachable(engine.nodes):
-                self.unseen[engine] = since = None
-            elif since is None:
+                self.unseen[engine] = None
+                waiting.append(engine)
+                continue
+            if since is None:
                 self.unseen[engine] = since = now
-            if since is None or now - since <= OPTIONS.rediscover_interval + OPTIONS.reap_interval + 1:
+            # A rediscovery leaves a model alone while an operation runs (it may be taking this very engine): the
+            # wait counts from its last transition too.
+            controller = self.waker.controller(model.name) if model is not None else None
+            if controller is not None:
+                if controller.operation is not None:
+                    waiting.append(engine)
+                    continue
+                since = max(since, controller.since)
+            if now - since <= OPTIONS.rediscover_interval + OPTIONS.reap_interval + 1:
                 waiting.append(engine)
         return set(waiting)
 
