@@ -44,6 +44,7 @@ from tests.sim.vtime import VirtualTime, advance
 from tests.sim.world import Behaviour, EngineState, SimEngine, SimEngineApi, SimRuntime
 from waker.config.registry import ConfigError, Registry
 from waker.config.spec import ModelSpec, RuntimeKind
+from waker.engines.registry import engine_for
 from waker.errors import ModelNotFound, NoRoom, QueueFull, ShuttingDown, StartFailed, WakerError
 from waker.events import Event, EventLog
 from waker.gate import Endpoint, Gate
@@ -126,6 +127,10 @@ REQUEST_BOUND = (QUEUE.max_hold + MAX_DURATION + QUEUE.max_wait + STATE_BOUNDS[S
 ANSWERS = (ModelNotFound, QueueFull, NoRoom, ShuttingDown, StartFailed)  # gateway/errors.py maps each one
 SETTLE_LIMIT = 3600.0  # virtual seconds one step may take before it counts as stuck
 EPSILON = 1e-6
+
+
+def _same(a: ModelSpec, b: ModelSpec) -> bool:
+    return a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
 
 
 async def boot(vt: VirtualTime, runtime: SimRuntime, specs: Iterable[ModelSpec],
@@ -495,9 +500,11 @@ class WakerSimulation(RuleBasedStateMachine):
             if self._quiet():
                 break
             self.run(advance(5.0))
+        self.run(advance(OPTIONS.reap_interval))  # what reloads left pending is settled by the reaper's next round
         self.check_every_call_ends_well()
         unstable = [c for c in self.waker.controllers() if c.state in TRANSITIONAL or c.operation is not None]
         assert not unstable, "still busy after the faults ended:\n" + self._describe()
+        self.check_models_d_applied()
         retry_at = max((c.retry_at or 0.0 for c in self.waker.controllers()), default=0.0)
         if retry_at > self.vt.now():
             self.run(advance(retry_at - self.vt.now()))
@@ -507,6 +514,20 @@ class WakerSimulation(RuleBasedStateMachine):
             while call.outcome is None and self.vt.now() - call.began <= call.bound:
                 self.run(advance(1.0))
             assert call.outcome == "answered", f"after the faults ended: {call}\n" + self._describe()
+
+    def check_models_d_applied(self) -> None:
+        """Once nothing runs: the models are those of the last models.d (removed ones forgotten), each with its
+        entry as it is now, and every engine that runs was launched from that entry (a changed one was recreated,
+        one added back while being removed too)."""
+        status = self.waker.describe()
+        assert sorted(m.name for m in status.models) == sorted(self.specs), self._describe()
+        for m in status.models:
+            assert not m.pending_reload and _same(m.spec, self.specs[m.name]), f"{m.name}: {m.spec!r}"
+            engine = m.engine
+            if isinstance(engine, SimEngine) and engine.holds_memory:
+                launched = engine_for(m.spec.engine).launch_hash(m.spec)
+                assert engine.spec.spec_hash() == launched, f"{m.name} runs {engine!r}, launched from an older entry " \
+                    f"(args {engine.spec.args}, now {m.spec.args})\n" + self._describe()
 
     def _quiet(self) -> bool:
         return (all(c.outcome is not None for c in self.calls)
