@@ -24,27 +24,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 GIB = 1024**3  # all "GB" figures in sparkgate are GiB
 
 _KIB = 1024  # /proc/meminfo says "kB" but means KiB
 _NVML_ERROR_NOT_SUPPORTED = 3  # pynvml.NVML_ERROR_NOT_SUPPORTED; a stand-in module may leave the constant out
 _UNIFIED = "NVML memory info not supported: unified memory"
-
-
-class MemoryProbe(Protocol):
-    """A live reading of free memory. ``None`` means "can't tell right now": the caller falls back to its ledger."""
-
-    name: str
-
-    def free_gb(self) -> float | None:
-        """Memory a new engine could get now, in GiB; None when it can't be read right now."""
-        ...
-
-    def total_gb(self) -> float | None:
-        """Total memory in GiB; None if unknown."""
-        ...
 
 
 class MemInfoProbe:
@@ -204,7 +190,7 @@ class FixedProbe:
         return self._total
 
 
-def make_probe(kind: str = "auto", devices: Sequence[int] | None = None) -> MemoryProbe:
+def make_probe(kind: str = "auto", devices: Sequence[int] | None = None) -> MemInfoProbe | NvmlProbe | FixedProbe:
     """The probe for ``kind``: "auto", "meminfo", "nvml" or "none".
 
     "auto" takes NVML when it initialises and the selected devices report memory (discrete GPUs), and

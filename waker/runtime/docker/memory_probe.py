@@ -15,11 +15,11 @@ the right one on unified memory (GB10). The total is the daemon's ``info()["MemT
 A remote node with discrete GPUs would need NVML's figures instead (system RAM says nothing about the
 cards): not read here.
 
-The :class:`~waker.runtime.memory.MemoryProbe` interface is synchronous and asked on every admission step, while a read
-through a remote daemon takes milliseconds to seconds (ssh). So :class:`DockerMemoryProbe` serves the last reading and
-a daemon thread of its own refreshes it every ``interval``: the event loop never waits for Docker, and a hung daemon
-only hangs that thread. A reading older than ``max_age`` is unknown, so a node that went dark never reports free
-memory it may no longer have.
+The :class:`~waker.scheduling.budget.MemoryProbe` interface is synchronous and asked on every admission step, while
+a read through a remote daemon takes milliseconds to seconds (ssh). So :class:`DockerMemoryProbe` serves the last
+reading and a daemon thread of its own refreshes it every ``interval``: the event loop never waits for Docker, and a
+hung daemon only hangs that thread. A reading older than ``max_age`` is unknown, so a node that went dark never reports
+free memory it may no longer have.
 """
 
 from __future__ import annotations
