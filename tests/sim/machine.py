@@ -498,9 +498,12 @@ class WakerSimulation(RuleBasedStateMachine):
         self.run(recover())
         for _ in range(120):
             if self._quiet():
-                break
-            self.run(advance(5.0))
-        self.run(advance(OPTIONS.reap_interval))  # what reloads left pending is settled by the reaper's next round
+                # Quiet for a whole round of the reaper, which settles what reloads left pending.
+                self.run(advance(OPTIONS.reap_interval))
+                if self._quiet():
+                    break
+            else:
+                self.run(advance(5.0))
         self.check_every_call_ends_well()
         unstable = [c for c in self.waker.controllers() if c.state in TRANSITIONAL or c.operation is not None]
         assert not unstable, "still busy after the faults ended:\n" + self._describe()
