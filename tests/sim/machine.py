@@ -38,6 +38,7 @@ import itertools
 import logging
 import sys
 from collections.abc import Coroutine, Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hypothesis import currently_in_test_context, event
@@ -696,5 +697,34 @@ class WakerSimulation(RuleBasedStateMachine):
         return "\n".join(lines)
 
 
+def replay(steps: str) -> WakerSimulation:
+    """Run the steps of a failing case as hypothesis prints them ("state.request(model='big', ...)", one a line;
+    other lines are ignored), checking the invariants after each, then the teardown; returns the machine, whose
+    `events` and `_describe()` tell the story. Shrinking gives up after five minutes and may leave steps that do
+    nothing: replaying a case by hand, step by step, is how it becomes a scenario in test_regressions.py:
+
+        .venv/bin/python -m tests.sim.machine failing.txt
+    """
+    machine = WakerSimulation()
+    invariants = [machine.check_ledgers, machine.check_transitions_end, machine.check_engines_are_the_models,
+                  machine.check_every_call_ends_well]
+    for check in invariants:
+        check()
+    for line in steps.splitlines():
+        step = line.strip().removeprefix("|").strip()
+        if not step.startswith("state.") or step.startswith(("state.check_", "state.teardown")):
+            continue
+        eval(step, {"state": machine})  # the steps hypothesis printed for this very machine
+        for check in invariants:
+            check()
+    machine.teardown()
+    return machine
+
+
+if __name__ == "__main__":
+    replay(Path(sys.argv[1]).read_text())
+    print("passed")
+
+
 __all__ = ["CATALOGUE", "NODES", "NORMAL", "OPTIONS", "START_FAULTS", "WakerSimulation", "boot", "docker_model",
-           "vllm_model"]
+           "replay", "vllm_model"]
