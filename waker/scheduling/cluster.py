@@ -83,7 +83,22 @@ class ClusterAdmission:
     def update(self, model: str, *, footprint_gb: float, sleeping_gb: float, priority: int, pinned: bool) -> None:
         """New policy from models.d. A running engine keeps the footprint it was admitted with until it stops."""
         seat = self.seats[model]
+        resized = footprint_gb != seat.footprint_gb
         seat.footprint_gb, seat.sleeping_gb, seat.priority, seat.pinned = footprint_gb, sleeping_gb, priority, pinned
+        where = self._where.get(model)
+        if resized and seat.reserved and where is not None:
+            # A multi-node start reserving its nodes was admitted at the old size: it starts over, in settings order,
+            # at the new one (else it would launch under an entry its reserved nodes count for less).
+            node = self.nodes[where]
+            ticket = node.tickets.pop(model)
+            node.blocked.pop(model, None)
+            reserved = set(seat.reserved)
+            seat.give_back()
+            first = next(n for n in self._order if n in seat.placed)
+            ticket.announced = False
+            self.nodes[first].tickets[model] = ticket
+            self._where[model] = first
+            self.kick(reserved)
         self.kick(seat.candidates)
 
     def move(self, model: str, candidates: tuple[str, ...], span: int) -> bool:
