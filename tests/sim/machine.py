@@ -179,9 +179,11 @@ class WatchedEvents(EventLog):
     def __init__(self) -> None:
         super().__init__(keep=100_000)
         self.internal_errors: list[Event] = []
+        self.emitted = 0
 
     def emit(self, event: Event) -> None:
         super().emit(event)
+        self.emitted += 1
         if event.kind == "internal_error":
             self.internal_errors.append(event)
 
@@ -506,9 +508,10 @@ class WakerSimulation(RuleBasedStateMachine):
         self.run(recover())
         for _ in range(120):
             if self._quiet():
-                # Quiet for a whole round of the reaper, which settles what reloads left pending.
+                # Quiet for a whole round of the reaper, which settles what reloads left pending: nothing happens.
+                before = self.events.emitted
                 self.run(advance(OPTIONS.reap_interval))
-                if self._quiet():
+                if self._quiet() and self.events.emitted == before:
                     break
             else:
                 self.run(advance(5.0))
