@@ -192,10 +192,6 @@ def test_a_reload_raising_memory_gb_keeps_a_waiting_multi_node_start_within_budg
     assert held(waker, "a") <= 100
 
 
-@pytest.mark.xfail(strict=True, reason="ClusterAdmission/Seat (waker/scheduling) fix a multi-node start's footprint "
-                   "when its first node reserves, but ModelController.begin_start launches the engine from the entry "
-                   "as it is when the last node admits: after a reload raised memory_gb meanwhile, the engine runs "
-                   "under an entry declaring more than its nodes' ledgers count for it")
 def test_a_multi_node_start_that_waited_through_a_reload_is_counted_as_launched(vt: VirtualTime) -> None:
     """Found as "node a: engines hold 55.0 GB, the ledger 30.0" (a long run: wide's memory_gb raised while its
     start waited for room on b)."""
