@@ -616,10 +616,10 @@ class WakerSimulation(RuleBasedStateMachine):
         """The engines on nodes unreachable when the waker booted that it may not have found yet: their nodes are
         still away, or came back less than a rediscovery ago (the reaper looks every `rediscover_interval`).
 
-        TODO: a request for their model meanwhile starts a second engine beside them
-        (test_regressions.py::test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine); the
-        rediscovery removes one of the two once the model is settled, so they are not counted against the ledger
-        meanwhile."""
+        A request for their model meanwhile uses such an engine when it starts on that node (as Docker does:
+        test_regressions.py::test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine); started on
+        another node, it runs beside it until the rediscovery removes one of the two, so they are not counted
+        against the ledger meanwhile."""
         now = self.vt.now()
         models = {m.name: m for m in self.waker.describe().models}
         waiting = []

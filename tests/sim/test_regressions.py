@@ -104,11 +104,9 @@ def test_engines_on_a_node_unreachable_at_boot_are_tracked_once_it_is_back(vt: V
     assert len([e for e in runtime.running() if e.spec.name == "big"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Waker._adopt_running_engines (waker/waker.py) looks again for engines on a "
-                   "node unreachable at boot only every rediscover_interval: a request meanwhile starts a second "
-                   "engine of a model whose first one still runs untracked there (Docker reuses it only when the "
-                   "start lands on the same node with the same spec), and the ledger counts one of the two")
 def test_a_request_as_soon_as_the_node_is_back_starts_no_second_engine(vt: VirtualTime) -> None:
+    """The start lands on the node of the engine nobody tracks yet and uses it, as DockerRuntime.start uses a running
+    container of the model launched from the same spec (the world started a second one beside it)."""
     waker, runtime, big = restarted_during_an_outage_of_a(vt)
     vt.run(serve(waker, "big"))
     assert [e for e in runtime.running() if e.spec.name == "big"] == [big]

@@ -215,11 +215,26 @@ def test_a_launch_error_is_raised_and_makes_nothing(vt: VirtualTime) -> None:
 def test_scripts_apply_to_a_models_next_starts_in_order(vt: VirtualTime) -> None:
     runtime = SimRuntime(default=Behaviour(load_time=5))
     runtime.script("m", Behaviour(load_time=None), Behaviour(exit_after=1))
-    hangs, exits, normal = (vt.run(start(runtime, model())) for _ in range(3))
+    states = []
+    for _ in range(3):
+        engine = vt.run(start(runtime, model()))
+        vt.run(advance(60))
+        states.append(engine.state)
+        vt.run(engine.stop(0))
     other = vt.run(start(runtime, model("other")))
     vt.run(advance(60))
-    assert (hangs.state, exits.state, normal.state, other.state) == (
-        EngineState.LOADING, EngineState.EXITED, EngineState.READY, EngineState.READY)
+    assert (*states, other.state) == (EngineState.LOADING, EngineState.EXITED, EngineState.READY, EngineState.READY)
+
+
+def test_a_start_uses_a_running_engine_of_the_model_on_its_node_and_removes_any_other(vt: VirtualTime) -> None:
+    """As DockerRuntime.start does with the containers of a model on the node it starts on."""
+    runtime = SimRuntime(default=Behaviour(load_time=5))
+    first = vt.run(start(runtime, model()))
+    vt.run(advance(10))
+    assert vt.run(start(runtime, model())) is first  # the same spec: used as it is
+    changed = vt.run(start(runtime, model(args=("--other",))))
+    vt.run(advance(1))
+    assert changed is not first and first.state is EngineState.EXITED and first.removed
 
 
 def test_discover_claim_and_discard(vt: VirtualTime) -> None:

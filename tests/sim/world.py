@@ -352,10 +352,20 @@ class SimRuntime:
         self.check_reachable(nodes)
         if behaviour.launch_error is not None:
             raise behaviour.launch_error
-        # Like Docker's: what is left of the model's earlier engines (stopped, kept, crashed) goes first.
+        # Like Docker's: what is left of the model's earlier engines (stopped, kept, crashed) goes first; on the node
+        # it starts on, a running engine of the model launched from the same spec is used as it is (DockerRuntime
+        # reuses such a container: a gateway that lost track of it finds it again), any other one is removed.
         for old in self.engines:
-            if old.spec.name == spec.name and old.state is EngineState.EXITED:
+            if old.spec.name != spec.name or old.removed:
+                continue
+            if old.state is EngineState.EXITED:
                 old.removed = True
+            elif old.nodes == nodes and old.state in (EngineState.LOADING, EngineState.READY) \
+                    and old.spec.spec_hash() == spec.spec_hash():
+                old.say("used again by a new start")
+                return old
+            elif old.nodes == nodes and old.state is not EngineState.CREATING:
+                old._terminate(0.0, remove=True)
         made = SimEngine(self, next(self._numbers), spec, engine, nodes, behaviour)
         self.engines.append(made)
         try:
