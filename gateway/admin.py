@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.routes import require_admin
+from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError
 from waker.state import ModelState
 from waker.status import ModelStatus, NodeStatus
@@ -51,18 +52,22 @@ def model_state(status: ModelStatus, now: float) -> dict[str, object]:
     }
 
 
-def node_state(node: NodeStatus) -> dict[str, object]:
+def node_state(node: NodeStatus, config: NodeConfig | None = None) -> dict[str, object]:
+    """One node as /admin/state shows it; `config`: its settings, resolved at startup (where its total came from)."""
     return {"capacity_gb": node.capacity_gb, "total_gb": node.total_gb, "held_gb": node.held_gb,
             "queued": node.queued, "live_free_gb": node.live_free_gb, "probe": node.probe,
-            "high_water_gb": node.high_water_gb, "labels": dict(node.labels)}
+            "high_water_gb": node.high_water_gb, "labels": dict(node.labels),
+            "total_source": config.total_source if config else None,
+            "unified_memory": config.unified_memory if config else None}
 
 
 @router.get("/state")
 async def state(request: Request) -> JSONResponse:
     """Every model's state, work, queue, memory and last error; each node's budget."""
     described = _waker(request).describe()
+    configs = request.app.state.settings.nodes
     return JSONResponse({"models": [model_state(s, described.now) for s in described.models],
-                         "nodes": {n.name: node_state(n) for n in described.nodes}})
+                         "nodes": {n.name: node_state(n, configs.get(n.name)) for n in described.nodes}})
 
 
 @router.get("/models/{name:path}/logs")
@@ -130,7 +135,7 @@ async def reload_config(app: object) -> dict[str, list[str]]:
     """Re-read models.d and apply it (reloads run one at a time: see Waker.reload_from)."""
     waker: Waker = app.state.waker  # type: ignore[attr-defined]
     settings = app.state.settings  # type: ignore[attr-defined]
-    return await waker.reload_from(partial(load_models, settings.config_dir, settings.stats_db))
+    return await waker.reload_from(partial(load_models, settings.config_dir, settings.stats_db, settings.nodes))
 
 
 @router.get("/events")

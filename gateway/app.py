@@ -95,13 +95,16 @@ def build_waker(settings: GatewaySettings, registry: Registry | None = None,
                            reap_interval=settings.reap_interval, log_tail_lines=settings.log_tail_lines,
                            backoff_cap=settings.backoff_cap, stop_retry=settings.stop_retry)
     queue = QueuePolicy(max_queue=settings.max_queue, max_wait=settings.max_wait, max_hold=settings.max_hold)
-    return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db), settings.nodes,
+    nodes = compose.resolve_nodes(settings.nodes)  # once: `sparkgate serve` passes them resolved already
+    return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db, nodes), nodes,
                                options=options, queue=queue, preload=settings.preload, instance=settings.instance,
                                memory_probes=probes)
 
 
 def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
     """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
+    # Each node's memory, read once (no-op for nodes `sparkgate serve` resolved): budgets, reloads and status use it.
+    settings = settings.model_copy(update={"nodes": compose.resolve_nodes(settings.nodes)})
     keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
     if waker is None:
         waker = build_waker(settings, registry)

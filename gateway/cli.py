@@ -11,10 +11,12 @@ from pathlib import Path
 import uvicorn
 
 from gateway.auth import AuthError, is_loopback, load_keys
-from gateway.config import load_models
+from gateway.config import Loaded, load
 from gateway.settings import GatewaySettings
 from waker import compose
 from waker.config.durations import format_duration
+from waker.config.machine import describe_unified
+from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError, Registry
 from waker.scheduling.placement import budget_problems
 
@@ -74,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                                     "insecure_no_auth": getattr(args, "insecure_no_auth", None) or None,
                                     }.items() if v is not None}
     settings = GatewaySettings(**overrides)
+    # Each node's memory is read once, here: the gateway's budgets, models.d's fractions and every reload use it.
+    settings = settings.model_copy(update={"nodes": compose.resolve_nodes(settings.nodes)})
     try:
-        registry = load_models(settings.config_dir, settings.stats_db)
-        problems = budget_problems(registry.values(), compose.budgets(settings.nodes), compose.labels(settings.nodes))
-        if problems:
-            raise ConfigError(problems)
+        loaded = load(settings.config_dir, settings.stats_db, settings.nodes)
     except ConfigError as exc:
         print(f"sparkgate: {exc}", file=sys.stderr)
+        return 2
+    registry = loaded.registry
+    problems = budget_problems(registry.values(), compose.budgets(settings.nodes), compose.labels(settings.nodes))
+    if problems:
+        print(format_nodes(settings.nodes), file=sys.stderr)  # where the totals came from
+        print(f"sparkgate: {ConfigError(problems)}", file=sys.stderr)
         return 2
     try:
         keys = load_keys(settings.api_keys, settings.api_keys_file)
@@ -93,9 +100,18 @@ def main(argv: list[str] | None = None) -> int:
               "--insecure-no-auth.", file=sys.stderr)
         return 2
     if args.command == "check":
+        print(format_nodes(settings.nodes))
+        print()
         print(format_table(registry))
+        said = format_notes(loaded)
+        if said:
+            print()
+            print(said)
         print(f"\n{len(registry)} model(s) OK in {settings.config_dir}")
         return 0
+    for model, lines in loaded.warnings.items():
+        for line in lines:
+            print(f"sparkgate: warning: {model}: {line}", file=sys.stderr)
     return serve_forever(settings, registry, args.log_level, args.access_log)
 
 
@@ -137,18 +153,43 @@ def _loop() -> str:
 
 
 def format_table(registry: Registry) -> str:
-    rows = [("MODEL", "ALIASES", "ENGINE", "RUNTIME", "MEMORY", "IDLE", "START TIMEOUT", "FILE")]
+    rows = [("MODEL", "ALIASES", "ENGINE", "RUNTIME", "MEMORY", "FRACTION", "ASLEEP", "IDLE", "START TIMEOUT",
+             "FILE")]
     for spec in registry.values():
+        fraction = "-" if spec.gpu_memory_utilization is None else f"{spec.gpu_memory_utilization:g}"
         rows.append((
             spec.name,
             ",".join(spec.aliases) or "-",
             spec.engine.value,
             spec.runtime.value,
             f"{spec.memory_gb:g} GB",
+            fraction + (" (derived)" if spec.memory_fraction_derived else ""),
+            f"{spec.sleeping_gb:g} GB" if spec.idle_action == "sleep" else "-",
             format_duration(spec.idle_timeout) if spec.idle_timeout else "never",
             format_duration(spec.start_timeout),
             spec.source.name if spec.source else "-",
         ))
+    return _columns(rows)
+
+
+def format_nodes(nodes: dict[str, NodeConfig]) -> str:
+    """Each node's memory and where its total came from (read from the machine unless configured)."""
+    rows = [("NODE", "TOTAL", "RESERVE", "BUDGET", "MEMORY", "TOTAL FROM")]
+    for name, node in nodes.items():
+        total = node.total_gb or 0.0
+        rows.append((name, f"{total:.1f} GB", f"{node.reserve_gb:g} GB", f"{max(total - node.reserve_gb, 0):.1f} GB",
+                     describe_unified(node.unified_memory), node.total_source or "configured"))
+    return _columns(rows)
+
+
+def format_notes(loaded: Loaded) -> str:
+    """What the load derived or learned per model, then what looks wrong (a warning does not stop the load)."""
+    lines = [f"{model}: {line}" for model, said in loaded.notes.items() for line in said]
+    lines += [f"{model}: warning: {line}" for model, said in loaded.warnings.items() for line in said]
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in rows)

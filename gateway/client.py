@@ -56,8 +56,9 @@ def status_table(state: dict[str, Any]) -> str:
     for name, n in state["nodes"].items():
         live = "" if n["live_free_gb"] is None else f", {n['live_free_gb']:.1f} GB free on the machine"
         labels = ", ".join(f"{k}={v}" for k, v in n.get("labels", {}).items())
-        lines.append(f"node {name}: {n['held_gb']:g}/{n['capacity_gb']:g} GB held{live}, {n['queued']} queued"
-                     + (f" [{labels}]" if labels else ""))
+        source = f" ({n['total_source']})" if n.get("total_source") else ""
+        lines.append(f"node {name}: {n['held_gb']:g}/{n['capacity_gb']:g} GB held{live}, {n['queued']} queued, "
+                     f"{n['total_gb']:.1f} GB total{source}" + (f" [{labels}]" if labels else ""))
     return "\n".join(lines)
 
 

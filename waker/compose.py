@@ -1,20 +1,25 @@
 """The composition root: the runtimes, budgets, labels and live memory probes of a waker, built from the nodes'
 configuration (waker.config.nodes.NodeConfig), and the waker itself. The gateway calls `build_waker` with its
-settings; nothing else builds these."""
+settings; nothing else builds these. `resolve_nodes` reads what the configuration leaves out (each node's total
+memory) from the machines, with the real readers: this machine's NVML and /proc/meminfo, a remote node's Docker
+daemon."""
 
 import os
 from collections.abc import Mapping, Sequence
 
+from waker.config import machine
+from waker.config.machine import LocalReader, MemoryReading, RemoteReader
 from waker.config.nodes import NodeConfig
 from waker.config.registry import Registry
 from waker.config.spec import RuntimeKind
 from waker.options import WakerOptions
 from waker.runtime.base import Runtime
 from waker.runtime.docker.host import DockerNode
-from waker.runtime.docker.memory_probe import DockerMemoryProbe
+from waker.runtime.docker.memory_probe import DockerMemInfo, DockerMemoryProbe, NodeUnreachable
 from waker.runtime.docker.runtime import DockerRuntime
 from waker.runtime.external import ExternalRuntime
-from waker.runtime.memory import FixedProbe, make_probe
+from waker.runtime.machine import read_local_memory
+from waker.runtime.memory import GIB, FixedProbe, make_probe
 from waker.runtime.process import ProcessRuntime
 from waker.scheduling.budget import Budget, MemoryProbe
 from waker.scheduling.node import QueuePolicy
@@ -23,8 +28,33 @@ from waker.waker import Waker
 LOCAL = {"local": NodeConfig()}
 
 
+def read_remote_memory(url: str) -> MemoryReading:
+    """A remote node's total memory: ``MemTotal`` of its Docker daemon's ``info()`` (host RAM: on a node with
+    discrete GPUs, set total_gb). Unified or not can't be told from there."""
+    source = DockerMemInfo(url)
+    try:
+        total = source.total_bytes()
+    except NodeUnreachable as exc:
+        return MemoryReading(None, None, str(exc))
+    finally:
+        source.close()
+    if not total:
+        return MemoryReading(None, None, f"Docker info of {url} has no MemTotal")
+    return MemoryReading(total / GIB, None, f"Docker info of {url}")
+
+
+def resolve_nodes(nodes: Mapping[str, NodeConfig], *, local: LocalReader | None = None,
+                  remote: RemoteReader | None = None) -> dict[str, NodeConfig]:
+    """`nodes` with each total read from its machine where not configured (see waker/config/machine.py). Blocking
+    (a remote daemon may take seconds): at startup and in the reload thread, never per request. Nodes already
+    resolved are not read again."""
+    return machine.resolve_nodes(nodes, local=local or read_local_memory, remote=remote or read_remote_memory)
+
+
 def budgets(nodes: Mapping[str, NodeConfig]) -> dict[str, Budget]:
-    return {name: Budget(n.total_gb, n.reserve_gb) for name, n in nodes.items()}
+    """Each node's budget: its total (read from the machine when not configured) minus its reserve."""
+    resolved = resolve_nodes(nodes)
+    return {name: Budget(n.total_gb or machine.DEFAULT_TOTAL_GB, n.reserve_gb) for name, n in resolved.items()}
 
 
 def labels(nodes: Mapping[str, NodeConfig]) -> dict[str, dict[str, str]]:
@@ -72,11 +102,12 @@ def build_waker(registry: Registry, nodes: Mapping[str, NodeConfig] | None = Non
                 options: WakerOptions | None = None, queue: QueuePolicy | None = None, preload: Sequence[str] = (),
                 instance: str = "default", memory_probes: Mapping[str, MemoryProbe] | None = None) -> Waker:
     """The waker of one gateway: `registry` served on `nodes` (default: this machine only)."""
-    nodes = nodes or LOCAL
+    nodes = resolve_nodes(nodes or LOCAL)
     options = options or WakerOptions()
     return Waker(registry, options=options, runtimes=default_runtimes(options, docker_nodes(nodes), instance),
                  budgets=budgets(nodes), probes=memory_probes or probes(nodes), queue=queue, preload=preload,
                  labels=labels(nodes))
 
 
-__all__ = ["budgets", "build_waker", "default_runtimes", "docker_nodes", "labels", "probe", "probes"]
+__all__ = ["budgets", "build_waker", "default_runtimes", "docker_nodes", "labels", "probe", "probes",
+           "read_remote_memory", "resolve_nodes"]

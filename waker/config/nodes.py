@@ -1,7 +1,8 @@
 """The nodes engines run on: one Docker host each, with its memory budget, labels and live memory probe.
 
 Data only, typed once at the edge (the gateway's `SPARKGATE_NODES` setting); waker/compose.py builds the
-runtimes, budgets and probes from it.
+runtimes, budgets and probes from it. A total left unset is read from the machine at startup
+(waker/config/machine.py), which fills in `total_gb`, `total_source` and, where it can tell, `unified_memory`.
 """
 
 import os
@@ -21,7 +22,19 @@ class NodeConfig(BaseModel):
     )
     address: str = Field(default="127.0.0.1", description="address the gateway uses to reach engines there")
     publish_ip: str = Field(default="127.0.0.1", description="address engine ports are published on there")
-    total_gb: float = Field(default=128.0, gt=0, description="memory of the node in GiB (a DGX Spark: 128)")
+    total_gb: float | None = Field(
+        default=None, gt=0, description="memory of the node in GiB; default: read at startup (unified memory or no "
+        "GPU: /proc/meminfo MemTotal; discrete GPUs: their total from NVML; a remote node: its Docker daemon's "
+        "MemTotal; else 128)",
+    )
+    unified_memory: bool | None = Field(
+        default=None, description="CPU and GPU share one memory (DGX Spark, GB10); default: told by NVML for a local "
+        "node, unknown for a remote one",
+    )
+    total_source: str | None = Field(
+        default=None, exclude=True, description="set at startup: where total_gb came from (\"configured\", \"NVML: 2 "
+        "GPUs\", ...)",
+    )
     reserve_gb: float = Field(default=8.0, ge=0, description="kept free for the OS, the gateway and page cache")
     memory_probe: str = Field(
         default="auto", pattern="^(auto|meminfo|nvml|docker|none)$",
@@ -45,6 +58,20 @@ class NodeConfig(BaseModel):
         if value is not None and not value.startswith(("unix://", "tcp://", "ssh://", "http://", "https://")):
             raise ValueError("docker_host must start with unix://, tcp:// or ssh://")
         return value
+
+    @field_validator("total_source")
+    @classmethod
+    def _not_settable(cls, value: str | None) -> str | None:
+        # Filled in by waker.config.machine.resolve_nodes (through model_copy, which doesn't validate); a source
+        # written in the settings would claim a reading that never happened.
+        if value is not None:
+            raise ValueError("total_source is set by the gateway; set total_gb instead")
+        return value
+
+    def docker_url(self) -> str:
+        """The Docker host as a URL, for messages and for reading a remote node: docker_host, DOCKER_HOST, or the
+        local socket."""
+        return self.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
     def is_local(self) -> bool:
         """Whether the Docker host is this machine: no docker_host (nor DOCKER_HOST), or a unix socket."""

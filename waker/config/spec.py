@@ -127,6 +127,10 @@ class ModelSpec(BaseModel):
         description='memory the engine may take, in GiB; "auto": the learned peak (stats) x 1.2 once sampled',
     )
     memory_auto: bool = Field(default=False, exclude=True, description="memory_gb was 'auto' (resolved at load)")
+    memory_fraction_derived: bool = Field(
+        default=False, exclude=True,
+        description="gpu_memory_utilization was derived from memory_gb and the node's total (set at load)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,8 +150,17 @@ class ModelSpec(BaseModel):
         description="vLLM sleep level; 2 (drop weights) is the default because on unified memory level 1 "
         "moves weights to CPU RAM, which is the same pool, and frees almost nothing",
     )
+    sleep_level_1_on_unified_memory: bool = Field(
+        default=False, description="vLLM: allow sleep_level 1 where the memory is unified (DGX Spark, GB10), which "
+        "is refused by default: it frees little there and its wake can hang the host (vLLM #50011)",
+    )
     sleep_memory_gb: float | None = Field(
-        default=None, ge=0, description="what a sleeping engine still holds; default min(2, memory_gb)"
+        default=None, ge=0, description="what a sleeping engine still holds; default: its sleep peak x 1.2 once the "
+        "stats sampler has seen it asleep (never above memory_gb), else min(4, memory_gb) at sleep_level 2 and "
+        "memory_gb at level 1",
+    )
+    sleep_memory_learned: bool = Field(
+        default=False, exclude=True, description="sleep_memory_gb was learned from the stats (set at load)"
     )
     wake_timeout: Duration = Field(default=120.0, gt=0, description="give up waking after this long")
     min_uptime: Duration = Field(default=60.0, description="never stop sooner than this after READY")
@@ -252,7 +265,19 @@ class ModelSpec(BaseModel):
 
     @property
     def sleeping_gb(self) -> float:
-        return self.sleep_memory_gb if self.sleep_memory_gb is not None else min(2.0, self.memory_gb)
+        """What the engine holds asleep: sleep_memory_gb (given, or learned at load), else a default on the safe side.
+
+        Level 2 keeps the CUDA context, the CUDA graph pool and workspaces: vLLM measured 2.75-4.2 GiB on an H100,
+        plus the host process's own memory on unified memory, so min(4, memory_gb). Level 1 keeps the weights:
+        vLLM moves them to host RAM (on unified memory the same pool), SGLang keeps them in GPU memory and releases
+        only the KV cache and CUDA graphs; both counted as the whole memory_gb, an over-count that never lets a
+        sleeping model's memory be promised to another.
+        """
+        if self.sleep_memory_gb is not None:
+            return self.sleep_memory_gb
+        if self.sleep_level == 1:
+            return self.memory_gb
+        return min(4.0, self.memory_gb)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -274,5 +299,6 @@ _POLICY_FIELDS = {
     "name", "aliases", "memory_gb", "idle_timeout", "idle_action", "min_uptime", "start_timeout",
     "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
     "memory_auto", "node", "node_labels", "placed_on",
+    "memory_fraction_derived", "sleep_memory_learned", "sleep_level_1_on_unified_memory",
     "wake_timeout", "max_concurrent", "max_waiting",
 }
