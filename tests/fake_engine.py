@@ -19,12 +19,38 @@ finish_reason "tool_calls"); `suffix` on /v1/completions (fill-in-the-middle; co
 --hang-requests: completion requests are read in full, then never answered (health stays OK), like an
 engine whose scheduler is wedged. --hang-health: the readiness routes (/health, /v1/models) accept
 the connection and the request, then never answer, like an engine stuck in a blocking load.
+
+--flavor {generic,vllm,sglang,llamacpp,trtllm} (default generic: the behaviour above, unchanged) makes the
+fake behave like that engine wherever the gateway depends on it: readiness (connection refused, 503 bodies,
+SGLang's generating /health), the sleep routes and their exact answers, weights lost by a sleep and what a
+woken engine then answers, vLLM's --shutdown-timeout. Each flavoured behaviour cites the upstream file it
+copies; /work/notes/issue14-upstream-facts.md has the commits. The real output of a completion stays the
+request's function (" t0 t1 ..."); an engine whose weights are garbage answers "!" tokens instead, with 200.
+
+    vllm:     python tests/fake_engine.py --flavor vllm [MODEL] --port P --served-model-name NAME
+                  [--enable-sleep-mode] [--shutdown-timeout S] [--gpu-memory-utilization F] [--ready-after S]
+              (dev routes need env VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode)
+    sglang:   python tests/fake_engine.py --flavor sglang --model-path PATH --port P [--served-model-name NAME]
+                  [--mem-fraction-static F] [--enable-memory-saver] [--enable-weights-cpu-backup]
+                  [--listen-after S] [--ready-after S]   (env SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0: fast /health)
+    llamacpp: python tests/fake_engine.py --flavor llamacpp --port P --model PATH [--alias NAME] [--ready-after S]
+    trtllm:   python tests/fake_engine.py --flavor trtllm MODEL --port P [--served_model_name NAME]
+                  [--kv_cache_free_gpu_memory_fraction F] [--ready-after S]
+
+/stats adds, for a flavour (generic's /stats keeps its fields): flavor, in_flight, garbage_answers,
+queued_while_asleep, aborted, rejected_draining, health_generations and the engine's memory state (vllm:
+is_sleeping, asleep_tags, weights_valid; sglang: released, weights_valid). /sleep_log lists the calls in
+order: "sleep level=N[ mode=M]", "wake_up[ tags=a,b]", "collective_rpc METHOD", "reset_prefix_cache",
+"release_memory_occupation[ tags=a,b]", "resume_memory_occupation[ tags=a,b]",
+"update_weights_from_disk model_path=P".
 """
 
 import argparse
 import asyncio
 import json
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -38,6 +64,14 @@ STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_c
 # GET /is_sleeping. Every call is recorded in SLEEP_LOG for tests to check the sequence.
 SLEEP = {"level": 0, "weights": True, "kv_cache": True}
 SLEEP_LOG: list[str] = []
+
+FLAVORS = ("generic", "vllm", "sglang", "llamacpp", "trtllm")
+# Counters only a flavoured fake reports (empty for generic, whose /stats stays byte-identical).
+EXTRA_STATS: dict[str, int] = {}
+# Completion handlers in progress, and those of them still queued behind a paused vLLM scheduler.
+RUNNING: set[asyncio.Task] = set()
+QUEUED: set[asyncio.Task] = set()
+GARBAGE_TOKEN = "!"  # what a model with garbage weights says, token after token (vLLM #29341: "!!!!...")
 
 
 CREATED: int | None = None  # --created: a fixed timestamp instead of the clock's
@@ -104,11 +138,77 @@ def tool_arguments(function: dict) -> str:
     return json.dumps({name: f"fake-{name}" for name in properties})
 
 
-def make_app(args: argparse.Namespace) -> web.Application:
-    started = time.monotonic()
+class VllmState:
+    """vLLM's scheduler and memory as its sleep routes change them.
+
+    vllm/v1/engine/core.py (EngineCore.sleep, pause_scheduler, wake_up, is_sleeping): a sleep first pauses the
+    scheduler -- new requests are still accepted, and queued ("All pause modes queue new adds"); in-flight ones
+    are aborted (mode=abort, the default), drained (wait) or frozen (keep) -- then frees memory by tag. A wake
+    resumes scheduling only once no tag is asleep any more, and is_sleeping is true until then.
+    """
+
+    def __init__(self) -> None:
+        self.admitting = asyncio.Event()  # cleared: new requests wait in the queue
+        self.stepping = asyncio.Event()  # cleared: requests in flight make no progress (mode=keep)
+        self.admitting.set()
+        self.stepping.set()
+        self.asleep_tags: set[str] = set()
+        self.level = 0
+        self.weights_valid = True  # False after a level 2 sleep, until collective_rpc reload_weights
+        self.draining = False  # SIGTERM received: new requests are refused
+
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep_tags) or not self.admitting.is_set()
+
+
+class SglangState:
+    """SGLang's memory regions, as python/sglang/srt/managers/scheduler_update_weights_mixin.py keeps them."""
+
+    ALL_TAGS = ("weights", "kv_cache", "cuda_graph")  # python/sglang/srt/constants.py GPU_MEMORY_ALL_TYPES
+
+    def __init__(self) -> None:
+        self.released: set[str] = set()  # the scheduler's offload_tags
+        self.weights_valid = True  # False once weights were released without a CPU backup, until reloaded
+
+
+def in_flight() -> set[asyncio.Task]:
+    """Completions the engine is working on (not those queued behind a paused scheduler)."""
+    return RUNNING - QUEUED
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An environment boolean read the way SGLang's EnvBool reads it (python/sglang/srt/environ.py)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "n", "f", "")
+
+
+def scheduler_crash(error: str) -> None:
+    """SGLang's answer to an exception in its scheduler: the whole server dies, the HTTP call gets no answer.
+
+    run_scheduler_process (python/sglang/srt/managers/scheduler.py) logs "Scheduler hit an exception" and sends
+    SIGQUIT to its parent, whose handler (tokenizer_manager.py) logs the line below and kill_process_tree()s
+    itself: SIGKILL.
+    """
+    print(f"Scheduler hit an exception: Traceback (most recent call last):\n{error}", file=sys.stderr, flush=True)
+    print("SIGQUIT received. signum=None, frame=None. It usually means one child failed.", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
+             vllm: "VllmState | None" = None) -> web.Application:
+    # boot: when the process started (monotonic, wall clock), for flavours that load before they listen;
+    # vllm: the vLLM flavour's state, which serve_vllm() marks as draining on SIGTERM.
+    started, started_wall = boot if boot is not None else (time.monotonic(), time.time())
     # When /health turns 200, on the wall clock: every answer says it (bench/wake.py measures what a cold
     # request waits beyond this moment).
-    ready_at = f"{time.time() + args.ready_after:.6f}"
+    ready_at = f"{started_wall + args.ready_after:.6f}"
+    flavor = args.flavor
+    vllm = vllm if vllm is not None else VllmState()
+    sglang = SglangState()
 
     def ready() -> bool:
         return not args.never_ready and time.monotonic() - started >= args.ready_after
@@ -120,25 +220,120 @@ def make_app(args: argparse.Namespace) -> web.Application:
         await asyncio.Event().wait()  # until the client gives up (or the process ends)
         raise AssertionError("unreachable")
 
+    def llamacpp_loading() -> web.Response:
+        # tools/server/server.cpp (middleware_server_state): while SERVER_STATE_LOADING_MODEL every route but
+        # /models, /v1/models, /api/tags and the HTML pages gets format_error_response("Loading model",
+        # ERROR_TYPE_UNAVAILABLE) (tools/server/server-common.cpp): this body, 503.
+        return web.json_response({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+                                 status=503)
+
     async def health(request: web.Request) -> web.Response:
         if args.hang_health:
             return await hang(request)
+        if flavor in ("vllm", "trtllm"):
+            # vllm/entrypoints/serve/instrumentator/health.py: 200 (no body) once it listens, asleep or not;
+            # tensorrt_llm/serve/openai_server.py (health): the same. Neither listens before it is loaded.
+            return web.Response(status=200)
+        if flavor == "llamacpp":
+            return web.json_response({"status": "ok"}) if ready() else llamacpp_loading()
+        if flavor == "sglang":
+            return await sglang_health(request)
         return web.json_response({"status": "ok"} if ready() else {"status": "loading"}, status=200 if ready() else 503)
+
+    async def sglang_health(request: web.Request) -> web.Response:
+        """python/sglang/srt/entrypoints/http_server.py (health_generate, the handler of /health too)."""
+        if not ready():
+            return web.Response(status=503)  # ServerStatus.Starting: until the warmup request has ended
+        if request.path == "/health" and not env_flag("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", True):
+            return web.Response(status=200)
+        # A one-token generation; the handler polls for its reply with `await asyncio.sleep(1)`, so a probe
+        # takes at least a second.
+        EXTRA_STATS["health_generations"] += 1
+        await asyncio.sleep(1.0)
+        if args.enable_memory_saver and sglang.released:
+            # Unverified upstream: a generation against released memory. Upstream waits up to
+            # SGLANG_HEALTH_CHECK_TIMEOUT (20 s) for a reply, then answers 503; the fake answers 503 at once.
+            return web.Response(status=503)
+        return web.Response(status=200)
 
     async def models(request: web.Request) -> web.Response:
         if args.hang_health:
             return await hang(request)
+        if flavor != "generic":
+            # llama.cpp lets /v1/models through while loading (tools/server/server.cpp middleware_server_state);
+            # SGLang answers it during warmup; vLLM and trtllm only listen once loaded.
+            return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model"}]})
         if not ready():
             return web.json_response({"error": {"message": "loading"}}, status=503)
         return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model"}]})
 
+    def state() -> dict[str, object]:
+        if flavor == "vllm":
+            return {"is_sleeping": vllm.is_sleeping(), "asleep_tags": sorted(vllm.asleep_tags),
+                    "weights_valid": vllm.weights_valid}
+        if flavor == "sglang":
+            return {"released": sorted(sglang.released), "weights_valid": sglang.weights_valid}
+        return {}
+
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({**STATS, "pid": os.getpid()})
+        if flavor == "generic":
+            return web.json_response({**STATS, "pid": os.getpid()})
+        return web.json_response({**STATS, "flavor": flavor, **EXTRA_STATS, "in_flight": len(in_flight()), **state(),
+                                  "pid": os.getpid()})
+
+    def weights_valid() -> bool:
+        if flavor == "vllm":
+            return vllm.weights_valid
+        if flavor == "sglang":
+            return sglang.weights_valid
+        return True
+
+    async def admit(request: web.Request) -> web.Response | None:
+        """A flavour's say on a completion before it runs: an answer that refuses it, or None (after waiting)."""
+        if flavor == "llamacpp" and not ready():
+            return llamacpp_loading()
+        if flavor == "sglang" and args.enable_memory_saver and sglang.released:
+            # Unverified upstream: SGLang has no guard for a generation while memory is released (the pages are
+            # unmapped). The fake refuses it, as an engine that cannot serve would.
+            return web.json_response({"error": {"message": "memory released: "
+                                                + ",".join(sorted(sglang.released)), "code": 503}}, status=503)
+        if flavor == "vllm":
+            if vllm.draining:
+                # PR #36666 (--shutdown-timeout): after SIGTERM the API server rejects new requests.
+                EXTRA_STATS["rejected_draining"] += 1
+                return web.json_response({"error": {"message": "server is shutting down", "code": 503}}, status=503)
+            if not vllm.admitting.is_set():
+                # vllm/v1/engine/core.py (pause_scheduler): a paused (sleeping) engine queues new requests; they
+                # run once a wake has resumed the scheduler. No 503.
+                EXTRA_STATS["queued_while_asleep"] += 1
+                task = asyncio.current_task()
+                assert task is not None
+                QUEUED.add(task)
+                try:
+                    await vllm.admitting.wait()
+                finally:
+                    QUEUED.discard(task)
+        return None
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        RUNNING.add(task)  # what a vLLM sleep aborts or waits for, what an SGLang release asserts is empty
+        try:
+            return await complete(request)
+        finally:
+            RUNNING.discard(task)
+
+    async def complete(request: web.Request) -> web.StreamResponse:
         STATS["requests"] += 1
-        if asleep() or SLEEP["level"] == 2:  # level 2 without reload_weights: weights are garbage
-            return web.json_response({"error": {"message": "engine is sleeping", "code": "sleeping"}}, status=503)
+        if flavor == "generic":
+            if asleep() or SLEEP["level"] == 2:  # level 2 without reload_weights: weights are garbage
+                return web.json_response({"error": {"message": "engine is sleeping", "code": "sleeping"}},
+                                         status=503)
+        else:
+            refusal = await admit(request)
+            if refusal is not None:
+                return refusal
         if args.hang_requests:
             return await hang(request)
         kind = "chat" if request.path.endswith("chat/completions") else "text"
@@ -151,6 +346,16 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 {"error": {"message": f"model {body.get('model')!r} not served here", "code": "model_not_found"}},
                 status=404,
             )
+        # Garbage weights answer 200 with garbage, silently: vLLM #29341 (level 2 wake without reload_weights);
+        # SGLang weights released without --enable-weights-cpu-backup (model_runner.py: memory_saver region
+        # enable_cpu_backup=server_args.enable_weights_cpu_backup).
+        garbage = not weights_valid()
+        if garbage:
+            EXTRA_STATS["garbage_answers"] += 1
+
+        def token(i: int) -> str:
+            return GARBAGE_TOKEN if garbage else f" t{i}"
+
         tokens = int(body.get("max_tokens") or 8)
         if kind == "text" and body.get("suffix") is not None:
             STATS["fim_requests"] += 1
@@ -170,7 +375,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if not body.get("stream"):
             if args.token_delay:
                 await asyncio.sleep(args.token_delay * tokens)
-            text = "".join(f" t{i}" for i in range(tokens))
+            if flavor == "vllm":
+                await vllm.stepping.wait()  # mode=keep froze it: it finishes after the wake
+            text = "".join(token(i) for i in range(tokens))
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                       if kind == "chat" else {"index": 0, "text": text, "finish_reason": "length"})
             return web.json_response({
@@ -189,8 +396,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 for i in range(tokens):
                     if args.crash_after_tokens is not None and i == args.crash_after_tokens:
                         os._exit(137)
+                    if flavor == "vllm":
+                        await vllm.stepping.wait()
                     finish = "length" if i == tokens - 1 else None
-                    await resp.write(chunk(args.model, f" t{i}", finish, kind, include_usage))
+                    await resp.write(chunk(args.model, token(i), finish, kind, include_usage))
                     await asyncio.sleep(args.token_delay)
                 sent = tokens
             if include_usage:
@@ -245,6 +454,154 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def is_sleeping(request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": asleep()})
 
+    # vLLM's dev routes, flavoured. vllm/entrypoints/serve/sleep/api_router.py (sleep, wake_up, is_sleeping),
+    # vllm/entrypoints/serve/dev/rpc/api_router.py (collective_rpc), .../dev/cache/api_router.py
+    # (reset_prefix_cache); the engine side is vllm/v1/engine/core.py (EngineCore.sleep, wake_up).
+
+    async def vllm_sleep(request: web.Request) -> web.Response:
+        level = int(request.query.get("level", "1"))  # query only; a JSON body is ignored
+        mode = request.query.get("mode", "abort")
+        SLEEP_LOG.append(f"sleep level={level}" + (f" mode={mode}" if "mode" in request.query else ""))
+        if mode not in ("abort", "wait", "keep"):
+            # pause_scheduler raises ValueError(f"Invalid pause mode: {mode}"): a server error
+            return web.json_response({"error": {"message": f"Invalid pause mode: {mode}", "code": 500}}, status=500)
+        vllm.admitting.clear()  # every mode queues new requests from now on
+        if mode == "abort":
+            running = in_flight()
+            EXTRA_STATS["aborted"] += len(running)
+            for task in running:
+                task.cancel()
+        elif mode == "wait":
+            while in_flight():  # they keep running until done; the sleep answers after
+                await asyncio.sleep(0.01)
+        else:
+            vllm.stepping.clear()  # keep: frozen in place, resumed by the wake
+        if level >= 1:
+            # Level 1 copies the weights to host memory and discards the KV cache; level 2 discards both.
+            vllm.asleep_tags |= {"weights", "kv_cache"}
+            vllm.level = level
+            if level >= 2:
+                vllm.weights_valid = False
+        return web.Response(status=200)
+
+    async def vllm_wake_up(request: web.Request) -> web.Response:
+        tags = request.query.getall("tags", [])
+        SLEEP_LOG.append("wake_up" + (f" tags={','.join(tags)}" if tags else ""))
+        # No tags: wake everything. "scheduling" only resumes the scheduler (a level 0 sleep).
+        woken = {tag for tag in tags if tag != "scheduling"} if tags else set(vllm.asleep_tags)
+        vllm.asleep_tags -= woken
+        # The weights come back from the host copy after level 1; after level 2 their memory comes back with
+        # whatever it holds, until collective_rpc reload_weights.
+        if not vllm.asleep_tags:  # resume only once fully awake (EngineCore.wake_up)
+            vllm.admitting.set()
+            vllm.stepping.set()
+        return web.Response(status=200)
+
+    async def vllm_collective_rpc(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return web.json_response({"detail": f"JSON decode error: {e}"}, status=400)
+        method = body.get("method") if isinstance(body, dict) else None
+        if method is None:
+            return web.json_response({"detail": "Missing 'method' in request body"}, status=400)
+        SLEEP_LOG.append(f"collective_rpc {method}")
+        if method == "reload_weights":
+            vllm.weights_valid = True
+        return web.json_response({"results": [None]})  # one None per worker
+
+    async def vllm_is_sleeping(request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": vllm.is_sleeping()})
+
+    async def vllm_reset_prefix_cache(request: web.Request) -> web.Response:
+        SLEEP_LOG.append("reset_prefix_cache")
+        return web.Response(status=200)
+
+    # SGLang's memory routes: python/sglang/srt/entrypoints/http_server.py (release_memory_occupation,
+    # resume_memory_occupation, update_weights_from_disk), the scheduler side in
+    # python/sglang/srt/managers/scheduler_update_weights_mixin.py.
+
+    def sglang_invalid(message: str) -> web.Response:
+        # http_server.py (validation_exception_handler): FastAPI's 422 turned into 400 with an ErrorResponse.
+        return web.json_response({"object": "error", "message": message, "type": "Bad Request", "param": None,
+                                  "code": 400}, status=400)
+
+    async def sglang_body(request: web.Request) -> dict | web.Response:
+        raw = await request.read()
+        if not raw:  # the body is a required parameter: no body fails validation (inferred from FastAPI)
+            return sglang_invalid("[{'type': 'missing', 'loc': ('body',), 'msg': 'Field required'}]")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            return sglang_invalid(f"JSON decode error: {e}")
+        if not isinstance(body, dict):
+            return sglang_invalid("the body must be a JSON object")
+        return body
+
+    def sglang_tags(body: dict) -> list[str] | web.Response | None:
+        tags = body.get("tags")
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            return sglang_invalid("tags must be a list of strings or null")
+        return tags
+
+    def tags_suffix(tags: list[str] | None) -> str:
+        return f" tags={','.join(tags)}" if tags else ""
+
+    async def sglang_release(request: web.Request) -> web.Response:
+        body = await sglang_body(request)
+        if isinstance(body, web.Response):
+            return body
+        tags = sglang_tags(body)
+        if isinstance(tags, web.Response):
+            return tags
+        SLEEP_LOG.append("release_memory_occupation" + tags_suffix(tags))
+        if in_flight():
+            # release_memory_occupation: `assert self._is_no_request(), "release_memory_occupation should be called
+            # only when no ongoing request."` runs in the scheduler process: the server dies, no HTTP answer.
+            scheduler_crash("AssertionError: release_memory_occupation should be called only when no ongoing "
+                            "request.")
+        for tag in tags or SglangState.ALL_TAGS:  # null or [] = GPU_MEMORY_ALL_TYPES
+            sglang.released.add(tag)
+        if (args.enable_memory_saver and "weights" in (tags or SglangState.ALL_TAGS)
+                and not args.enable_weights_cpu_backup):
+            # The weights' region has enable_cpu_backup=False: paused pages are dropped, the resumed ones hold
+            # garbage. Without --enable-memory-saver the adapter is _TorchMemorySaverAdapterNoop
+            # (python/sglang/srt/torch_memory_saver_adapter.py): nothing is freed and nothing is lost.
+            sglang.weights_valid = False
+        return web.json_response(None)  # the handler returns None: 200 with JSON null
+
+    async def sglang_resume(request: web.Request) -> web.Response:
+        body = await sglang_body(request)
+        if isinstance(body, web.Response):
+            return body
+        tags = sglang_tags(body)
+        if isinstance(tags, web.Response):
+            return tags
+        SLEEP_LOG.append("resume_memory_occupation" + tags_suffix(tags))
+        for tag in tags or SglangState.ALL_TAGS:  # null or [] = all three, released or not
+            if tag not in sglang.released:
+                # resume_memory_occupation: `self.offload_tags.remove(tag)` raises KeyError for a tag that was
+                # not released (a resume of {} after releasing kv_cache and cuda_graph only, a second resume).
+                scheduler_crash(f"KeyError: {tag!r}")
+            sglang.released.discard(tag)
+        return web.json_response(None)
+
+    async def sglang_update_weights_from_disk(request: web.Request) -> web.Response:
+        body = await sglang_body(request)
+        if isinstance(body, web.Response):
+            return body
+        model_path = body.get("model_path")
+        if not isinstance(model_path, str):
+            return sglang_invalid("[{'type': 'missing', 'loc': ('body', 'model_path'), 'msg': 'Field required'}]")
+        SLEEP_LOG.append(f"update_weights_from_disk model_path={model_path}")
+        if args.enable_memory_saver and "weights" in sglang.released:
+            # Unverified upstream: loading into released (unmapped) weight memory. The fake refuses it.
+            return web.json_response({"success": False, "message": "fake: the weights' memory is released",
+                                      "num_paused_requests": 0}, status=400)
+        sglang.weights_valid = True
+        return web.json_response({"success": True, "message": "Succeeded to update model weights.",
+                                  "num_paused_requests": 0})
+
     async def embeddings(request: web.Request) -> web.Response:
         STATS["requests"] += 1
         body = await request.json()
@@ -257,6 +614,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["X-Fake-Ready-At"] = ready_at
 
+    if flavor != "generic":
+        EXTRA_STATS.update(garbage_answers=0, queued_while_asleep=0, aborted=0, rejected_draining=0,
+                           health_generations=0)
     app = web.Application()
     app.on_response_prepare.append(stamp)
     app.router.add_get("/health", health)
@@ -265,23 +625,91 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
-    if args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
+    dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+    if flavor == "generic" and args.enable_sleep_mode and dev_mode:
         app.router.add_post("/sleep", sleep)
         app.router.add_post("/wake_up", wake_up)
         app.router.add_post("/collective_rpc", collective_rpc)
         app.router.add_get("/is_sleeping", is_sleeping)
+    if flavor == "vllm" and args.enable_sleep_mode and dev_mode:
+        # Upstream attaches the dev routes whenever VLLM_SERVER_DEV_MODE is set (register_vllm_dev_api_routers);
+        # without --enable-sleep-mode a sleep cannot free anything. The gateway sets both, so the fake asks both.
+        app.router.add_post("/sleep", vllm_sleep)
+        app.router.add_post("/wake_up", vllm_wake_up)
+        app.router.add_post("/collective_rpc", vllm_collective_rpc)
+        app.router.add_get("/is_sleeping", vllm_is_sleeping)
+        app.router.add_post("/reset_prefix_cache", vllm_reset_prefix_cache)
+    if flavor == "sglang":
+        # Registered whatever the flags: without --enable-memory-saver they answer 200 and free nothing.
+        app.router.add_get("/health_generate", sglang_health)
+        for method in ("GET", "POST"):
+            app.router.add_route(method, "/release_memory_occupation", sglang_release)
+            app.router.add_route(method, "/resume_memory_occupation", sglang_resume)
+        app.router.add_post("/update_weights_from_disk", sglang_update_weights_from_disk)
     app.router.add_get("/sleep_log", lambda request: web.json_response(SLEEP_LOG))
     return app
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to the port but not listening: connections to it are refused.
+
+    What vLLM (vllm/entrypoints/openai/api_server.py create_server_socket, before the engine is built) and
+    trtllm-serve (tensorrt_llm/commands/serve.py launch_server: s.bind() before the LLM is built) hold while
+    they load; SGLang listens only once its scheduler is up (http_server.py launch_server).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def serve_vllm(app: web.Application, vllm: VllmState, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM, then stop as vLLM does with --shutdown-timeout N (PR #36666, vLLM 0.18).
+
+    New requests are refused at once; in-flight ones get up to N seconds to finish (N = 0, the default: none),
+    then the rest are aborted and the process exits.
+    """
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    vllm.draining = True
+    deadline = loop.time() + shutdown_timeout
+    print(f"shutting down: {len(in_flight())} requests in flight, waiting up to {shutdown_timeout:g} s", flush=True)
+    while in_flight() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    aborted = list(RUNNING)
+    for task in aborted:
+        task.cancel()
+    if aborted:
+        print(f"aborted {len(aborted)} requests", flush=True)
+        await asyncio.gather(*aborted, return_exceptions=True)
+    await runner.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--flavor", choices=FLAVORS, default="generic", help="behave like this engine")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("weights", nargs="?", default=None, help="positional model, as `vllm serve MODEL`")
-    ap.add_argument("--model", "--served-model-name", dest="model", default="fake")
+    ap.add_argument("--model", "--served-model-name", "--served_model_name", dest="model", default=None)
     ap.add_argument("--enable-sleep-mode", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--shutdown-timeout", type=float, default=0.0, help="vllm: drain on SIGTERM for up to S")
+    ap.add_argument("--model-path", default=None, help="sglang: the weights (also the served name by default)")
+    ap.add_argument("--mem-fraction-static", type=float, default=None)
+    ap.add_argument("--enable-memory-saver", action="store_true")
+    ap.add_argument("--enable-weights-cpu-backup", action="store_true")
+    ap.add_argument("--listen-after", type=float, default=0.0, help="sglang: refuse connections for S (loading)")
+    ap.add_argument("--alias", "-a", default=None, help="llamacpp: the served name")
+    ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=None)
+    ap.add_argument("--backend", default=None)
     ap.add_argument("--ready-after", type=float, default=0.0)
     ap.add_argument("--never-ready", action="store_true")
     ap.add_argument("--exit-at-start", type=int, default=None, metavar="CODE")
@@ -293,8 +721,14 @@ def main() -> None:
     ap.add_argument("--hang-health", action="store_true", help="readiness routes never answer")
     ap.add_argument("--created", type=int, default=None, help="fixed `created` timestamp (byte-identical answers)")
     args = ap.parse_args()
+    if args.flavor == "llamacpp" and args.alias is not None:
+        args.model = args.alias
+    elif args.model is None:
+        # SGLang serves --model-path under its own name unless --served-model-name says otherwise.
+        args.model = args.model_path if args.flavor == "sglang" and args.model_path else "fake"
     global CREATED
     CREATED = args.created
+    boot = (time.monotonic(), time.time())
     print(f"fake engine {args.model} starting on {args.host}:{args.port}", flush=True)
     if args.alloc_mb:
         print(f"allocating {args.alloc_mb} MB", flush=True)
@@ -305,7 +739,22 @@ def main() -> None:
         print("loading weights...", flush=True)
         print("error: out of memory while loading weights", file=sys.stderr, flush=True)
         sys.exit(args.exit_at_start)
-    web.run_app(make_app(args), host=args.host, port=args.port, print=None, access_log=None)
+    loads_before_listening = args.flavor in ("vllm", "trtllm") or (args.flavor == "sglang" and args.listen_after)
+    if not loads_before_listening:
+        web.run_app(make_app(args), host=args.host, port=args.port, print=None, access_log=None)
+        return
+    sock = bound_socket(args.host, args.port)
+    print(f"loading weights ({args.flavor})...", flush=True)
+    if args.never_ready and args.flavor != "sglang":
+        while True:  # a load that never ends; SIGTERM ends the process as it would end the engine's
+            time.sleep(3600)
+    time.sleep(args.listen_after if args.flavor == "sglang" else args.ready_after)
+    vllm = VllmState()
+    app = make_app(args, boot, vllm)
+    if args.flavor == "vllm":
+        asyncio.run(serve_vllm(app, vllm, sock, args.shutdown_timeout))
+    else:
+        web.run_app(app, sock=sock, print=None, access_log=None)
 
 
 if __name__ == "__main__":
