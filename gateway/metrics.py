@@ -90,7 +90,8 @@ class Metrics:
         # -- lifecycle (from waker events) --
         self.events_total = Counter(f"{PREFIX}events_total", "Waker events seen, by kind.", ["kind"], registry=r)
         self.cold_starts = Counter(f"{PREFIX}cold_starts_total", "Engine starts (stopped or failed -> starting; "
-                                   "adopting a running engine at boot counts too).", ["model"], registry=r)
+                                   "adopting a running engine at boot counts too, and so does the cold start that "
+                                   "replaces a failed wake).", ["model"], registry=r)
         self.wakes = Counter(f"{PREFIX}wakes_total", "Wakes of sleeping engines (sleeping -> waking).", ["model"],
                              registry=r)
         self.wake_duration = Histogram(f"{PREFIX}wake_duration_seconds", "Time from starting (kind=start) or waking "
@@ -101,7 +102,8 @@ class Metrics:
         self.idle_stops = Counter(f"{PREFIX}idle_stops_total", "Models stopped or put to sleep after idle_timeout.",
                                   ["model", "action"], registry=r)
         self.start_failures = Counter(f"{PREFIX}start_failures_total", "Starts or wakes that failed (starting or "
-                                      "waking -> failed).", ["model"], registry=r)
+                                      "waking -> failed, or waking -> starting: a wake that failed and was replaced "
+                                      "by a cold start).", ["model"], registry=r)
         self.crashes = Counter(f"{PREFIX}crashes_total", "Engines that failed after they were up (ready, sleeping "
                                "or stopping -> failed).", ["model"], registry=r)
         self.queued = Counter(f"{PREFIX}queued_total", "Times a model had to wait for room (a ticket queued).",
@@ -146,8 +148,10 @@ class Metrics:
         model, kind = event.model, event.kind
         if kind == "transition":
             source, target = event.source, event.target
-            if target == S.STARTING and source in (S.STOPPED, S.FAILED):
+            if target == S.STARTING and source in (S.STOPPED, S.FAILED, S.WAKING):
                 self.cold_starts.labels(model).inc()
+                if source == S.WAKING:
+                    self.start_failures.labels(model).inc()  # the wake failed; the cold start is counted on its own
             elif target == S.WAKING and source == S.SLEEPING:
                 self.wakes.labels(model).inc()
             elif target == S.READY and source in (S.STARTING, S.WAKING):

@@ -21,6 +21,10 @@ class FakeHandle:
         self.calls: list[str] = []  # sleep and wake calls it received, "METHOD path"
         self.fail_calls = False  # answer every sleep or wake call with an error
         self.exit_after_wake = False  # exit just after answering its wake calls
+        self.stays_asleep = False  # answers its wake calls, then still says it sleeps (a wake that did nothing)
+        self.garbled = False  # answers its wake calls, then can't generate (a wake that broke it)
+        self.notes: list[bool] = []  # SleepNotes: what the waker noted on it, in order
+        self.fail_notes = False  # noting fails (a container whose file system can't be written)
         # Set: stop() waits for it (an engine that ignores SIGTERM for its grace); a cancelled stop kills it.
         self.stop_gate: asyncio.Event | None = None
 
@@ -76,6 +80,12 @@ class FakeHandle:
         self._reachable()
         return tuple(self.lines[-lines:]) if lines > 0 else ()
 
+    async def note_asleep(self, asleep: bool) -> None:
+        self._reachable()
+        if self.fail_notes:
+            raise RuntimeError("read-only file system")
+        self.notes.append(asleep)
+
 
 class FakeRuntime:
     """Each start makes a FakeHandle; `auto_ready` makes it ready at once."""
@@ -105,13 +115,13 @@ class FakeRuntime:
         self.started.set()
         return handle
 
-    def leave_running(self, model: str, spec_hash: str, asleep: bool = False) -> FakeHandle:
-        """An engine an earlier gateway left running: found by discover()."""
+    def leave_running(self, model: str, spec_hash: str, asleep: bool = False, note: bool | None = None) -> FakeHandle:
+        """An engine an earlier gateway left running: found by discover(), with `note` as its sleep note."""
         handle = FakeHandle(len(self.handles) + 1, self)
         handle.ready.set()
         handle.asleep = asleep
         self.handles.append(handle)
-        self.found.append(Found(model, spec_hash, True, handle, ("local",)))
+        self.found.append(Found(model, spec_hash, True, handle, ("local",), note))
         return handle
 
     async def discover(self) -> list[Found]:
@@ -147,9 +157,13 @@ class FakeEngineApi:
             handle.calls.append(f"{call.method} {call.path}")
             if handle.fail_calls:
                 raise EngineCallError(f"{call.method} {call.path} answered 500: no")
-            if "sleep" in call.path or "release" in call.path:
+            if call.path == "/v1/completions":
+                if handle.garbled or handle.asleep:
+                    raise EngineCallError(f"{call.method} {call.path} answered 500: CUDA error: an illegal memory "
+                                          "access was encountered")
+            elif "sleep" in call.path or "release" in call.path:
                 handle.asleep = True
-            elif "wake" in call.path or "resume" in call.path:
+            elif ("wake" in call.path or "resume" in call.path) and not handle.stays_asleep:
                 handle.asleep = False
         if handle.exit_after_wake and not handle.asleep:
             handle.exit(1, "segfault right after waking")

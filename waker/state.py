@@ -27,7 +27,7 @@ ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.READY: frozenset({S.STOPPING, S.FAILED, S.SLEEPING}),
     S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
-    S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING}),
+    S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING, S.STARTING}),  # STARTING: a failed wake starts it cold
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.FAILED: frozenset({S.STARTING, S.STOPPING, S.STOPPED, S.SLEEPING}),  # SLEEPING: an engine found asleep
 }

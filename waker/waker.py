@@ -293,9 +293,11 @@ class Waker:
             log.warning("could not remove stale engine %s: %s", found.handle.ident, exc)
 
     async def _is_sleeping(self, spec: ModelSpec, found: Found) -> bool:
+        """Whether an engine found running sleeps: its own answer (vLLM's `/is_sleeping`: its `/health` answers 200
+        asleep too), or for engines that can't tell (SGLang) the note the gateway that put it to sleep kept with it."""
         call = engine_for(spec.engine).sleep_state_call(spec)
         if call is None or self._engine_api is None:
-            return False
+            return bool(found.asleep)
         return bool(await self._engine_api.is_sleeping(found.handle.root_url, call))
 
     # -- requests ------------------------------------------------------------------------------------------

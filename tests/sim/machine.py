@@ -107,10 +107,11 @@ START_FAULTS: dict[str, Behaviour] = {
     "crashes_when_ready": dataclasses.replace(NORMAL, exit_after=12.0, exit_code=139),
     "exits_while_waking": dataclasses.replace(NORMAL, exit_on_wake=1),
     "fails_to_wake": dataclasses.replace(NORMAL, fail_wake=True),
+    "garbled_by_wake": dataclasses.replace(NORMAL, garbled=True),
     "slow_to_wake": dataclasses.replace(NORMAL, wake_time=4.0),  # three calls: past wake_timeout
     "fails_to_sleep": dataclasses.replace(NORMAL, fail_sleep=True),
 }
-ENGINE_FAULTS = ("crash", "exit_on_wake", "fail_wake", "fail_sleep", "ignore_sigterm")
+ENGINE_FAULTS = ("crash", "exit_on_wake", "fail_wake", "garbled_wake", "fail_sleep", "ignore_sigterm")
 
 # -- bounds ------------------------------------------------------------------------------------------------
 
@@ -434,12 +435,14 @@ class WakerSimulation(RuleBasedStateMachine):
             engine.behaviour.exit_on_wake = 1
         elif fault == "fail_wake":
             engine.behaviour.fail_wake = True
+        elif fault == "garbled_wake":
+            engine.behaviour.garbled = True
         elif fault == "fail_sleep":
             engine.behaviour.fail_sleep = True
         else:
             engine.behaviour.ignores_sigterm = True
 
-    @rule(fault=st.sampled_from(["crash", "exit_on_wake", "fail_wake", "slow_wake", None]))
+    @rule(fault=st.sampled_from(["crash", "exit_on_wake", "fail_wake", "garbled_wake", "slow_wake", None]))
     def a_sleeping_engine_is_woken(self, fault: str | None) -> None:
         """A request for a model whose engine sleeps, the engine maybe misbehaving as it is woken (or crashing
         asleep just before)."""
@@ -491,7 +494,7 @@ class WakerSimulation(RuleBasedStateMachine):
         self.runtime.unscript()
         for engine in self.runtime.engines:
             b = engine.behaviour
-            b.exit_on_wake, b.fail_wake, b.fail_sleep = None, False, False
+            b.exit_on_wake, b.fail_wake, b.fail_sleep, b.garbled = None, False, False, False
             b.sleep_time, b.wake_time = NORMAL.sleep_time, NORMAL.wake_time
 
         async def recover() -> None:

@@ -63,6 +63,7 @@ class Behaviour:
     fail_sleep: bool = False  # sleep calls answer 500, it stays awake
     fail_wake: bool = False  # wake calls answer 500, it stays asleep
     exit_on_wake: int | None = None  # it exits with this code halfway through a wake call
+    garbled: bool = False  # it can't generate (a wake that answered 200 and broke it: vLLM #49237, #50011)
 
 
 class SimEngine:
@@ -250,6 +251,10 @@ class SimEngine:
         what = f"{call.method} {call.path}"
         if not self.answers:
             raise EngineCallError(f"{what} failed: cannot connect to {self.root_url}")
+        if call.path == "/v1/completions":  # a generation (the check after a wake): at once, when it can
+            if self.state is not EngineState.READY or self.behaviour.garbled:
+                raise EngineCallError(f"{what} answered 500: CUDA error: an illegal memory access was encountered")
+            return
         role = self._role(call)
         if role is None:
             raise EngineCallError(f"{what} answered 404: Not Found")

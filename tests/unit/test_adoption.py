@@ -64,6 +64,38 @@ async def test_a_sleeping_engine_is_adopted_asleep_and_counted_by_its_sleeping_f
         assert len(runtime.handles) == 1
 
 
+async def test_an_engine_that_cannot_tell_it_sleeps_is_adopted_as_its_note_says() -> None:
+    # SGLang has no /is_sleeping; its /health answers 200 asleep. The note the last gateway kept with the engine says
+    # it sleeps: adopted SLEEPING (counted small) and woken with its wake calls, not sent requests while released.
+    runtime = FakeRuntime()
+    napper = spec("napper", 40, engine="sglang", model="/m", idle_action="sleep", sleep_memory_gb=4)
+    awake = spec("awake", 40, engine="sglang", model="/m", idle_action="sleep", sleep_memory_gb=4)
+    sleeping = runtime.leave_running("napper", launch_hash(napper), asleep=True, note=True)
+    runtime.leave_running("awake", launch_hash(awake), asleep=False, note=None)
+    async with booted(runtime, napper, awake) as w:
+        assert w.controller("napper").state is S.SLEEPING
+        await w.controller("awake").settled()  # probed like a fresh start
+        assert w.controller("awake").state is S.READY
+        assert w.admissions["local"].held_gb() == 44
+        async with w.lease("napper") as endpoint:
+            assert endpoint.api_base == "http://fake-1/v1"
+        assert sleeping.calls == ["POST /resume_memory_occupation", "POST /update_weights_from_disk",
+                                  "POST /v1/completions"]
+
+
+async def test_an_engine_noted_asleep_that_is_awake_is_started_cold_on_its_first_request() -> None:
+    # A note can be wrong (the gateway died between a wake and its note): the wake's check fails, a cold start answers.
+    runtime = FakeRuntime()
+    napper = spec("napper", 40, engine="sglang", model="/m", idle_action="sleep", sleep_memory_gb=4)
+    engine = runtime.leave_running("napper", launch_hash(napper), asleep=False, note=True)
+    engine.garbled = True  # SGLang's resume of tags it never released fails its scheduler
+    async with booted(runtime, napper) as w:
+        assert w.controller("napper").state is S.SLEEPING
+        async with w.lease("napper") as endpoint:
+            assert endpoint.api_base == "http://fake-2/v1"
+        assert engine.exit_code is not None
+
+
 async def test_an_engine_of_a_changed_or_removed_model_is_removed_at_boot() -> None:
     runtime = FakeRuntime()
     runtime.leave_running("m", launch_hash(spec("m", 10, args=["--old"])))

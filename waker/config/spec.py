@@ -147,8 +147,10 @@ class ModelSpec(BaseModel):
     idle_action: IdleAction = IdleAction.STOP
     sleep_level: int = Field(
         default=2, ge=1, le=2,
-        description="vLLM sleep level; 2 (drop weights) is the default because on unified memory level 1 "
-        "moves weights to CPU RAM, which is the same pool, and frees almost nothing",
+        description="what a sleep releases. vLLM: 1 moves the weights to CPU RAM and drops the KV cache, 2 drops both "
+        "(the wake reloads the weights). SGLang: 1 releases the KV cache and CUDA graphs and keeps the weights in GPU "
+        "memory, 2 releases everything (the wake reloads the weights from disk). 2 is the default: on unified memory "
+        "CPU RAM is the same pool, so vLLM's level 1 frees almost nothing",
     )
     sleep_level_1_on_unified_memory: bool = Field(
         default=False, description="vLLM: allow sleep_level 1 where the memory is unified (DGX Spark, GB10), which "
@@ -162,7 +164,15 @@ class ModelSpec(BaseModel):
     sleep_memory_learned: bool = Field(
         default=False, exclude=True, description="sleep_memory_gb was learned from the stats (set at load)"
     )
-    wake_timeout: Duration = Field(default=120.0, gt=0, description="give up waking after this long")
+    wake_timeout: Duration = Field(
+        default=120.0, gt=0, description="give up waking after this long: the whole wake, its calls and the check after"
+    )
+    reset_prefix_cache: bool = Field(
+        default=False, description="vLLM: also POST /reset_prefix_cache after a wake (releases before Aug 2025 kept "
+        "stale prefix-cache entries across a level-2 sleep)")
+    shutdown_drain: bool = Field(
+        default=True, description="vLLM: pass --shutdown-timeout (3/4 of stop_timeout) so a stop lets running requests "
+        "finish; false for vLLM older than 0.18, which rejects the flag")
     min_uptime: Duration = Field(default=60.0, description="never stop sooner than this after READY")
     start_timeout: Duration = Field(default=600.0, gt=0, description="give up if not ready by then")
     stop_timeout: Duration = Field(default=20.0, description="grace between SIGTERM and SIGKILL")
@@ -300,5 +310,5 @@ _POLICY_FIELDS = {
     "stop_timeout", "health_path", "pinned", "priority", "keep_container", "source", "sleep_memory_gb",
     "memory_auto", "node", "node_labels", "placed_on",
     "memory_fraction_derived", "sleep_memory_learned", "sleep_level_1_on_unified_memory",
-    "wake_timeout", "max_concurrent", "max_waiting",
+    "wake_timeout", "max_concurrent", "max_waiting", "reset_prefix_cache", "shutdown_drain",
 }

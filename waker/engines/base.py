@@ -34,6 +34,18 @@ class Call:
     method: str
     path: str
     json: dict[str, Any] | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    expect: str | None = None
+    """A key the JSON answer must hold, non-empty (a generation's `choices`); None: any 2xx answer will do. An
+    answer `{"success": false, ...}` (SGLang's weight updates) is a failure either way."""
+
+
+def generation_check(spec: ModelSpec) -> Call:
+    """A one-token completion: the proof that a woken engine generates again (upstream has wakes that answer 200
+    and leave the engine broken: vLLM #50011, #49237). Any engine that serves `/v1/completions` answers it."""
+    headers = (("Authorization", f"Bearer {spec.api_key}"),) if spec.api_key else ()
+    body = {"model": spec.upstream_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    return Call("POST", "/v1/completions", body, headers, expect="choices")
 
 
 class Engine(Protocol):

@@ -5,9 +5,11 @@ Flag sources:
   (repo: docs/advanced_features/server_arguments.md): `--model-path` (alias `--model`), `--host`,
   `--port`, `--served-model-name`, `--mem-fraction-static` (fraction of memory for static allocation:
   weights plus the KV cache pool; the closest match to our gpu_memory_utilization).
-- Native APIs: https://docs.sglang.io/basic_usage/native_api.html (repo: docs/basic_usage/native_api.md):
-  `/health` and `/health_generate`. We probe `/health`: `/health_generate` runs a generation on every
-  poll, which is load we do not want while waiting for startup.
+- Readiness: `GET /health` answers 503 while the server is starting (until its warmup request ends), then 200. Since
+  PR #8444 it shares its handler with `/health_generate` (python/sglang/srt/entrypoints/http_server.py): once up, every
+  probe runs a one-token generation and waits at least a second for it, unless
+  SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 (python/sglang/srt/environ.py, default true). We set it to 0 (the user's
+  env wins) so our frequent probes stay cheap and answer at once; the 503-until-warm is the readiness signal we need.
 - Several nodes (docs/references/multi_node_deployment): the same launch_server on every node with
   `--nnodes N --node-rank i --dist-init-addr <rank 0's address>:<port>` and the parallel size over all of
   them, `--tp-size` (alias `--tensor-parallel-size`) or `--pp-size` (alias `--pipeline-parallel-size`;
@@ -15,10 +17,17 @@ Flag sources:
 - Prometheus metrics: `GET /metrics`, served only when the server was started with `--enable-metrics`
   (https://docs.sglang.io/references/production_metrics.html); we add no flag for it, the user may.
 
-Sleep mode (python/sglang/srt/entrypoints/http_server.py): started with `--enable-memory-saver`;
-`POST /release_memory_occupation` and `POST /resume_memory_occupation`, JSON body `{}` (all tags).
-It must only be called on an idle engine (releasing under load aborts the engine): the waker only
-puts idle models to sleep. SGLang has no route that tells whether it sleeps.
+Sleep mode (python/sglang/srt/entrypoints/http_server.py, managers/scheduler_update_weights_mixin.py): started with
+`--enable-memory-saver`; `POST /release_memory_occupation {"tags": [...]}` and `POST /resume_memory_occupation`
+(tags among weights, kv_cache, cuda_graph; none = all). The scheduler asserts it is fully idle (the waker only puts
+idle engines to sleep, after draining them), and resuming a tag that was not released fails (`offload_tags.remove`).
+The weights are loaded in a memory-saver region whose CPU backup is off unless `--enable-weights-cpu-backup`, so a
+release of `weights` DISCARDS them: resumed as they are, the model answers garbage without an error. Hence two levels:
+- level 1 releases the KV cache and the CUDA graphs only; the weights stay in GPU memory (a sleeping engine holds them).
+- level 2 releases everything, and the wake reloads the weights from disk after the resume
+  (`POST /update_weights_from_disk {"model_path": <model>}`, which answers `{"success": bool, "message": ...}`).
+SGLang has no route that tells whether it sleeps: the waker keeps that fact with the engine (a Docker container's
+note, waker/runtime/docker/container.py) for the next gateway to find.
 """
 
 from waker.config.spec import EngineKind, IdleAction, ModelSpec
@@ -37,6 +46,15 @@ _DIST_INIT = ("--dist-init-addr",)
 _TENSOR = ("--tp-size", "--tensor-parallel-size", "--tp")
 _PIPELINE = ("--pp-size", "--pipeline-parallel-size")
 _MEMORY_SAVER = "--enable-memory-saver"
+_HEALTH_GENERATION = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
+_LEVEL_1_TAGS = ("kv_cache", "cuda_graph")
+_ALL_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def _released(spec: ModelSpec) -> list[str]:
+    """What a sleep releases: the KV cache and CUDA graphs at level 1, the weights too at level 2 (named, not left
+    to the default, so a release and its resume always name the same tags)."""
+    return list(_LEVEL_1_TAGS if spec.sleep_level == 1 else _ALL_TAGS)
 
 
 class SglangEngine:
@@ -62,20 +80,26 @@ class SglangEngine:
         return Readiness(path=spec.health_path or "/health")
 
     def launch_spec(self, spec: ModelSpec) -> ModelSpec:
-        """With idle_action sleep: `--enable-memory-saver` (unless the user passed it)."""
+        """Cheap readiness probes (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 unless the user's env sets it) and, with
+        idle_action sleep, `--enable-memory-saver` (unless the user passed it)."""
+        env = {_HEALTH_GENERATION: "0", **spec.env}
         if spec.idle_action is not IdleAction.SLEEP:
-            return spec
+            return spec.model_copy(update={"env": env})
         args = spec.args if _MEMORY_SAVER in spec.args else (*spec.args, _MEMORY_SAVER)
-        return spec.model_copy(update={"args": args})
+        return spec.model_copy(update={"args": args, "env": env})
 
     def launch_hash(self, spec: ModelSpec) -> str:
         return self.launch_spec(spec).spec_hash()
 
     def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
-        return (Call("POST", "/release_memory_occupation", {}),)
+        return (Call("POST", "/release_memory_occupation", {"tags": _released(spec)}),)
 
     def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
-        return (Call("POST", "/resume_memory_occupation", {}),)
+        resume = Call("POST", "/resume_memory_occupation", {"tags": _released(spec)})
+        if spec.sleep_level == 1:
+            return (resume,)
+        # The weights' memory is back but its contents were discarded: load them again, in place.
+        return (resume, Call("POST", "/update_weights_from_disk", {"model_path": required_model(spec)}))
 
     def sleep_state_call(self, spec: ModelSpec) -> Call | None:
         return None

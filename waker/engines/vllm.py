@@ -21,8 +21,16 @@ env `VLLM_SERVER_DEV_MODE=1` (the sleep routes exist only in dev mode). `POST /s
 level 1 offloads weights to CPU RAM and drops the KV cache, level 2 drops both. Waking from level 1
 is `POST /wake_up`; from level 2 the weights must be reloaded in place: `POST /wake_up?tags=weights`,
 `POST /collective_rpc {"method": "reload_weights"}`, then `POST /wake_up?tags=kv_cache`.
-`GET /is_sleeping` answers `{"is_sleeping": bool}` (vllm/entrypoints/openai/api_server.py; newer releases
-vllm/entrypoints/serve/sleep/api_router.py, attached only when VLLM_SERVER_DEV_MODE is set).
+`GET /is_sleeping` answers `{"is_sleeping": bool}`, true until every tag is awake
+(vllm/entrypoints/openai/api_server.py; newer releases vllm/entrypoints/serve/sleep/api_router.py, attached only when
+VLLM_SERVER_DEV_MODE is set). `/sleep` takes `mode` too (abort, the default: requests in flight fail; wait: they
+finish first). `/health` answers 200 while asleep (vllm/entrypoints/serve/instrumentator/health.py checks only that
+the engine is alive), so only `/is_sleeping` tells a sleeping engine from an awake one: adoption and the check after a
+wake ask it.
+
+Shutdown: vLLM >= 0.18 (`--shutdown-timeout`, PR #34730) drains running requests on SIGTERM for that many seconds;
+without the flag it aborts them. We pass three quarters of stop_timeout unless the user sets it, or turns it off with
+`shutdown_drain: false` (an older vLLM rejects the flag).
 """
 
 from waker.config.spec import EngineKind, IdleAction, ModelSpec
@@ -40,6 +48,16 @@ _BACKEND = ("--distributed-executor-backend",)
 _PIPELINE = ("--pipeline-parallel-size", "--pipeline_parallel_size", "-pp")
 _TENSOR = ("--tensor-parallel-size", "--tensor_parallel_size", "-tp")
 _SLEEP_MODE = "--enable-sleep-mode"
+_SHUTDOWN = ("--shutdown-timeout", "--shutdown_timeout")
+
+
+def shutdown_timeout(stop_timeout: float) -> int:
+    """`--shutdown-timeout` for a stop that allows `stop_timeout` seconds between SIGTERM and SIGKILL: three quarters
+    of it, whole seconds, so the engine drains what runs and still exits before the kill.
+
+    vLLM >= 0.18 (PR #34730) aborts the requests in flight on SIGTERM unless given this flag (default 0); with it,
+    it refuses new requests and lets the running ones finish for up to that many seconds."""
+    return max(0, int(stop_timeout * 0.75))
 
 
 class VllmEngine:
@@ -62,7 +80,8 @@ class VllmEngine:
         argv = list(spec.command) if spec.command else ["vllm", "serve"]
         if not has_flag(user, _MODEL):
             argv.append(model)
-        return [*argv, *_FLAGS.options(spec, launch), *user]
+        drain = option(user, _SHUTDOWN, str(shutdown_timeout(spec.stop_timeout))) if spec.shutdown_drain else []
+        return [*argv, *_FLAGS.options(spec, launch), *drain, *user]
 
     def readiness(self, spec: ModelSpec) -> Readiness:
         return Readiness(path=spec.health_path or "/health")
@@ -79,17 +98,25 @@ class VllmEngine:
         return self.launch_spec(spec).spec_hash()
 
     def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
-        return (Call("POST", f"/sleep?level={spec.sleep_level}"),)
+        # mode=wait: requests still running finish first (the default, abort, fails them). The waker only puts
+        # idle engines to sleep; this covers a request that slips in between.
+        return (Call("POST", f"/sleep?level={spec.sleep_level}&mode=wait"),)
 
     def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
         if spec.sleep_level == 1:
-            return (Call("POST", "/wake_up"),)
-        # Level 2 dropped the weights: wake the weights' memory, reload them in place, then the KV cache.
-        return (
-            Call("POST", "/wake_up?tags=weights"),
-            Call("POST", "/collective_rpc", {"method": "reload_weights"}),
-            Call("POST", "/wake_up?tags=kv_cache"),
-        )
+            calls: tuple[Call, ...] = (Call("POST", "/wake_up"),)
+        else:
+            # Level 2 dropped the weights: wake the weights' memory, reload them in place, then the KV cache. A wake
+            # without the reload answers 200 and then generates garbage (vLLM #29341).
+            calls = (
+                Call("POST", "/wake_up?tags=weights"),
+                Call("POST", "/collective_rpc", {"method": "reload_weights"}),
+                Call("POST", "/wake_up?tags=kv_cache"),
+            )
+        if spec.reset_prefix_cache:
+            # Releases before PR #22726 (Aug 2025) kept stale prefix-cache entries across a level-2 sleep.
+            calls += (Call("POST", "/reset_prefix_cache"),)
+        return calls
 
     def sleep_state_call(self, spec: ModelSpec) -> Call | None:
         return Call("GET", "/is_sleeping")

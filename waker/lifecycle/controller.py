@@ -25,13 +25,13 @@ from typing import TypeVar
 from waker.clock import Clock
 from waker.config.durations import format_duration
 from waker.config.spec import IdleAction, ModelSpec
-from waker.engines.base import Engine
-from waker.errors import StartFailed, StartTimeout, WakeFailed
+from waker.engines.base import Engine, generation_check
+from waker.errors import StartFailed, StartTimeout
 from waker.events import Event, EventLog
 from waker.lifecycle.backoff import retry_delay
 from waker.lifecycle.engine_api import EngineApi, EngineCallError
 from waker.options import WakerOptions
-from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable
+from waker.runtime.base import EngineHandle, Exit, Runtime, RuntimeUnavailable, SleepNotes
 from waker.state import TRANSITIONAL, Hold, ModelState, check_transition
 from waker.status import Failure
 
@@ -510,39 +510,79 @@ class ModelController:
         return handle
 
     async def _wake(self, prior: "asyncio.Task[object] | None") -> EngineHandle:
+        """Wake the engine and check it generates; an engine that can't be woken, or is broken after its wake, is
+        stopped and started cold in the same operation (the requests that wait for it are answered by that start)."""
         spec, handle, started = self._spec, self._handle, self._clock.now()
         assert handle is not None
-        limit = asyncio.timeout(spec.wake_timeout)
+        limit = asyncio.timeout(spec.wake_timeout)  # one deadline for the whole wake: its calls and the check
+        why: str | None = None
         try:
             async with limit:
                 if prior is not None:
                     await _settled(prior)
                 await self._race(self._api.call(handle.root_url, self._engine.wake_calls(spec), spec.wake_timeout),
                                  handle)
+                why = await self._race(self._awake_problem(handle, limit), handle)
+                if why is None:
+                    await self._note_asleep(handle, False)
         except asyncio.CancelledError:
             if prior is not None:
                 prior.cancel()
             await _finish(self._after_cancel(handle))
             raise
         except EngineExited as exc:
-            await _finish(self._after_exit(exc.watch, handle, "{name} exited with {exit} while waking"))
-            raise WakeFailed(self.failure_error().message, model=spec.name) from None
+            why, _ = self._exit_reason(exc.watch, "it exited with {exit} while waking")
         except (EngineCallError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and not limit.expired():
                 raise
             why = f"no answer within its wake_timeout of {format_duration(spec.wake_timeout)}" \
                 if isinstance(exc, TimeoutError) else str(exc)
-            await _finish(self._after_failure(handle, f"{spec.name} could not be woken: {why}"))
-            raise WakeFailed(self.failure_error().message, model=spec.name) from None
+        if why is not None:
+            return await self._start_after_failed_wake(handle, why)
         now = self._clock.now()
         self._ready_since = self._last_used = now
         self._transition(S.READY, "engine woke up", seconds=round(now - started, 3))
         return handle
 
+    async def _awake_problem(self, handle: EngineHandle, limit: asyncio.Timeout) -> str | None:
+        """What is wrong with an engine that answered its wake calls, or None: it must say it no longer sleeps (where
+        it can tell) and generate one token."""
+        spec = self._spec
+        state_call = self._engine.sleep_state_call(spec)
+        if state_call is not None:
+            sleeping = await self._api.is_sleeping(handle.root_url, state_call)
+            if sleeping is not False:
+                return "it still says it sleeps" if sleeping else "it does not say whether it still sleeps"
+        when = limit.when()
+        left = spec.wake_timeout if when is None else max(0.001, when - asyncio.get_running_loop().time())
+        try:
+            await self._api.call(handle.root_url, (generation_check(spec),), left)
+        except EngineCallError as exc:
+            return f"it does not generate after its wake ({exc})"
+        return None
+
+    async def _start_after_failed_wake(self, handle: EngineHandle, why: str) -> EngineHandle:
+        """The wake failed: its engine goes (what is left of it is removed first thing by the start) and a cold start
+        takes the operation over, holding the same memory (STARTING, like WAKING, holds the full footprint)."""
+        spec = self._spec
+        log.warning("%s: wake failed (%s); starting it cold", spec.name, why)
+        self._events.emit(Event(self._clock.wall(), spec.name, "wake_failed", reason=why))
+        exited = self._exit is not None and self._exit.done()
+        self._handle = None
+        self._forget_exit()
+        self._residue, self._residue_running = handle, not exited
+        self._op_kind = Op.START
+        self._transition(S.STARTING, f"could not be woken ({why}): starting it cold")
+        return await self._start(None, None)  # its failure is the request's answer (the event log says why it ran)
+
     async def _sleep(self, handle: EngineHandle) -> None:
         spec = self._spec
         me = asyncio.current_task()
         try:
+            try:
+                await self._note_asleep(handle, True)  # before the calls: a gateway that dies meanwhile errs on the
+            except Exception as exc:                    # side of "asleep", which a wake's check corrects
+                raise EngineCallError(f"could not note on its engine that it sleeps: {exc}") from exc
             await asyncio.wait_for(self._race(
                 self._api.call(handle.root_url, self._engine.sleep_calls(spec), spec.wake_timeout), handle),
                 spec.wake_timeout)
@@ -560,6 +600,21 @@ class ModelController:
                 # An engine that can't sleep must not keep its memory while counted as asleep.
                 self._transition(S.STOPPING, f"sleep failed ({exc or 'no answer'}); stopping instead")
                 await _finish(self._end(handle))
+
+    async def _note_asleep(self, handle: EngineHandle, asleep: bool) -> None:
+        """Keep with an engine that outlives the gateway whether it sleeps, when it can't tell itself (SGLang): the
+        next gateway adopts it as it is (waker.Waker._is_sleeping). Noting "asleep" may fail (the caller does not
+        put it to sleep then); noting "awake" is best effort (a wrong "asleep" costs the next gateway a cold start)."""
+        if not (self._runtime.detached and isinstance(handle, SleepNotes)
+                and self._engine.sleep_state_call(self._spec) is None):
+            return
+        if asleep:
+            await handle.note_asleep(True)
+            return
+        try:
+            await handle.note_asleep(False)
+        except Exception as exc:
+            log.warning("%s: could not note on its engine that it is awake: %s", self.name, exc)
 
     def _begin_stop(self, reason: str) -> "asyncio.Task[object]":
         # STOPPING is entered synchronously so no lease can see READY after this point.

@@ -3,6 +3,7 @@ sleep. What to call comes from the engine's adapter (waker/engines); this module
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,7 +22,8 @@ class EngineApi(Protocol):
         ...
 
     async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
-        """Make `calls` in order, each within `timeout`; EngineCallError on the first that fails."""
+        """Make `calls` in order, all of them within `timeout`; EngineCallError on the first that fails (non-2xx, no
+        answer, or an answer without what the call expects)."""
         ...
 
     async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
@@ -57,14 +59,19 @@ class HttpEngineApi:
             await asyncio.sleep(self._interval)
 
     async def call(self, root_url: str, calls: Sequence[Call], timeout: float) -> None:
-        limit = aiohttp.ClientTimeout(total=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for call in calls:
+            limit = aiohttp.ClientTimeout(total=max(0.001, deadline - loop.time()))
             try:
                 async with self._session.request(call.method, root_url + call.path, json=call.json,
-                                                 timeout=limit) as resp:
+                                                 headers=dict(call.headers), timeout=limit) as resp:
+                    text = await resp.text()
                     if resp.status >= 300:
-                        body = (await resp.text())[:300]
-                        raise EngineCallError(f"{call.method} {call.path} answered {resp.status}: {body}")
+                        raise EngineCallError(f"{call.method} {call.path} answered {resp.status}: {text[:300]}")
+                    problem = _answer_problem(call, text)
+                    if problem is not None:
+                        raise EngineCallError(f"{call.method} {call.path} answered 200 but {problem}: {text[:300]}")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise EngineCallError(f"{call.method} {call.path} failed: {exc or type(exc).__name__}") from exc
 
@@ -79,6 +86,23 @@ class HttpEngineApi:
             return None
         answer = body.get("is_sleeping") if isinstance(body, dict) else None
         return answer if isinstance(answer, bool) else None
+
+
+def _answer_problem(call: Call, text: str) -> str | None:
+    """What is wrong with a 2xx answer to `call`, or None."""
+    try:
+        body = json.loads(text) if text else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("success") is False:
+        return "reports no success"
+    if call.expect is None:
+        return None
+    if not isinstance(body, dict):
+        return "is not a JSON object"
+    if not body.get(call.expect):
+        return f"has no {call.expect}"
+    return None
 
 
 __all__ = ["EngineApi", "EngineCallError", "HttpEngineApi"]

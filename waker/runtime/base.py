@@ -100,6 +100,16 @@ class Runtime(Protocol):
         ...
 
 
+@runtime_checkable
+class SleepNotes(Protocol):
+    """An engine that outlives the gateway and can keep a note of whether it sleeps, for engines that can't tell
+    themselves (SGLang has no route for it): the next gateway reads it back in `Found.asleep`."""
+
+    async def note_asleep(self, asleep: bool) -> None:
+        """Record it with the engine; raises when it can't be recorded."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Found:
     """An engine found running (or stopped) that this gateway did not start in this life."""
@@ -109,6 +119,7 @@ class Found:
     running: bool
     handle: EngineHandle
     nodes: tuple[str, ...] = ()  # where it runs (docker: the node(s)); empty: this machine
+    asleep: bool | None = None  # its SleepNotes note, of this run of the engine; None: no note
 
 
 @runtime_checkable

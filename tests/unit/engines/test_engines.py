@@ -27,6 +27,7 @@ def test_vllm_command_carries_port_served_name_and_memory_fraction() -> None:
         "--port", "8123",
         "--served-model-name", "m",
         "--gpu-memory-utilization", "0.5",
+        "--shutdown-timeout", "15",  # 3/4 of the default stop_timeout of 20 s: it drains, then exits before the kill
     ]
 
 
@@ -38,6 +39,7 @@ def test_vllm_without_memory_fraction_adds_no_memory_flag_and_appends_args_last(
         "--host", "127.0.0.1",
         "--port", "8123",
         "--served-model-name", "org/m-chat",
+        "--shutdown-timeout", "15",
         "--max-model-len", "8192",
     ]
 
@@ -55,6 +57,7 @@ def test_vllm_user_port_and_served_name_win_over_ours() -> None:
     assert VllmEngine().argv(spec, LAUNCH) == [
         "vllm", "serve", "org/m",
         "--host", "127.0.0.1",
+        "--shutdown-timeout", "15",
         "--port", "9000", "--served-model-name=alias",
     ]
 
@@ -76,8 +79,22 @@ def test_vllm_user_model_flag_suppresses_the_positional_for_the_legacy_launcher(
         "--host", "127.0.0.1",
         "--port", "8123",
         "--served-model-name", "m",
+        "--shutdown-timeout", "15",
         "--model", "org/m",
     ]
+
+
+@pytest.mark.parametrize(("fields", "flag"), [
+    ({"stop_timeout": 60}, ["--shutdown-timeout", "45"]),
+    ({"stop_timeout": 1}, ["--shutdown-timeout", "0"]),
+    ({"args": ("--shutdown-timeout", "5")}, []),  # the user's own value wins (and is not repeated)
+    ({"shutdown_drain": False}, []),  # vLLM before 0.18 rejects the flag
+])
+def test_vllm_drains_on_stop_within_its_stop_timeout(fields: dict, flag: list[str]) -> None:
+    # vLLM >= 0.18 aborts the requests in flight on SIGTERM unless --shutdown-timeout says how long to drain.
+    argv = VllmEngine().argv(ModelSpec(name="m", engine="vllm", model="org/m", **fields), LAUNCH)
+    ours = argv[argv.index("m") + 1:len(argv) - len(fields.get("args", ()))]
+    assert ours == flag
 
 
 # --- SGLang -------------------------------------------------------------------------------------
@@ -266,8 +283,10 @@ LAUNCH_HASHES = [
     ({"engine": "vllm", "model": "org/m", "idle_action": "sleep", "sleep_level": 1,
       "args": ("--enable-sleep-mode",), "env": {"VLLM_SERVER_DEV_MODE": "0", "A": "b"}}, "ea2660d66fb73c9f"),
     ({"engine": "vllm", "model": "org/m"}, "5a14cc9f46d2ef94"),
-    ({"engine": "sglang", "model": "org/m", "idle_action": "sleep", "args": ("--tp-size", "2")}, "38ac3ad97281eb52"),
-    ({"engine": "sglang", "model": "org/m"}, "69202b41723af244"),
+    # SGLang engines are launched with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 since issue 14 (cheap probes): their
+    # hashes changed once, so containers of an earlier release are recreated, not adopted.
+    ({"engine": "sglang", "model": "org/m", "idle_action": "sleep", "args": ("--tp-size", "2")}, "12af7b5c4a121f98"),
+    ({"engine": "sglang", "model": "org/m"}, "305df8f0f80c8bef"),
     ({"engine": "trtllm", "model": "org/m"}, "930c3dcd0d9ad901"),
     ({"engine": "llamacpp", "model": "/m.gguf", "args": ("-ngl", "99")}, "a43904d354d6aaf4"),
     ({"engine": "generic", "command": ("srv", "{port}")}, "923c46b6817e5eb0"),
@@ -291,11 +310,15 @@ def test_launch_hash_is_unchanged_from_before_the_adapters_owned_it(fields: dict
         ({"engine": "vllm", "idle_action": "sleep", "args": ("--enable-sleep-mode", "-tp", "1"),
           "env": {"VLLM_SERVER_DEV_MODE": "0"}}, ("--enable-sleep-mode", "-tp", "1"), {"VLLM_SERVER_DEV_MODE": "0"}),
         ({"engine": "vllm", "args": ("-tp", "1")}, ("-tp", "1"), {}),
+        # SGLang: the memory saver for sleep, and readiness probes that don't run a generation each (its /health
+        # does since PR #8444 unless told not to); the user's env wins.
         ({"engine": "sglang", "idle_action": "sleep", "args": ("--tp-size", "2")},
-         ("--tp-size", "2", "--enable-memory-saver"), {}),
+         ("--tp-size", "2", "--enable-memory-saver"), {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}),
         ({"engine": "sglang", "idle_action": "sleep", "args": ("--enable-memory-saver",)},
-         ("--enable-memory-saver",), {}),
-        ({"engine": "sglang"}, (), {}),
+         ("--enable-memory-saver",), {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}),
+        ({"engine": "sglang"}, (), {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}),
+        ({"engine": "sglang", "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "1"}}, (),
+         {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "1"}),
         ({"engine": "trtllm", "args": ("--tp_size", "1")}, ("--tp_size", "1"), {}),
         ({"engine": "llamacpp", "env": {"A": "b"}}, (), {"A": "b"}),
         ({"engine": "generic", "command": ("srv",)}, (), {}),
@@ -324,18 +347,31 @@ def test_only_vllm_and_sglang_support_sleep(kind: str, supports_sleep: bool) -> 
 @pytest.mark.parametrize(
     ("fields", "sleep", "wake"),
     [
+        # mode=wait: a request that slipped in finishes first (the default, abort, fails it).
         ({"engine": "vllm", "sleep_level": 1},
-         (Call("POST", "/sleep?level=1"),),
+         (Call("POST", "/sleep?level=1&mode=wait"),),
          (Call("POST", "/wake_up"),)),
         # Level 2 dropped the weights: they are reloaded in place between waking the two memory pools.
         ({"engine": "vllm", "sleep_level": 2},
-         (Call("POST", "/sleep?level=2"),),
+         (Call("POST", "/sleep?level=2&mode=wait"),),
          (Call("POST", "/wake_up?tags=weights"),
           Call("POST", "/collective_rpc", {"method": "reload_weights"}),
           Call("POST", "/wake_up?tags=kv_cache"))),
-        ({"engine": "sglang"},
-         (Call("POST", "/release_memory_occupation", {}),),
-         (Call("POST", "/resume_memory_occupation", {}),)),
+        ({"engine": "vllm", "sleep_level": 2, "reset_prefix_cache": True},
+         (Call("POST", "/sleep?level=2&mode=wait"),),
+         (Call("POST", "/wake_up?tags=weights"),
+          Call("POST", "/collective_rpc", {"method": "reload_weights"}),
+          Call("POST", "/wake_up?tags=kv_cache"),
+          Call("POST", "/reset_prefix_cache"))),
+        # SGLang level 1 keeps the weights in GPU memory; level 2 releases them too, and without a CPU backup their
+        # contents are gone: the wake reloads them from disk. A release and its resume name the same tags.
+        ({"engine": "sglang", "sleep_level": 1},
+         (Call("POST", "/release_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),),
+         (Call("POST", "/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),)),
+        ({"engine": "sglang", "sleep_level": 2},
+         (Call("POST", "/release_memory_occupation", {"tags": ["weights", "kv_cache", "cuda_graph"]}),),
+         (Call("POST", "/resume_memory_occupation", {"tags": ["weights", "kv_cache", "cuda_graph"]}),
+          Call("POST", "/update_weights_from_disk", {"model_path": "org/m"}))),
     ],
 )
 def test_sleep_and_wake_calls_follow_each_engines_api(

@@ -39,7 +39,8 @@ def test_vllm_over_two_nodes_is_a_ray_head_a_ray_worker_and_vllm_serve_with_pipe
     assert dict(worker.env) == {"VLLM_HOST_IP": "192.168.100.11", **LINK, "HF_HUB_OFFLINE": "1", "ONLY_WORKER": "1"}
     assert worker.up == head.up
     assert plan.serve == ("vllm", "serve", "org/big", "--host", "127.0.0.1", "--port", "8000", "--served-model-name",
-                          "big", "--gpu-memory-utilization", "0.8", "--distributed-executor-backend", "ray",
+                          "big", "--gpu-memory-utilization", "0.8", "--shutdown-timeout", "15",
+                          "--distributed-executor-backend", "ray",
                           "--pipeline-parallel-size", "2", "--max-model-len", "8192")
 
 

@@ -3,7 +3,6 @@
 Fake engines and a fake clock; nothing here waits on real time."""
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -350,15 +349,109 @@ async def test_logs_show_the_number_of_lines_asked_for() -> None:
         assert await gate.controller.log_tail(2) == ("line 19", "the end")
 
 
-async def test_an_engine_that_exits_right_after_waking_is_failed_not_ready() -> None:
-    # The crash watcher could be gone after a wake: an engine that exited as it woke stayed READY, unwatched.
+async def test_an_engine_that_exits_right_after_waking_is_started_cold_and_the_request_answered() -> None:
+    # The crash watcher could be gone after a wake: an engine that exited as it woke stayed READY, unwatched. Now
+    # the check after the wake sees it gone, and a cold start answers the request that woke it.
     async with make(**VLLM_SLEEP) as (gate, runtime, events):
         engine = await sleeping(gate, runtime)
         engine.exit_after_wake = True
-        with contextlib.suppress(StartFailed):
-            async with gate.lease():
-                pass
-        failed = await events.wait_for(lambda e: e.target == "failed", timeout=1)
-        assert failed.source in ("waking", "ready") and "exited" in failed.reason and "code 1" in failed.reason
-        # Never READY on the dead engine: failed, or (the request retried at once) a new one.
-        assert gate.controller.state is S.FAILED or gate.controller.handle is not engine
+        async with gate.lease() as endpoint:
+            assert endpoint.api_base == "http://fake-2/v1"
+        failed = [e for e in events.recent() if e.kind == "wake_failed"]
+        assert len(failed) == 1 and "exited with code 1" in failed[0].reason
+        assert ("waking", "starting") in transitions(events) and ("waking", "ready") not in transitions(events)
+        assert gate.controller.handle is runtime.handles[1] and gate.controller.residue is None
+
+
+@pytest.mark.parametrize("fault", ["stays_asleep", "garbled", "fail_calls"])
+async def test_a_wake_that_leaves_the_engine_unfit_is_replaced_by_a_cold_start(fault: str) -> None:
+    # Upstream wakes answer 200 and leave the engine asleep or broken (vLLM #50011, #49237): a woken engine must say
+    # it no longer sleeps and generate one token, or it is stopped and started cold; the waiting request is answered.
+    async with make(**VLLM_SLEEP) as (gate, runtime, events):
+        engine = await sleeping(gate, runtime)
+        setattr(engine, fault, True)
+        waiters = [asyncio.create_task(gate.acquire()) for _ in range(3)]
+        endpoints = await asyncio.gather(*waiters)
+        assert {e.api_base for e in endpoints} == {"http://fake-2/v1"}
+        for _ in endpoints:
+            gate.controller.release()
+        assert engine.stops == 1 and engine.exit_code is not None  # the unfit engine is gone
+        assert gate.controller.state is S.READY and len(runtime.handles) == 2
+        assert gate.controller.hold.value == "full"
+        reasons = [e.reason for e in events.recent() if e.kind == "wake_failed"]
+        expected = {"stays_asleep": "still says it sleeps", "garbled": "does not generate",
+                    "fail_calls": "answered 500"}[fault]
+        assert len(reasons) == 1 and expected in reasons[0]
+        if fault != "fail_calls":  # the check is a one-token completion, after the wake calls
+            assert engine.calls[-1] == "POST /v1/completions" or fault == "stays_asleep"
+
+
+async def test_a_wake_whose_cold_start_fails_too_fails_the_request_with_the_start_failure() -> None:
+    async with make(**VLLM_SLEEP) as (gate, runtime, _):
+        engine = await sleeping(gate, runtime)
+        engine.garbled = True
+        runtime.fail_launch = RuntimeError("image gone")
+        with pytest.raises(StartFailed, match="could not be launched: image gone"):
+            await gate.acquire()
+        assert gate.controller.state is S.FAILED and gate.controller.hold.value == "none"
+        assert engine.exit_code is not None
+
+
+async def test_a_stop_during_the_cold_start_after_a_failed_wake_ends_stopped() -> None:
+    runtime = FakeRuntime()
+    async with make(runtime=runtime, **VLLM_SLEEP) as (gate, _, _):
+        engine = await sleeping(gate, runtime)
+        engine.garbled = True
+        runtime.auto_ready = False
+        runtime.started.clear()
+        waiter = asyncio.create_task(gate.acquire())
+        await runtime.started.wait()  # the cold start launched its engine, which is not ready yet
+        assert gate.controller.state is S.STARTING and len(runtime.handles) == 2
+        await gate.controller.stop("asked to stop")
+        assert gate.controller.state is S.STOPPED and gate.controller.hold.value == "none"
+        assert all(h.exit_code is not None for h in runtime.handles)
+        with pytest.raises(StartFailed, match="asked to stop"):
+            await waiter
+
+
+SGLANG_SLEEP = {"engine": "sglang", "model": "/models/m", "command": None, "idle_action": "sleep"}
+
+
+async def test_an_engine_that_cannot_tell_it_sleeps_is_noted_asleep_before_its_sleep_and_awake_after_its_wake() -> None:
+    runtime = FakeRuntime()
+    runtime.detached = True  # engines outlive the gateway: the next one reads the note
+    async with make(runtime=runtime, **SGLANG_SLEEP) as (gate, _, _):
+        engine = await sleeping(gate, runtime)
+        assert engine.notes == [True]
+        assert engine.calls == ["POST /release_memory_occupation"]  # noted before it was asked to sleep
+        async with gate.lease():
+            pass
+        assert engine.notes == [True, False]
+        assert engine.calls[1:] == ["POST /resume_memory_occupation", "POST /update_weights_from_disk",
+                                    "POST /v1/completions"]
+
+
+async def test_an_engine_whose_sleep_cannot_be_noted_is_stopped_instead() -> None:
+    # Asleep without a note, the next gateway would adopt it as ready and send requests to released memory.
+    runtime = FakeRuntime()
+    runtime.detached = True
+    async with make(runtime=runtime, **SGLANG_SLEEP) as (gate, _, events):
+        async with gate.lease():
+            pass
+        runtime.handles[0].fail_notes = True
+        task = gate.controller.sleep_if_idle("idle")
+        assert task is not None
+        await task
+        assert gate.controller.state is S.STOPPED
+        assert runtime.handles[0].calls == [] and runtime.handles[0].exit_code is not None
+        assert any("could not note" in e.reason for e in events.recent() if e.target == "stopping")
+
+
+async def test_engines_that_tell_whether_they_sleep_get_no_note() -> None:
+    runtime = FakeRuntime()
+    runtime.detached = True
+    async with make(runtime=runtime, **VLLM_SLEEP) as (gate, _, _):
+        engine = await sleeping(gate, runtime)
+        async with gate.lease():
+            pass
+        assert engine.notes == []

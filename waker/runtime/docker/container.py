@@ -2,8 +2,12 @@
 memory cgroup holds (for stats)."""
 
 import asyncio
+import io
+import json
 import math
 import re
+import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,10 @@ LABEL_NODE = "sparkgate.node"
 LABEL_INSTANCE = "sparkgate.instance"  # which gateway owns it: gateways sharing a daemon leave each other alone
 LABEL_PART = "sparkgate.part"  # a model spanning nodes: this container's role (head, worker-1, ...)
 LABEL_GROUP_SIZE = "sparkgate.group-size"  # ... and how many parts the group has
+# Whether the engine sleeps, for engines that can't tell themselves (SGLang), kept in the container for the next
+# gateway (labels can't change after creation). /tmp is in every image the engines ship in.
+NOTE_DIR = "/tmp"
+NOTE_NAME = ".sparkgate-sleep.json"
 
 
 def container_name(model: str) -> str:
@@ -129,6 +137,18 @@ class DockerHandle:
         raw = await self._node.call(logs)
         return tuple(raw.decode(errors="replace").splitlines()[-lines:])
 
+    async def note_asleep(self, asleep: bool) -> None:
+        """SleepNotes: write the note into the container (`put_archive`: no shell needed in the image)."""
+        container_id = self.container_id
+
+        def write(client: docker.DockerClient) -> None:
+            started = client.api.inspect_container(container_id)["State"].get("StartedAt", "")
+            note = json.dumps({"asleep": asleep, "started_at": started}).encode()
+            if not client.api.put_archive(container_id, NOTE_DIR, _tar_of(NOTE_NAME, note)):
+                raise RuntimeError(f"Docker did not write {NOTE_DIR}/{NOTE_NAME} into container {container_id[:12]}")
+
+        await self._node.call(write)
+
     async def container_memory(self, with_pids: bool) -> ContainerMemory:
         """Its memory cgroup (and, with `with_pids`, its host pids while it runs), read in the runtime's pool so
         a slow daemon never holds the event loop."""
@@ -140,6 +160,33 @@ class DockerHandle:
             return ContainerMemory(used, pids)
 
         return await self._node.call(read)
+
+
+def read_sleep_note(client: docker.DockerClient, container: Container) -> bool | None:
+    """The container's sleep note (`DockerHandle.note_asleep`), if it was written during its current run (a kept
+    container started again begins awake, whatever its file system remembers); None without one."""
+    try:
+        stream, _ = client.api.get_archive(container.id, f"{NOTE_DIR}/{NOTE_NAME}")
+        raw = b"".join(stream)
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            member = tar.extractfile(NOTE_NAME)
+            note = json.loads(member.read()) if member is not None else None
+    except (docker.errors.NotFound, docker.errors.APIError, tarfile.TarError, KeyError, ValueError):
+        return None
+    if not isinstance(note, dict) or not isinstance(note.get("asleep"), bool):
+        return None
+    started = container.attrs.get("State", {}).get("StartedAt")
+    return note["asleep"] if note.get("started_at") == started else None
+
+
+def _tar_of(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 def container_config(spec: ModelSpec, engine: Engine, node: DockerNode, port: int, spec_hash: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from waker.runtime.docker.container import (
     DockerHandle,
     container_config,
     container_name,
+    read_sleep_note,
     remove_container,
 )
 from waker.runtime.docker.group import GroupHandle, discover_groups, start_group
@@ -144,9 +145,7 @@ class DockerRuntime:
         parts: list[tuple[DockerHost, Container]] = []
         for node in self._nodes.values():
             try:
-                containers = await node.call(
-                    lambda client: client.containers.list(
-                        all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]}))
+                containers, notes = await node.call(self._list)
             except RuntimeUnavailable as exc:
                 log.warning("cannot look for running engines: %s", exc)
                 continue
@@ -162,8 +161,16 @@ class DockerRuntime:
                 keep = c.status != "running"
                 handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
                 found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
-                                   c.status == "running", handle, (node.node.name,)))
+                                   c.status == "running", handle, (node.node.name,), notes.get(c.id)))
         return found + await discover_groups(parts)
+
+    def _list(self, client: docker.DockerClient) -> tuple[list[Container], dict[str, bool | None]]:
+        """Our containers on one node, and the sleep notes of the running single ones."""
+        containers = client.containers.list(
+            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]})
+        notes = {c.id: read_sleep_note(client, c) for c in containers
+                 if c.status == "running" and LABEL_PART not in c.labels}
+        return containers, notes
 
     async def discard(self, found: Found, reason: str) -> None:
         handle = found.handle

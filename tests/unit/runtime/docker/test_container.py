@@ -21,6 +21,7 @@ def test_vllm_container_runs_the_adapter_command_on_the_container_port_published
     assert config["entrypoint"] == ["vllm"]
     assert config["command"] == ["serve", "openai/gpt-oss-120b", "--host", "0.0.0.0", "--port", "8000",
                                  "--served-model-name", "gpt-oss-120b", "--gpu-memory-utilization", "0.55",
+                                 "--shutdown-timeout", "15",
                                  "--max-model-len", "131072"]
     assert config["ports"] == {"8000/tcp": ("127.0.0.1", 41000)}
     assert config["restart_policy"] == {"Name": "no"}
