@@ -62,6 +62,8 @@ async def run_gateway(
     # One Docker "instance" per test process: concurrent test runs on one daemon leave each other alone.
     settings.setdefault("instance", f"test-{os.getpid()}")
     settings.setdefault("stats_db", config_dir / ".stats.sqlite3")  # never the user's own stats file
+    # A DGX Spark's total unless the test says otherwise: unset, it would be read from the machine running the tests.
+    settings.setdefault("nodes", {"local": {"total_gb": 128}})
     gateway_settings = GatewaySettings(config_dir=config_dir, port=0, **settings)
     waker = build_waker(gateway_settings, load_dir(config_dir), probes)
     app = create_app(gateway_settings, waker=waker)
