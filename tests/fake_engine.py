@@ -670,7 +670,9 @@ async def serve_vllm(app: web.Application, vllm: VllmState, sock: socket.socket,
     New requests are refused at once; in-flight ones get up to N seconds to finish (N = 0, the default: none),
     then the rest are aborted and the process exits.
     """
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    # No shutdown_timeout here: aiohttp 3.8 (the Docker test image's, Debian bookworm) hands AppRunner's keyword
+    # arguments to every connection's handler, which then fails and resets each connection.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     stop = asyncio.Event()
