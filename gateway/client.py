@@ -57,8 +57,9 @@ def status_table(state: dict[str, Any]) -> str:
         live = "" if n["live_free_gb"] is None else f", {n['live_free_gb']:.1f} GB free on the machine"
         labels = ", ".join(f"{k}={v}" for k, v in n.get("labels", {}).items())
         source = f" ({n['total_source']})" if n.get("total_source") else ""
-        lines.append(f"node {name}: {n['held_gb']:g}/{n['capacity_gb']:g} GB held{live}, {n['queued']} queued, "
-                     f"{n['total_gb']:.1f} GB total{source}" + (f" [{labels}]" if labels else ""))
+        # A total read from the machine is no round number (23.5401): tenths are enough to read.
+        lines.append(f"node {name}: {n['held_gb']:g}/{round(n['capacity_gb'], 1):g} GB held{live}, {n['queued']} "
+                     f"queued, {round(n['total_gb'], 1):g} GB total{source}" + (f" [{labels}]" if labels else ""))
     return "\n".join(lines)
 
 
