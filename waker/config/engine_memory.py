@@ -84,7 +84,8 @@ def fit_fraction(spec: ModelSpec, totals: Sequence[float], weights: WeightsReade
                             f"the least fraction, {MIN_FRACTION}")
         fraction = (memory - size) / (total - size) if total > size else 0.0
         how = (f"derived from memory_gb {_gb(memory)} less the weights' {_gb(size)} GB, of the {_gb(total - size)} GB "
-               f"of {_gb(total)} GB free after them")
+               f"of {_gb(total)} GB free after them" if size else
+               f"derived from memory_gb {_gb(memory)} of {_gb(total)} GB, counting no weights")
     else:
         fraction = memory / total
         how = f"derived from memory_gb {_gb(memory)} of {_gb(total)} GB"

@@ -20,6 +20,7 @@ so the rules are tested without a GPU or a daemon. waker/compose.py passes the r
 """
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -87,8 +88,9 @@ def _resolve(name: str, node: NodeConfig, local: LocalReader, remote: RemoteRead
         unified = reading.unified
     if node.total_gb is not None:
         total, source = node.total_gb, "configured"
-    elif reading.total_gb is not None and reading.total_gb > 0:
-        total, source = reading.total_gb, reading.source
+    elif reading.total_gb is not None and reading.total_gb >= 0.1:
+        # Down to a tenth: budgets and messages read "23.5 GB", not 23.5401, and never promise what isn't there.
+        total, source = math.floor(reading.total_gb * 10 + 1e-9) / 10, reading.source
     else:
         total, source = DEFAULT_TOTAL_GB, f"default {DEFAULT_TOTAL_GB:g}: {reading.source}"
         log.warning("node %r: its memory could not be read (%s); taking %g GB: set total_gb in SPARKGATE_NODES",

@@ -62,6 +62,14 @@ def test_a_local_node_takes_this_machines_total_and_kind() -> None:
     assert readers.remote_calls == []
 
 
+def test_a_total_read_from_the_machine_is_rounded_down_to_a_tenth() -> None:
+    node = Readers(MemoryReading(23.5401, False, "/proc/meminfo MemTotal (no GPU: no NVIDIA driver)")).resolve(
+        {"local": NodeConfig()})["local"]
+    assert node.total_gb == 23.5  # messages read "23.5 GB"; never more than the machine has
+    assert Readers(MemoryReading(119.99, True, "x")).resolve({"local": NodeConfig()})["local"].total_gb == 119.9
+    assert Readers(MemoryReading(24.0, True, "x")).resolve({"local": NodeConfig()})["local"].total_gb == 24.0
+
+
 def test_a_configured_total_wins_but_a_local_node_still_learns_whether_its_memory_is_unified() -> None:
     readers = Readers(UNIFIED)
     node = readers.resolve({"local": NodeConfig(total_gb=100)})["local"]
