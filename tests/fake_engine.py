@@ -41,7 +41,7 @@ request's function (" t0 t1 ..."); an engine whose weights are garbage answers "
 queued_while_asleep, aborted, rejected_draining, health_generations and the engine's memory state (vllm:
 is_sleeping, asleep_tags, weights_valid; sglang: released, weights_valid). /sleep_log lists the calls in
 order: "sleep level=N[ mode=M]", "wake_up[ tags=a,b]", "collective_rpc METHOD", "reset_prefix_cache",
-"release_memory_occupation[ tags=a,b]", "resume_memory_occupation[ tags=a,b]",
+"flush_cache", "release_memory_occupation[ tags=a,b]", "resume_memory_occupation[ tags=a,b]",
 "update_weights_from_disk model_path=P".
 """
 
@@ -570,6 +570,14 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
             sglang.weights_valid = False
         return web.json_response(None)  # the handler returns None: 200 with JSON null
 
+    async def sglang_flush_cache(request: web.Request) -> web.Response:
+        # http_server.py flush_cache: 200 when the scheduler's flush_cache ran (is_fully_idle), else 400 ("When there
+        # are running or waiting requests, the operation will not be performed."); GET or POST.
+        SLEEP_LOG.append("flush_cache")
+        text = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+                "requests, the operation will not be performed.)\n")
+        return web.Response(text=text, status=400 if in_flight() else 200)
+
     async def sglang_resume(request: web.Request) -> web.Response:
         body = await sglang_body(request)
         if isinstance(body, web.Response):
@@ -646,6 +654,8 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
             app.router.add_route(method, "/release_memory_occupation", sglang_release)
             app.router.add_route(method, "/resume_memory_occupation", sglang_resume)
         app.router.add_post("/update_weights_from_disk", sglang_update_weights_from_disk)
+        for method in ("GET", "POST"):
+            app.router.add_route(method, "/flush_cache", sglang_flush_cache)
     app.router.add_get("/sleep_log", lambda request: web.json_response(SLEEP_LOG))
     return app
 

@@ -32,8 +32,9 @@ FLAVORS: dict[str, dict[str, Any]] = {
 SLEEP_LOG = {
     "vllm": ["sleep level=2 mode=wait", "wake_up tags=weights", "collective_rpc reload_weights",
              "wake_up tags=kv_cache"],
-    "sglang": ["release_memory_occupation tags=weights,kv_cache,cuda_graph",
-               "resume_memory_occupation tags=weights,kv_cache,cuda_graph", "update_weights_from_disk model_path=/models/tiny"],
+    "sglang": ["flush_cache", "release_memory_occupation tags=weights,kv_cache,cuda_graph",
+               "resume_memory_occupation tags=weights,kv_cache,cuda_graph",
+               "update_weights_from_disk model_path=/models/tiny"],
 }
 
 
@@ -115,4 +116,4 @@ async def test_an_sglang_engine_found_awake_is_adopted_ready_not_asleep(
         assert controller.state is ModelState.READY
         assert await ask(gw.v1, model_name) == REAL
         log = await engine_get(controller.handle.root_url, "/sleep_log")  # type: ignore[union-attr]
-        assert len(log) == 3  # the one sleep and wake of the first gateway; nothing since
+        assert len(log) == 4  # the one sleep and wake of the first gateway; nothing since

@@ -38,6 +38,9 @@ class Call:
     expect: str | None = None
     """A key the JSON answer must hold, non-empty (a generation's `choices`); None: any 2xx answer will do. An
     answer `{"success": false, ...}` (SGLang's weight updates) is a failure either way."""
+    retry: bool = False
+    """Made again while it is refused, until the sequence's deadline: a precondition the engine reaches on its own
+    soon (SGLang's `/flush_cache` answers 400 until the last request has left its scheduler)."""
 
 
 def generation_check(spec: ModelSpec) -> Call:

@@ -19,8 +19,10 @@ Flag sources:
 
 Sleep mode (python/sglang/srt/entrypoints/http_server.py, managers/scheduler_update_weights_mixin.py): started with
 `--enable-memory-saver`; `POST /release_memory_occupation {"tags": [...]}` and `POST /resume_memory_occupation`
-(tags among weights, kv_cache, cuda_graph; none = all). The scheduler asserts it is fully idle (the waker only puts
-idle engines to sleep, after draining them), and resuming a tag that was not released fails (`offload_tags.remove`).
+(tags among weights, kv_cache, cuda_graph; none = all). The scheduler asserts it is fully idle, and a failed assert
+kills the server: the waker puts only drained engines to sleep, and first repeats `POST /flush_cache` until it answers
+200 (it does only when the scheduler is fully idle, else 400). Resuming a tag that was not released fails
+(`offload_tags.remove`) and kills it too.
 The weights are loaded in a memory-saver region whose CPU backup is off unless `--enable-weights-cpu-backup`, so a
 release of `weights` DISCARDS them: resumed as they are, the model answers garbage without an error. Hence two levels:
 - level 1 releases the KV cache and the CUDA graphs only; the weights stay in GPU memory (a sleeping engine holds them).
@@ -92,7 +94,12 @@ class SglangEngine:
         return self.launch_spec(spec).spec_hash()
 
     def sleep_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
-        return (Call("POST", "/release_memory_occupation", {"tags": _released(spec)}),)
+        # The release asserts an idle scheduler, and a failed assert kills the server. The waker sleeps only engines
+        # it has no request in (drained), but a request a client abandoned may still be running in the engine:
+        # /flush_cache succeeds only when the scheduler is fully idle (the release's own test), so it is repeated
+        # until it does.
+        return (Call("POST", "/flush_cache", retry=True),
+                Call("POST", "/release_memory_occupation", {"tags": _released(spec)}))
 
     def wake_calls(self, spec: ModelSpec) -> tuple[Call, ...]:
         resume = Call("POST", "/resume_memory_occupation", {"tags": _released(spec)})

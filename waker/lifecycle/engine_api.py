@@ -62,18 +62,28 @@ class HttpEngineApi:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for call in calls:
-            limit = aiohttp.ClientTimeout(total=max(0.001, deadline - loop.time()))
-            try:
-                async with self._session.request(call.method, root_url + call.path, json=call.json,
-                                                 headers=dict(call.headers), timeout=limit) as resp:
-                    text = await resp.text()
-                    if resp.status >= 300:
-                        raise EngineCallError(f"{call.method} {call.path} answered {resp.status}: {text[:300]}")
-                    problem = _answer_problem(call, text)
-                    if problem is not None:
-                        raise EngineCallError(f"{call.method} {call.path} answered 200 but {problem}: {text[:300]}")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise EngineCallError(f"{call.method} {call.path} failed: {exc or type(exc).__name__}") from exc
+            while True:
+                try:
+                    await self._make(root_url, call, max(0.001, deadline - loop.time()))
+                    break
+                except EngineCallError:
+                    if not call.retry or loop.time() + self._interval >= deadline:
+                        raise
+                await asyncio.sleep(self._interval)
+
+    async def _make(self, root_url: str, call: Call, timeout: float) -> None:
+        try:
+            async with self._session.request(call.method, root_url + call.path, json=call.json,
+                                             headers=dict(call.headers),
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                text = await resp.text()
+                if resp.status >= 300:
+                    raise EngineCallError(f"{call.method} {call.path} answered {resp.status}: {text[:300]}")
+                problem = _answer_problem(call, text)
+                if problem is not None:
+                    raise EngineCallError(f"{call.method} {call.path} answered 200 but {problem}: {text[:300]}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EngineCallError(f"{call.method} {call.path} failed: {exc or type(exc).__name__}") from exc
 
     async def is_sleeping(self, root_url: str, call: Call) -> bool | None:
         try:

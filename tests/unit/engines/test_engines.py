@@ -366,10 +366,12 @@ def test_only_vllm_and_sglang_support_sleep(kind: str, supports_sleep: bool) -> 
         # SGLang level 1 keeps the weights in GPU memory; level 2 releases them too, and without a CPU backup their
         # contents are gone: the wake reloads them from disk. A release and its resume name the same tags.
         ({"engine": "sglang", "sleep_level": 1},
-         (Call("POST", "/release_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),),
+         (Call("POST", "/flush_cache", retry=True),
+          Call("POST", "/release_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})),
          (Call("POST", "/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]}),)),
         ({"engine": "sglang", "sleep_level": 2},
-         (Call("POST", "/release_memory_occupation", {"tags": ["weights", "kv_cache", "cuda_graph"]}),),
+         (Call("POST", "/flush_cache", retry=True),
+          Call("POST", "/release_memory_occupation", {"tags": ["weights", "kv_cache", "cuda_graph"]})),
          (Call("POST", "/resume_memory_occupation", {"tags": ["weights", "kv_cache", "cuda_graph"]}),
           Call("POST", "/update_weights_from_disk", {"model_path": "org/m"}))),
     ],

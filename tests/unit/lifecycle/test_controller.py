@@ -423,11 +423,11 @@ async def test_an_engine_that_cannot_tell_it_sleeps_is_noted_asleep_before_its_s
     async with make(runtime=runtime, **SGLANG_SLEEP) as (gate, _, _):
         engine = await sleeping(gate, runtime)
         assert engine.notes == [True]
-        assert engine.calls == ["POST /release_memory_occupation"]  # noted before it was asked to sleep
+        assert engine.calls == ["POST /flush_cache", "POST /release_memory_occupation"]  # noted before it slept
         async with gate.lease():
             pass
         assert engine.notes == [True, False]
-        assert engine.calls[1:] == ["POST /resume_memory_occupation", "POST /update_weights_from_disk",
+        assert engine.calls[2:] == ["POST /resume_memory_occupation", "POST /update_weights_from_disk",
                                     "POST /v1/completions"]
 
 
