@@ -45,10 +45,31 @@ class Call:
 
 def generation_check(spec: ModelSpec) -> Call:
     """A one-token completion: the proof that a woken engine generates again (upstream has wakes that answer 200
-    and leave the engine broken: vLLM #50011, #49237). Any engine that serves `/v1/completions` answers it."""
+    and leave the engine broken: vLLM #50011, #49237). Any engine that serves `/v1/completions` answers it; an
+    embedding model (vLLM `--runner pooling`, `--task embed`, `--convert embed`; SGLang `--is-embedding`) has no
+    completions route, so it is asked for one embedding instead."""
     headers = (("Authorization", f"Bearer {spec.api_key}"),) if spec.api_key else ()
+    if serves_embeddings(spec.args):
+        return Call("POST", "/v1/embeddings", {"model": spec.upstream_name, "input": "Hello"}, headers, expect="data")
     body = {"model": spec.upstream_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     return Call("POST", "/v1/completions", body, headers, expect="choices")
+
+
+_POOLING_VALUES = {"--runner": {"pooling"}, "--task": {"embed", "embedding", "classify", "score", "reward"},
+                   "--convert": {"embed", "classify", "reward"}}
+
+
+def serves_embeddings(args: tuple[str, ...]) -> bool:
+    """Whether an engine launched with `args` is a pooling (embedding) model rather than a generator."""
+    for i, arg in enumerate(args):
+        if arg == "--is-embedding":
+            return True
+        flag, _, value = arg.partition("=")
+        if not value and i + 1 < len(args):
+            value = args[i + 1]
+        if value in _POOLING_VALUES.get(flag, ()):
+            return True
+    return False
 
 
 class Engine(Protocol):

@@ -103,3 +103,16 @@ async def test_the_generation_check_names_the_served_model_and_sends_the_engines
         await api.call(url, (generation_check(spec),), timeout=5)
     assert bodies[0]["model"] == "org/m" and bodies[0]["max_tokens"] == 1
     assert seen == ["POST /v1/completions Bearer sk-engine"]
+
+
+@pytest.mark.parametrize("args", [("--runner", "pooling"), ("--task=embed",), ("--convert", "embed", "-tp", "1"),
+                                  ("--is-embedding",)])
+def test_an_embedding_model_is_checked_with_an_embedding(args: tuple[str, ...]) -> None:
+    # A woken embedding model has no completions route: a completion check would fail every wake into a cold start.
+    call = generation_check(ModelSpec(name="e", engine="vllm", model="w", args=args))
+    assert (call.path, call.expect, call.json) == ("/v1/embeddings", "data", {"model": "e", "input": "Hello"})
+
+
+def test_a_generator_is_checked_with_a_completion() -> None:
+    call = generation_check(ModelSpec(name="g", engine="vllm", model="w", args=("--task", "generate")))
+    assert (call.path, call.expect) == ("/v1/completions", "choices")
