@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each node's memory is read once, here: the gateway's budgets, models.d's fractions and every reload use it.
     settings = settings.model_copy(update={"nodes": compose.resolve_nodes(settings.nodes)})
     try:
-        loaded = load(settings.config_dir, settings.stats_db, settings.nodes)
+        loaded = load(settings.config_dir, settings.stats_db, settings.nodes, gateway=(settings.host, settings.port))
     except ConfigError as exc:
         print(f"sparkgate: {exc}", file=sys.stderr)
         return 2

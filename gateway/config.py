@@ -7,7 +7,10 @@ At load (startup, `sparkgate check`, every reload), with the nodes' memory known
 * vLLM's `sleep_level: 1` where memory is unified is refused, unless the entry opts in;
 * vLLM, SGLang and TensorRT-LLM entries without `gpu_memory_utilization` get one derived from `memory_gb` and the
   node's total (waker/config/engine_memory.py), so the engine takes what the budget counts and not the whole box;
-* a sleeping model without `sleep_memory_gb` gets its learned sleep peak x margin once it has been sampled asleep.
+* a sleeping model without `sleep_memory_gb` gets its learned sleep peak x margin once it has been sampled asleep;
+* explicit ports that would meet are refused: two engines on one port of one machine (a container on a local node
+  meets the process engines), or an engine on the gateway's own port where the caller passes it (`gateway`:
+  `sparkgate serve` and `check` do) (waker/config/registry.py `port_problems`).
 
 `sparkgate check` shows what was derived or learned and the warnings; a running gateway logs the warnings.
 """
@@ -23,7 +26,7 @@ from stats.store import SampleStore
 from waker import compose
 from waker.config.engine_memory import WeightsReader, fit_fraction, sleep_level_problem, weights_gb
 from waker.config.nodes import NodeConfig
-from waker.config.registry import ConfigError, Registry, load_dir
+from waker.config.registry import ConfigError, Registry, load_dir, port_problems
 from waker.config.spec import EngineKind, IdleAction, ModelSpec, RuntimeKind
 from waker.scheduling.budget import Budget
 from waker.scheduling.placement import candidates
@@ -43,9 +46,9 @@ class Loaded:
 
 
 def load_models(config_dir: Path, stats_db: Path | None, nodes: Mapping[str, NodeConfig] | None = None, *,
-                weights: WeightsReader = weights_gb) -> Registry:
+                weights: WeightsReader = weights_gb, gateway: tuple[str, int] | None = None) -> Registry:
     """models.d fitted to `nodes` (see the module doc); its warnings are logged. Raises ConfigError."""
-    loaded = load(config_dir, stats_db, nodes, weights=weights)
+    loaded = load(config_dir, stats_db, nodes, weights=weights, gateway=gateway)
     for model, lines in loaded.warnings.items():
         for line in lines:
             log.warning("models.d: %s: %s", model, line)
@@ -53,11 +56,12 @@ def load_models(config_dir: Path, stats_db: Path | None, nodes: Mapping[str, Nod
 
 
 def load(config_dir: Path, stats_db: Path | None, nodes: Mapping[str, NodeConfig] | None = None, *,
-         weights: WeightsReader = weights_gb) -> Loaded:
+         weights: WeightsReader = weights_gb, gateway: tuple[str, int] | None = None) -> Loaded:
     """models.d fitted to `nodes` (default: this machine alone), with what was derived and the warnings.
 
     Nodes whose memory was not resolved yet are read here (blocking: a remote Docker daemon may take seconds); the
-    gateway passes the ones it resolved at startup. `weights` gives a trtllm model's weights' size.
+    gateway passes the ones it resolved at startup. `weights` gives a trtllm model's weights' size. `gateway` is the
+    gateway's own host and port: an engine given that port is refused.
 
     A model marked auto that has never been sampled while ready is a config error: its memory must be declared
     until the sampler has seen it (run it once with a declared value)."""
@@ -65,9 +69,10 @@ def load(config_dir: Path, stats_db: Path | None, nodes: Mapping[str, NodeConfig
     resolved = compose.resolve_nodes(nodes if nodes is not None else compose.LOCAL)
     budgets = {name: Budget(n.total_gb or 0.0, n.reserve_gb) for name, n in resolved.items()}
     labels = {name: dict(n.labels) for name, n in resolved.items()}
+    local_nodes = [name for name, n in resolved.items() if n.is_local()]
     needs_stats = any(s.memory_auto or _learns_sleep(s) for s in registry.values())
     specs: list[ModelSpec] = []
-    problems: list[str] = []
+    problems: list[str] = port_problems(registry.values(), local_nodes, gateway)
     notes: dict[str, list[str]] = {}
     warnings: dict[str, list[str]] = {}
     with ExitStack() as stack:

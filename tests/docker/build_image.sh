@@ -3,11 +3,17 @@
 # (e.g. tests/fake_engine.py) in real containers.
 #
 # No registry is reachable from CI/dev machines, so nothing is pulled: a minimal Debian
-# bookworm rootfs with python3 + python3-aiohttp is made with debootstrap from the Debian
-# mirror, trimmed, and turned into an image with `docker import`.
+# bookworm rootfs with python3 + python3-aiohttp is made with debootstrap from the package
+# mirror this machine's apt already uses, trimmed, and turned into an image with `docker import`.
+# The mirror is the first `deb` source serving the suite in /etc/apt/sources.list,
+# /etc/apt/sources.list.d/*.list or the deb822 `URIs:` of /etc/apt/sources.list.d/*.sources;
+# SPARKGATE_TEST_MIRROR overrides it (this repository names no mirror host of its own).
 #
 #   tests/docker/build_image.sh            # builds sparkgate-test-engine:1 unless it exists
 #   SPARKGATE_TEST_IMAGE=foo:2 tests/docker/build_image.sh
+#   SPARKGATE_TEST_MIRROR=http://mirror.example/debian tests/docker/build_image.sh
+#
+# Sourced (`. tests/docker/build_image.sh`), it only defines its functions (apt_mirror).
 #
 # Then, every time (seconds: Docker's build cache), the derived image sparkgate-test-multinode:1
 # (SPARKGATE_TEST_MULTINODE_IMAGE) FROM it, with the fake multi-node engines of tests/docker/multinode/.
@@ -21,16 +27,64 @@
 #
 # Needs root (debootstrap, apt-get) and a working `docker` CLI. Re-running is cheap: an
 # existing image is the cache.
+
+log() { printf '[build_image] %s\n' "$*" >&2; }
+
+APT_SOURCES=(/etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources)
+
+# apt_mirror SUITE FILE...: prints the URI of the first `deb` source in FILEs that serves SUITE (one-line
+# *.list entries, deb822 *.sources stanzas; commented, deb-src and `Enabled: no` sources skipped); prints
+# nothing and fails when none does.
+apt_mirror() {
+    local suite=$1 file uri
+    shift
+    for file in "$@"; do
+        [[ -f "$file" && -r "$file" ]] || continue
+        case "$file" in
+            *.sources)
+                uri=$(awk -v suite="$suite" '
+                    function flush() {
+                        if (!found && (" " types " ") ~ / deb / && enabled !~ /^(no|false)$/ \
+                            && (" " suites " ") ~ (" " suite " ") && split(uris, u, " ") > 0) {
+                            print u[1]; found = 1
+                        }
+                        types = uris = suites = enabled = ""
+                    }
+                    /^[[:space:]]*#/ { next }
+                    /^[[:space:]]*$/ { flush(); next }
+                    /^[[:space:]]/ { next }  # a continuation line: not used here
+                    {
+                        key = tolower($1); sub(/:.*/, "", key)
+                        value = $0; sub(/^[^:]*:[[:space:]]*/, "", value)
+                        if (key == "types") types = value
+                        else if (key == "uris") uris = value
+                        else if (key == "suites") suites = value
+                        else if (key == "enabled") enabled = tolower(value)
+                    }
+                    END { flush() }' "$file") ;;
+            *)
+                uri=$(sed -e 's/#.*//' -e 's/\[[^]]*\]//' "$file" |
+                      awk -v suite="$suite" '$1 == "deb" && $3 == suite && !found { print $2; found = 1 }') ;;
+        esac
+        if [[ -n "$uri" ]]; then
+            printf '%s\n' "$uri"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+    return 0  # sourced: the functions only
+fi
+
 set -euo pipefail
 
 TAG="${SPARKGATE_TEST_IMAGE:-sparkgate-test-engine:1}"
 MULTINODE_TAG="${SPARKGATE_TEST_MULTINODE_IMAGE:-sparkgate-test-multinode:1}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SUITE="${SPARKGATE_TEST_SUITE:-bookworm}"
-MIRROR="${SPARKGATE_TEST_MIRROR:-http://deb.debian.org/debian}"
 PACKAGES="python3,python3-aiohttp"
-
-log() { printf '[build_image] %s\n' "$*" >&2; }
 
 build_multinode() {
     # A local FROM needs no registry; the legacy builder needs no buildx plugin.
@@ -52,6 +106,14 @@ fi
 
 if [[ $(id -u) -ne 0 ]]; then
     log "building $TAG needs root (debootstrap); re-run with sudo"
+    exit 1
+fi
+
+if [[ -n "${SPARKGATE_TEST_MIRROR:-}" ]]; then
+    MIRROR="$SPARKGATE_TEST_MIRROR"
+elif ! MIRROR=$(apt_mirror "$SUITE" "${APT_SOURCES[@]}"); then
+    log "no apt source of this machine serves '$SUITE' (looked in ${APT_SOURCES[*]}):"
+    log "set SPARKGATE_TEST_MIRROR to a Debian mirror that has it (or SPARKGATE_TEST_SUITE to a suite yours serve)"
     exit 1
 fi
 
