@@ -267,3 +267,36 @@ async def test_unreachable_docker_fails_clearly_keeps_other_models_serving_and_r
             assert resp.status_code == 200
             assert len(containers_of(docker_client, model_name)) == 1
             await gw.waker.stop(model_name)
+
+
+async def test_a_port_taken_before_docker_publishes_it_is_picked_again(
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    # Picking a free port is check-then-use: something may take it before Docker publishes it. The start is made
+    # again on another port instead of failing the model.
+    import socket
+
+    from waker.runtime.base import free_port
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks: list[int] = []
+
+    def pick(host: str) -> int:
+        picks.append(taken if not picks else free_port(host))
+        return picks[-1]
+
+    runtime = DockerRuntime(instance="test-ports", pick_port=pick)
+    spec = ModelSpec.model_validate(docker_engine_spec(model_name))
+    try:
+        handle = await runtime.start(spec, engine_for(spec.engine))
+        try:
+            assert len(picks) == 2 and handle.root_url.endswith(f":{picks[1]}")
+            [container] = containers_of(docker_client, model_name)
+            assert container.status == "running"
+        finally:
+            await handle.stop(0)
+    finally:
+        squatter.close()
+        runtime.close()

@@ -7,7 +7,7 @@ always "no": the waker decides restarts (with backoff), not the daemon.
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import docker
@@ -37,14 +37,23 @@ from waker.runtime.docker.host import DockerHost, DockerNode
 log = logging.getLogger("sparkgate.docker")
 
 
+PORT_ATTEMPTS = 3
+
+
+def _port_taken(exc: docker.errors.APIError) -> bool:
+    text = str(exc.explanation or exc).lower()
+    return "port is already allocated" in text or "address already in use" in text
+
+
 class DockerRuntime:
     """Creates, starts, stops, removes and rediscovers engine containers on one or more nodes."""
 
     detached = True  # containers outlive the gateway and are adopted by the next one
 
     def __init__(self, nodes: Mapping[str, DockerNode] | None = None, max_threads: int = 64,
-                 instance: str = "default") -> None:
+                 instance: str = "default", pick_port: Callable[[str], int] = free_port) -> None:
         self.instance = instance
+        self._pick_port = pick_port  # a free port on an address (injectable: a port taken between pick and use)
         # Blocking SDK calls (including one long-poll `wait` per running container) get their own
         # threads, so they never starve the loop's default executor.
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="docker")
@@ -86,7 +95,7 @@ class DockerRuntime:
                     log.info("kept container %s of %s did not start (%s); recreating", reusable.short_id,
                              spec.name, exc)
                     remove_container(client, reusable.id)
-            return self._create(client, node.node, spec, engine, name, spec_hash, self.instance)
+            return self._create(client, node.node, spec, engine, name, spec_hash, self.instance, self._pick_port)
 
         launching = asyncio.ensure_future(node.call(launch))
         try:
@@ -121,20 +130,28 @@ class DockerRuntime:
 
     @staticmethod
     def _create(client: docker.DockerClient, node: DockerNode, spec: ModelSpec, engine: Engine, name: str,
-                spec_hash: str, instance: str) -> tuple[Container, int]:
-        if spec.network == "host":
-            port = spec.port or free_port()
-        else:
-            port = spec.port or free_port(node.publish_ip if node.publish_ip != "0.0.0.0" else "127.0.0.1")
-        kwargs = container_config(spec, engine, node, port, spec_hash)
-        kwargs["labels"][LABEL_INSTANCE] = instance
-        container = client.containers.create(spec.image, name=name, detach=True, **kwargs)
-        try:
-            container.start()
-        except docker.errors.APIError:
-            container.remove(force=True)
-            raise
-        return container, port
+                spec_hash: str, instance: str, pick_port: Callable[[str], int] = free_port) -> tuple[Container, int]:
+        """Create and start the container. A port picked free may be taken before Docker publishes it (check, then
+        use): Docker then refuses the start ("port is already allocated"), and the container is made again on
+        another port, up to PORT_ATTEMPTS times. A port the model names is never replaced."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            if spec.network == "host":
+                port = spec.port or pick_port("127.0.0.1")
+            else:
+                port = spec.port or pick_port(node.publish_ip if node.publish_ip != "0.0.0.0" else "127.0.0.1")
+            kwargs = container_config(spec, engine, node, port, spec_hash)
+            kwargs["labels"][LABEL_INSTANCE] = instance
+            container = client.containers.create(spec.image, name=name, detach=True, **kwargs)
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                container.remove(force=True)
+                if spec.port is not None or attempt == PORT_ATTEMPTS or not _port_taken(exc):
+                    raise
+                log.info("port %d for %s was taken before Docker published it; picking another", port, spec.name)
+                continue
+            return container, port
+        raise AssertionError("unreachable")
 
     async def discover(self) -> list[Found]:
         """Every container of ours on every reachable node; unreachable nodes are logged and skipped.
