@@ -8,13 +8,16 @@ status, headers and body are passed through chunk by chunk, untouched: no assump
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from gateway import errors
 from gateway.auth import Caller, KeyRing
@@ -32,7 +35,19 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("sparkgate.proxy")
 
-# Per-connection headers that must not be forwarded (RFC 9110 7.6.1), plus what we set ourselves.
+# The only request paths that reach an engine: "/v1", then segments of RFC 3986 path characters, checked on the raw
+# path as sent (the decoded one hides %2e%2e and %2f). Refused: a dot segment ("." or ".."; an encoded dot anywhere),
+# an empty segment ("//", a trailing "/"), an encoded "/" or "\\", a backslash, a control character raw or encoded,
+# anything not ASCII. What follows "/v1" is forwarded byte for byte after the engine's own API base: `POST /v1/../sleep`
+# once reached vLLM's root `/sleep` (yarl resolved the dot segments of a concatenated URL). Guarded by
+# tests/integration/test_proxy_hardening.py::test_only_normalised_paths_under_v1_reach_the_engine.
+# One regex match over the raw path (~0.5 us); possessive quantifiers keep it linear on a path that fails late.
+_PATH_CHARS = rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]++"
+_PATH_ESCAPE = rb"%(?![01]|7[fF]|2[eEfF]|5[cC])[0-9A-Fa-f]{2}"
+_ENGINE_PATH = re.compile(rb"/v1((?:/(?!\.\.?(?:/|\Z))(?:" + _PATH_CHARS + rb"|" + _PATH_ESCAPE + rb")++)++)")
+
+# Per-connection headers that must not be forwarded (RFC 9110 7.6.1), plus what we set ourselves; the names a
+# Connection header lists are dropped too (`_connection_options`).
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"}
 # The client's gateway key never reaches an engine (engines get their own `api_key` from the spec).
@@ -67,6 +82,7 @@ class Proxy:
         # Metric labels only ever take resolved names (bounded), never what the client sent.
         model_label = key_label = UNRESOLVED
         try:
+            path = _engine_path(scope)  # first: a path that could leave /v1/ starts nothing
             caller = self._caller(scope)
             key_label = caller.name
             body = await self._read_body(scope, receive)
@@ -88,7 +104,7 @@ class Proxy:
 
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
-        request = _Request(self, scope, send, self._waker.gate(spec.name), body, stream, arrived)
+        request = _Request(self, scope, send, self._waker.gate(spec.name), path, body, stream, arrived)
         try:
             await self._serve(request, receive)
         except Exception:
@@ -172,7 +188,7 @@ class Proxy:
 class _Request:
     """One proxied request: lease the model, call the engine, relay the answer."""
 
-    def __init__(self, proxy: Proxy, scope: Scope, send: Send, gate: Gate,
+    def __init__(self, proxy: Proxy, scope: Scope, send: Send, gate: Gate, path: str,
                  body: bytes, stream: bool, arrived: float) -> None:
         self.arrived = arrived
         self.status = "500"
@@ -181,13 +197,16 @@ class _Request:
         self.scope = scope
         self.send = send
         self.gate = gate
+        self.path = path  # what follows "/v1" in the request, validated and still percent-encoded
         self.body = body
         self.stream = stream
         self.started = False  # response headers sent
         self.finished = False
         self.interrupted: str | None = None  # "client_gone", "timeout" or "silent": why run() was cancelled
         self.task: asyncio.Task[Any] | None = None
-        self.last_read = 0.0  # loop time of the engine's last sign of life (sent to, headers, a chunk)
+        # Loop time since when the gateway waits on the engine (request sent, or the last chunk relayed); None
+        # while it waits on the client instead (a send held up by backpressure is not the engine's silence).
+        self.last_read: float | None = 0.0
         self._silence: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
 
@@ -254,19 +273,24 @@ class _Request:
     async def _forward(self, endpoint: Endpoint) -> None:
         settings = self.proxy._settings
         spec = endpoint.spec
-        url = endpoint.api_base + self.scope["path"][3:]  # "/v1/x" -> base + "/x"
-        if self.scope.get("query_string"):
-            url += "?" + self.scope["query_string"].decode("latin-1")
+        url = _engine_url(endpoint.api_base, self.path, self.scope.get("query_string"))
         headers = []
+        listed: list[bytes] = []
         typed = encodings = False
         for k, v in self.scope["headers"]:
             if k in _NOT_UPSTREAM:
+                if k == b"connection":
+                    listed.append(v)
                 continue
             if k == b"content-type":
                 typed = True
             elif k == b"accept-encoding":
                 encodings = True
             headers.append((k.decode("latin-1"), v.decode("latin-1")))
+        if listed and (options := _connection_options(listed)):
+            headers = [(k, v) for k, v in headers if k.encode("latin-1") not in options]
+            typed = any(k == "content-type" for k, _ in headers)
+            encodings = any(k == "accept-encoding" for k, _ in headers)
         # Said outright rather than left to the client library (its defaults: octet-stream, gzip): the
         # body is JSON, and bytes come back as the engine sends them, so no compression unless asked for.
         if not typed:
@@ -283,7 +307,6 @@ class _Request:
             self._silence = loop.call_later(settings.upstream_read_timeout, self._check_silence)
         try:
             async with self.proxy._session().post(url, data=self.body, headers=headers) as resp:
-                self.last_read = loop.time()
                 await self._relay(resp, spec.name, loop)
         except TimeoutError:  # connecting took longer than upstream_connect_timeout
             await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
@@ -296,6 +319,9 @@ class _Request:
     def _check_silence(self) -> None:
         timeout = self.proxy._settings.upstream_read_timeout
         loop = asyncio.get_running_loop()
+        if self.last_read is None:  # waiting on the client: the engine's silence starts once the send is done
+            self._silence = loop.call_later(timeout, self._check_silence)
+            return
         quiet = loop.time() - self.last_read
         if quiet < timeout:
             self._silence = loop.call_later(timeout - quiet, self._check_silence)
@@ -303,14 +329,24 @@ class _Request:
             self.interrupt(self.task, "silent")
 
     async def _relay(self, resp: aiohttp.ClientResponse, model: str, loop: asyncio.AbstractEventLoop) -> None:
+        # The silence timer measures only waits on the engine: `last_read` is None around every send (a client that
+        # reads slowly holds it up), and set anew before each read. Guarded by tests/integration/
+        # test_proxy_hardening.py::test_a_client_that_stops_reading_is_not_an_engine_that_went_silent.
+        now = loop.time
         if self.started:
             # Status already sent (keep-alives): an engine error must travel as an SSE event.
             if resp.status != 200:
+                self.last_read = now()
                 await self.fail(await _engine_error(resp))
                 return
         else:
-            headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _NOT_DOWNSTREAM]
+            drop = _NOT_DOWNSTREAM
+            if listed := resp.headers.getall("Connection", ()):
+                drop = drop | _connection_options(v.encode("latin-1") for v in listed)
+            headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in drop]
+            self.last_read = None
             await self._start_response(resp.status, headers)
+        self.last_read = now()
         if resp.content_length is not None and resp.content_length <= _WHOLE_BODY:
             # A plain answer of known, small size goes out as one message: one write and one turn of
             # the loop fewer than relaying it chunk by chunk and then ending the body.
@@ -322,15 +358,17 @@ class _Request:
             return
         # Per chunk: one read of whatever has arrived, one send (readany, not iter_any: no iterator
         # object in between; the first chunk apart so that the loop checks nothing).
-        content, send, now = resp.content, self.send, loop.time
+        content, send = resp.content, self.send
         chunk = await content.readany()
         if chunk:
-            self.last_read = now()
+            self.last_read = None
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.last_read = now()
             self.ttfb = time.monotonic() - self.arrived  # the first engine bytes (keep-alives don't count)
             while chunk := await content.readany():
-                self.last_read = now()
+                self.last_read = None
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.last_read = now()
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -369,6 +407,41 @@ async def _engine_error(resp: aiohttp.ClientResponse) -> ApiError:
         message = json.loads(text)["error"]["message"]
         return ApiError(resp.status, message, type="upstream_error")
     return ApiError(resp.status, text[:2000] or f"engine answered {resp.status}", type="upstream_error")
+
+
+def _engine_path(scope: Scope) -> str:
+    """What follows "/v1" in the request's raw path, if it may reach an engine (see `_ENGINE_PATH`); else a 400."""
+    # ASGI lets a server leave raw_path out: then the decoded path is all there is (its dot segments still show).
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    match = _ENGINE_PATH.fullmatch(raw)
+    if match is None:
+        shown = raw[:200].decode("ascii", "backslashreplace")
+        raise ApiError(400, f"The path '{shown}' is not forwarded: only normalised paths under /v1/ reach a model "
+                       "(no '.' or '..' segments, empty segments, encoded dots, slashes or backslashes, backslashes "
+                       "or control characters).", code="invalid_path")
+    return match.group(1).decode("ascii")
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_base(api_base: str) -> tuple[URL, str]:
+    """An engine's API base, parsed once: the URL and its path without a trailing slash."""
+    base = URL(api_base)
+    return base, base.raw_path.rstrip("/")
+
+
+def _engine_url(api_base: str, path: str, query: bytes | None) -> URL:
+    """The engine's URL for a request: its API base's path, then the request's validated path, both kept encoded
+    (built from parts: a concatenated string would be parsed again, and its dot segments resolved)."""
+    base, prefix = _engine_base(api_base)
+    if not query:
+        return base.with_path(prefix + path, encoded=True)
+    return URL.build(scheme=base.scheme, authority=base.raw_authority, path=prefix + path,
+                     query_string=query.decode("latin-1"), encoded=True)
+
+
+def _connection_options(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The names listed in Connection headers (RFC 9110 7.6.1): options of one hop, forwarded neither way."""
+    return frozenset(name for value in values for token in value.split(b",") if (name := token.strip().lower()))
 
 
 def _routing_fields(body: bytes) -> tuple[str, bool]:
