@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
@@ -18,9 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from gateway import errors
 from gateway.admin import reload_config
 from gateway.admin import router as admin_router
-from gateway.auth import KeyRing, load_keys
+from gateway.auth import Door, KeyRing, is_loopback, load_keys
 from gateway.config import load_models
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
@@ -75,17 +76,40 @@ async def watch_config(app: FastAPI, interval: float = 2.0) -> None:
 
 class GatewayApp(FastAPI):
     """FastAPI, with the proxy's routes dispatched before the router and middleware stack: they are
-    every token users see, and need none of it (the proxy does its own errors)."""
+    every token users see, and need none of it (the proxy does its own errors). Every HTTP request
+    passes the door first (gateway/auth.py::Door): foreign hosts, origins and non-JSON bodies stop there."""
 
     fast_proxy: Proxy | None = None
+    door: Door | None = None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if self.door is not None and scope["type"] == "http":
+            refusal = self.door.refusal(scope["method"], scope["headers"])
+            if refusal is not None:
+                await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.headers()})
+                await send({"type": "http.response.body", "body": refusal.body()})
+                return
         proxy = self.fast_proxy
         if proxy is not None and scope["type"] == "http" and scope["method"] == "POST" \
                 and scope["path"].startswith("/v1/"):
             await proxy(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def require_metrics_key(request: Request) -> None:
+    """/metrics and /metrics/engines name every model and every key with its traffic, and the second
+    makes the gateway scrape every engine: the admin key or a key marked `metrics`, or (setting
+    metrics_loopback_open) a client on loopback, such as a local Prometheus."""
+    settings: GatewaySettings = request.app.state.settings
+    if settings.metrics_loopback_open and request.client is not None and is_loopback(request.client.host):
+        return
+    keys: KeyRing = request.app.state.keys
+    allowed = keys.may_read_metrics(request.headers.get("authorization"))
+    if allowed is None:
+        raise errors.metrics_key_required()
+    if not allowed:
+        raise errors.metrics_not_allowed()
 
 
 def build_waker(settings: GatewaySettings, registry: Registry | None = None,
@@ -161,13 +185,13 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.include_router(router)
     app.include_router(admin_router)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_key)])
     async def gateway_metrics() -> Response:
         """Prometheus: requests, latency, TTFB, cold starts, wakes, evictions, queue, states, budget, memory."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/metrics/engines", include_in_schema=False)
+    @app.get("/metrics/engines", include_in_schema=False, dependencies=[Depends(require_metrics_key)])
     async def engine_metrics() -> Response:
         """Each ready engine's own metrics (vllm:*, sglang:* ...) with a `model` label; separate so a slow
         engine never delays /metrics."""
@@ -183,6 +207,9 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.router.routes.append(Route("/v1/{path:path}", proxy, methods=["POST"]))
     # Without CORS (which must wrap every response) POST /v1/* skips the framework entirely.
     app.fast_proxy = None if settings.cors_origins else proxy
+    # Non-JSON bodies are refused only without client keys: with keys, a page can't send one with a key
+    # (the Authorization header needs a preflight, which CORS answers).
+    app.door = Door(settings.host, settings.allowed_hosts, settings.cors_origins, json_only=not keys.enabled)
     if settings.cors_origins:
         # Open WebUI (and other browser clients) call the API from another origin.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],

@@ -1,14 +1,22 @@
-"""API keys: who may call the gateway, and which models each key may use.
+"""Who may call the gateway: API keys and the models each may use, and the door every request passes first.
 
 Keys come from settings (env or a file), never from models.d. Only digests are kept in memory and
 every configured key is compared on every request (constant-time, whichever key matches), so
 neither a key nor which key exists leaks through timing.
+
+A key's globs match model names, never aliases: an alias is allowed exactly when its model is
+(test_a_keys_glob_matching_an_alias_does_not_grant_the_model_behind_it).
+
+The door (`Door`) looks at what a browser can't hide, before any key: a `Host` that is not this gateway
+(DNS rebinding), an `Origin` that is not an allowed one (a web page the user visits), and, on a gateway
+without client keys, a body that is not JSON (a form or `text/plain` POST needs no CORS preflight).
 """
 
 import fnmatch
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +24,9 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway import errors
+from gateway.errors import ApiError
 
 
 class ApiKeySpec(BaseModel):
@@ -25,24 +36,30 @@ class ApiKeySpec(BaseModel):
 
     key: str = Field(min_length=8)
     name: str = "client"
-    models: list[str] = Field(default_factory=lambda: ["*"], description="globs of allowed model names")
+    models: list[str] = Field(default_factory=lambda: ["*"],
+                              description="globs of allowed model names (canonical names, never aliases)")
+    metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is calling: a key's name and its allowed models (None = no auth configured)."""
+    """Who is calling: a key's name, its allowed models, whether it may read metrics."""
 
     name: str
     models: tuple[str, ...]
+    metrics: bool = False
 
-    def may_use(self, *names: str) -> bool:
-        """True if any of `names` (the name asked for, the model it resolves to) matches a glob."""
-        return _may_use(self.models, names)
+    def may_use(self, asked: str, model: str | None = None) -> bool:
+        """True if a glob matches `model`, the canonical name that `asked` resolves to (`asked` itself when
+        not given). The name asked for is never matched: it may be an alias, and an alias is allowed exactly
+        when its model is; otherwise adding alias `small-x` to a private model would open it to every
+        `small*` key (test_a_keys_glob_matching_an_alias_does_not_grant_the_model_behind_it)."""
+        return _may_use(self.models, asked if model is None else model)
 
 
 @functools.lru_cache(maxsize=4096)  # per request otherwise; names are configured ones (resolved before)
-def _may_use(patterns: tuple[str, ...], names: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in patterns)
+def _may_use(patterns: tuple[str, ...], model: str) -> bool:
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
 
 
 ANONYMOUS = Caller("anonymous", ("*",))
@@ -61,7 +78,7 @@ def _digest(key: str) -> bytes:
 
 class KeyRing:
     def __init__(self, keys: Iterable[ApiKeySpec], admin_key: str | None = None) -> None:
-        self._keys = [(_digest(k.key), Caller(k.name, tuple(k.models))) for k in keys]
+        self._keys = [(_digest(k.key), Caller(k.name, tuple(k.models), k.metrics)) for k in keys]
         self._admin = _digest(admin_key) if admin_key else None
         # Authorization values already accepted, and whose they are: a request with a known key skips the
         # hashing and the comparisons (profile: ~1.5% of the gateway's time per request). Only accepted
@@ -102,6 +119,16 @@ class KeyRing:
         token = _bearer(authorization)
         return self._admin is not None and token is not None and hmac.compare_digest(self._admin, _digest(token))
 
+    def may_read_metrics(self, authorization: str | None) -> bool | None:
+        """True for the admin key or a client key marked `metrics`; False for another client key; None
+        without a valid key. A gateway with no keys at all (loopback only) lets everyone read them."""
+        if not self._keys and self._admin is None:
+            return True
+        if self.is_admin(authorization):
+            return True
+        caller = self.caller(authorization) if self._keys else None
+        return None if caller is None else caller.metrics
+
 
 def _bearer(authorization: str | None) -> str | None:
     if not authorization:
@@ -130,4 +157,106 @@ def load_keys(inline: list[ApiKeySpec], path: Path | None) -> list[ApiKeySpec]:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """A loopback name or address (127.0.0.0/8, ::1, ::ffff:127.x.y.z)."""
+    if host == "localhost":
+        return True
+    address = _ip(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address is not None and address.is_loopback
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_ACCEPTED_HOSTS_MAX = 1024
+
+
+class Door:
+    """Refuses, before any key is looked at, what a web page could make a browser send (see module docstring).
+
+    `Host` is this gateway when its name is a loopback one (localhost, *.localhost), an IP address (a DNS
+    rebinding page can only make the browser send the attacker's own *name*), the bound host or one of
+    `allowed_hosts` ("*": any); the port is not compared (port mappings, port 0 in tests). `Origin`, when
+    present, is this gateway's own (`http(s)://` + the request's Host) or one of `cors_origins`. Server-side
+    clients (OpenAI SDKs, Open WebUI's backend, Continue, Cline) send no Origin and a JSON body: they pass.
+    """
+
+    def __init__(self, bound_host: str, allowed_hosts: Iterable[str], cors_origins: Iterable[str],
+                 json_only: bool) -> None:
+        self._names = {_normal_name(h) for h in (bound_host, *allowed_hosts)}
+        self._any_host = "*" in self._names
+        self._origins = {o.rstrip("/").lower() for o in cors_origins}
+        self._any_origin = "*" in self._origins
+        self._json_only = json_only
+        self._accepted_hosts: set[bytes] = set()  # Host values already accepted: one set lookup per request
+
+    def refusal(self, method: str, headers: Iterable[tuple[bytes, bytes]]) -> ApiError | None:
+        """None to let the request in; else the 403 to answer (headers as ASGI gives them: lower-case names)."""
+        host = origin = content_type = length = encoding = None
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                encoding = value
+        if host is not None and host not in self._accepted_hosts:
+            if not self._own_host(host.decode("latin-1")):
+                return errors.host_not_allowed(host.decode("latin-1"))
+            if len(self._accepted_hosts) >= _ACCEPTED_HOSTS_MAX:
+                self._accepted_hosts.clear()
+            self._accepted_hosts.add(host)
+        # A preflight carries the Origin too; CORSMiddleware answers it (and refuses foreign origins) and it
+        # changes nothing. Every other request from a foreign page stops here, whatever its method.
+        if origin is not None and method != "OPTIONS" and not self._allowed_origin(origin, host):
+            return errors.origin_not_allowed(origin.decode("latin-1"))
+        # A body without a Content-Type is taken for JSON, as the proxy does (bare clients send one): a page
+        # can't send it without an Origin, checked above.
+        if self._json_only and method in _UNSAFE_METHODS and content_type is not None and not _is_json(content_type) \
+                and (encoding is not None or (length is not None and length != b"0")):
+            return errors.json_required()
+        return None
+
+    def _own_host(self, value: str) -> bool:
+        if self._any_host:
+            return True
+        name = _normal_name(_host_name(value))
+        return name == "localhost" or name.endswith(".localhost") or _ip(name) is not None or name in self._names
+
+    def _allowed_origin(self, origin: bytes, host: bytes | None) -> bool:
+        text = origin.decode("latin-1").rstrip("/").lower()
+        if self._any_origin or text in self._origins:
+            return True
+        if host is None:
+            return False
+        own = host.decode("latin-1").lower()
+        return text in (f"http://{own}", f"https://{own}")
+
+
+def _host_name(value: str) -> str:
+    """The name of a Host value: `[::1]:8009` -> `::1`, `spark.lan:8009` -> `spark.lan`."""
+    if value.startswith("["):
+        end = value.find("]")
+        return value[1:end] if end > 0 else value
+    name, colon, port = value.rpartition(":")
+    return name if colon and port.isdigit() else value
+
+
+def _normal_name(name: str) -> str:
+    return name.strip().lower().removesuffix(".").strip("[]")
+
+
+def _is_json(content_type: bytes) -> bool:
+    """application/json, or any `+json` type (application/merge-patch+json ...), parameters allowed."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))

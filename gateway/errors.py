@@ -54,6 +54,32 @@ def forbidden(model: str) -> ApiError:
                     param="model")
 
 
+def metrics_key_required() -> ApiError:
+    return ApiError(401, "Metrics need a key: the admin key, or a client key with \"metrics\": true "
+                    "(send 'Authorization: Bearer <key>').", code="metrics_key_required")
+
+
+def metrics_not_allowed() -> ApiError:
+    return ApiError(403, "This API key may not read metrics (\"metrics\": true in its entry allows it).",
+                    code="metrics_not_allowed")
+
+
+def host_not_allowed(host: str) -> ApiError:
+    return ApiError(403, f"This gateway does not answer to the host '{host[:100]}': add the name to the "
+                    "allowed_hosts setting (SPARKGATE_ALLOWED_HOSTS).", code="host_not_allowed")
+
+
+def origin_not_allowed(origin: str) -> ApiError:
+    return ApiError(403, f"Requests from the web origin '{origin[:100]}' are refused: add it to the cors_origins "
+                    "setting (SPARKGATE_CORS_ORIGINS) to let a page there call the gateway.",
+                    code="origin_not_allowed")
+
+
+def json_required() -> ApiError:
+    return ApiError(403, "Request bodies must be JSON (Content-Type: application/json) on a gateway without "
+                    "API keys: a web page can send other types without asking first.", code="json_required")
+
+
 def headers_too_large(limit: int) -> ApiError:
     return ApiError(431, f"The request headers are larger than the gateway's limit of {limit} bytes.",
                     code="headers_too_large")

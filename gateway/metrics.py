@@ -218,16 +218,19 @@ class Metrics:
         """The body and content type for `GET /metrics`."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    async def scrape_engines(self, session: aiohttp.ClientSession, timeout: float = 2.0) -> bytes:
+    async def scrape_engines(self, session: aiohttp.ClientSession, timeout: float = 2.0,
+                             max_bytes: int = _MAX_ENGINE_METRICS_BYTES) -> bytes:
         """Every READY engine's own `/metrics`, merged, each sample labelled `model="<name>"`.
 
-        Engines are asked concurrently, each bounded by `timeout`; one that fails, answers non-200 or
-        sends something unparsable is left out (and shows as `sparkgate_engine_scrape_success 0`).
+        Engines are asked concurrently, each bounded by `timeout`; one that fails, answers non-200, sends
+        a page over `max_bytes` or something unparsable is left out (and shows as
+        `sparkgate_engine_scrape_success 0`).
         Parsing runs in a thread: a big vLLM page takes milliseconds of pure Python, which would
         otherwise stall the proxy's event loop.
         """
         targets = list(self._scrape_targets())
-        fetched = await asyncio.gather(*(_fetch(session, name, url, spec, timeout) for name, url, spec in targets))
+        fetched = await asyncio.gather(*(_fetch(session, name, url, spec, timeout, max_bytes)
+                                         for name, url, spec in targets))
         return await asyncio.to_thread(_relabel, fetched)
 
     def _scrape_targets(self) -> Iterator[tuple[str, str, ModelSpec]]:
@@ -320,7 +323,7 @@ class _Fetched:
 
 
 async def _fetch(session: aiohttp.ClientSession, model: str, url: str, spec: ModelSpec,
-                 timeout: float) -> _Fetched:
+                 timeout: float, max_bytes: int) -> _Fetched:
     started = time.monotonic()
     # Identity encoding: the app's upstream session passes bytes through without decompressing them.
     headers = {"Accept": "text/plain", "Accept-Encoding": "identity"}
@@ -331,14 +334,30 @@ async def _fetch(session: aiohttp.ClientSession, model: str, url: str, spec: Mod
         async with session.get(url, headers=headers,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status == 200:
-                body = await resp.content.read(_MAX_ENGINE_METRICS_BYTES + 1)
-                if len(body) <= _MAX_ENGINE_METRICS_BYTES:
+                body = await _read_whole(resp, max_bytes)
+                if body is None:
+                    log.debug("metrics: %s sent a /metrics page over %d bytes", model, max_bytes)
+                else:
                     text = body.decode("utf-8", errors="replace")
             else:
                 log.debug("metrics: %s answered %s on /metrics", model, resp.status)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.debug("metrics: could not scrape %s: %r", model, exc)
     return _Fetched(model, text, time.monotonic() - started)
+
+
+async def _read_whole(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body up to EOF, or None when it is over `limit` bytes. (`content.read(n)` returns only
+    what is buffered: a 220 KB page came back as 128 KB and passed for a whole one;
+    test_engine_metrics_page_is_read_whole_and_one_over_the_limit_fails.)"""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 class _Families(Collector):

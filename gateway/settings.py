@@ -56,6 +56,11 @@ class GatewaySettings(BaseSettings):
     admin_key: str | None = Field(default=None, description="key for /admin routes (separate from client keys)")
     insecure_no_auth: bool = Field(default=False, description="allow binding a non-loopback address without keys")
     cors_origins: list[str] = Field(default_factory=list, description='browser origins allowed, e.g. ["*"]')
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description='names this gateway is reached by besides loopback, its bound address and IP '
+                                          'addresses (the Host header; DNS rebinding), e.g. ["spark.lan"]; "*" = any')
+    metrics_loopback_open: bool = Field(
+        default=False, description="let loopback clients read /metrics and /metrics/engines without a key")
     max_header_bytes: int = Field(default=64 * 1024, gt=0, description="larger request headers get 431")
     stats_db: Path = Field(default_factory=default_db_path, description="SQLite file of per-model memory samples")
     stats_interval: Duration = Field(default=5.0, description="memory sampling interval; 0 = off")

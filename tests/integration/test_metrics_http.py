@@ -16,7 +16,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_metrics_count_requests_cold_starts_states_and_budget(tmp_path: Path) -> None:
     models = write_models(tmp_path, fake_engine_spec("m", memory_gb=10), fake_engine_spec("idle", memory_gb=5))
     keys = [{"key": "sk-metrics-01", "name": "laptop"}]
-    async with run_gateway(models, api_keys=keys) as gw, httpx.AsyncClient(timeout=30) as client:
+    async with run_gateway(models, api_keys=keys, metrics_loopback_open=True) as gw, \
+            httpx.AsyncClient(timeout=30) as client:
         auth = {"Authorization": "Bearer sk-metrics-01"}
         for _ in range(3):
             await client.post(gw.v1 + "/chat/completions", headers=auth, json={"model": "m", "messages": []})
