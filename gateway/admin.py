@@ -135,7 +135,8 @@ async def reload_config(app: object) -> dict[str, list[str]]:
     """Re-read models.d and apply it (reloads run one at a time: see Waker.reload_from)."""
     waker: Waker = app.state.waker  # type: ignore[attr-defined]
     settings = app.state.settings  # type: ignore[attr-defined]
-    return await waker.reload_from(partial(load_models, settings.config_dir, settings.stats_db, settings.nodes))
+    return await waker.reload_from(partial(load_models, settings.config_dir, settings.stats_db, settings.nodes,
+                                             gateway=(settings.host, settings.port)))
 
 
 @router.get("/events")

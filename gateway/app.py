@@ -120,7 +120,8 @@ def build_waker(settings: GatewaySettings, registry: Registry | None = None,
                            backoff_cap=settings.backoff_cap, stop_retry=settings.stop_retry)
     queue = QueuePolicy(max_queue=settings.max_queue, max_wait=settings.max_wait, max_hold=settings.max_hold)
     nodes = compose.resolve_nodes(settings.nodes)  # once: `sparkgate serve` passes them resolved already
-    return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db, nodes), nodes,
+    return compose.build_waker(registry or load_models(settings.config_dir, settings.stats_db, nodes,
+                                                            gateway=(settings.host, settings.port)), nodes,
                                options=options, queue=queue, preload=settings.preload, instance=settings.instance,
                                memory_probes=probes)
 
