@@ -538,7 +538,11 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
             return sglang_invalid("the body must be a JSON object")
         return body
 
-    def sglang_tags(body: dict) -> list[str] | web.Response | None:
+    async def sglang_tags(request: web.Request) -> list[str] | web.Response | None:
+        """The `tags` of a release or resume request (None: all), or the 400 SGLang answers a bad body with."""
+        body = await sglang_body(request)
+        if isinstance(body, web.Response):
+            return body
         tags = body.get("tags")
         if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
             return sglang_invalid("tags must be a list of strings or null")
@@ -548,10 +552,7 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
         return f" tags={','.join(tags)}" if tags else ""
 
     async def sglang_release(request: web.Request) -> web.Response:
-        body = await sglang_body(request)
-        if isinstance(body, web.Response):
-            return body
-        tags = sglang_tags(body)
+        tags = await sglang_tags(request)
         if isinstance(tags, web.Response):
             return tags
         SLEEP_LOG.append("release_memory_occupation" + tags_suffix(tags))
@@ -579,10 +580,7 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
         return web.Response(text=text, status=400 if in_flight() else 200)
 
     async def sglang_resume(request: web.Request) -> web.Response:
-        body = await sglang_body(request)
-        if isinstance(body, web.Response):
-            return body
-        tags = sglang_tags(body)
+        tags = await sglang_tags(request)
         if isinstance(tags, web.Response):
             return tags
         SLEEP_LOG.append("resume_memory_occupation" + tags_suffix(tags))

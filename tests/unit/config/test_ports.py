@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gateway import cli
 from gateway.config import load
+from tests.harness import write_models as models
 from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError, load_dir
 
@@ -24,13 +24,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SPARKGATE_NODES", NODES)
     monkeypatch.setenv("SPARKGATE_STATS_DB", str(tmp_path / "stats.sqlite3"))  # never the user's own
-
-
-def models(directory: Path, *entries: dict[str, Any]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in entries:
-        (directory / f"{entry['name']}.yaml").write_text(yaml.safe_dump(entry))
-    return directory
 
 
 def process(name: str, **fields: Any) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gateway import cli
 from gateway.admin import node_state
 from gateway.client import status_table
 from gateway.config import load, load_models
+from tests.harness import write_models as models
 from waker import compose
 from waker.config.machine import MemoryReading, resolve_nodes
 from waker.config.nodes import NodeConfig
@@ -31,13 +31,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in ("SPARKGATE_NODES", "DOCKER_HOST", "SPARKGATE_CONFIG_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SPARKGATE_STATS_DB", str(tmp_path / "stats.sqlite3"))  # never the user's own
-
-
-def models(directory: Path, *entries: dict[str, Any]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in entries:
-        (directory / f"{entry['name']}.yaml").write_text(yaml.safe_dump(entry))
-    return directory
 
 
 def vllm(name: str, **fields: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ picked again)."""
 
 import asyncio
 import json
-import os
 import socket
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.runtime.test_process import group_alive, until_printed
 from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
 from waker.runtime import process
@@ -105,21 +105,6 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
     while not condition():
         assert time.monotonic() < deadline, f"never: {what}"
         await asyncio.sleep(0.01)
-
-
-async def until_printed(handle: ProcessHandle, line: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while line not in await handle.log_tail(50):
-        assert time.monotonic() < deadline, f"the engine never printed {line!r}"
-        await asyncio.sleep(0.01)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_the_environment_keeps_what_engines_need_and_drops_every_secret() -> None:
