@@ -1,6 +1,6 @@
 """Each node's memory, taken from the machine when the settings don't say: its total and whether it is unified.
 
-The budget of a node is ``total_gb - reserve_gb``. A default of 128 (a DGX Spark) is wrong on every other box: a
+The budget of a node is ``total_gb - reserve_gb``. A fixed default (a DGX Spark's 121.7) is wrong on every other box: a
 24 GB workstation would promise engines memory it doesn't have, and an 8-GPU server would leave most of its cards
 idle. So an unset ``total_gb`` is read once, when the gateway starts (and when models.d is reloaded without the
 started gateway's nodes), never per request:
@@ -9,7 +9,7 @@ started gateway's nodes), never per request:
   for memory info, as on GB10) and a machine with no GPU: ``/proc/meminfo`` MemTotal; discrete GPUs: the sum of
   the GPUs' totals from NVML (what engines allocate from; host RAM says nothing about what fits on the cards);
 * a remote node (``tcp://``, ``ssh://``): ``MemTotal`` of its Docker daemon's ``info()``, when it answers;
-* anything else: 128, with a warning that says why.
+* anything else: 121.7 (what a DGX Spark shows), with a warning that says why.
 
 Whether a node's memory is unified matters beyond the total: vLLM's sleep level 1 moves the weights to CPU RAM,
 which on unified memory is the same pool (see gateway/config.py). A local node's answer comes from NVML; a remote
@@ -28,8 +28,9 @@ from waker.config.nodes import NodeConfig
 
 log = logging.getLogger("sparkgate.config")
 
-DEFAULT_TOTAL_GB = 128.0
-"""A DGX Spark's unified memory: the figure used when a node's total can't be read."""
+DEFAULT_TOTAL_GB = 121.7
+"""What a DGX Spark shows the OS of its 128 GB (MemTotal 121.69 GiB, as Ray and vLLM report it on a GB10):
+the figure used when a node's total can't be read."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,9 @@ def _env(spec: ModelSpec, node: ClusterNode, head: bool) -> dict[str, str]:
     env: dict[str, str] = {}
     if spec.engine is EngineKind.VLLM:
         env["VLLM_HOST_IP"] = node.link_address
+        # Ray's memory monitor kills workers when the node looks 95 % full; on unified memory the GPU's share
+        # counts as used, so a loaded Spark always looks full. NVIDIA's two-Spark vLLM playbook turns it off.
+        env["RAY_memory_monitor_refresh_ms"] = "0"
     if spec.multinode.interface:
         env.update(dict.fromkeys(_INTERFACE_VARS, spec.multinode.interface))
     env.update(spec.env)

@@ -39,9 +39,9 @@ def _is_number(arg: str) -> bool:
 
 def test_catalog_loads_and_fits_the_default_budget(registry: Registry) -> None:
     assert len(registry) >= 7
-    assert budget_problems(registry.values(), {"local": Budget()}) == []
+    assert budget_problems(registry.values(), {"local": Budget(121.7)}) == []
     for spec in registry.values():
-        assert 0 < spec.memory_gb <= Budget().capacity_gb, spec.name
+        assert 0 < spec.memory_gb <= Budget(121.7).capacity_gb, spec.name
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -67,12 +67,52 @@ def test_the_120b_has_a_long_start_timeout_and_the_20b_sleeps_at_level_2(registr
     assert chat.sleep_memory_gb is not None and chat.sleep_memory_gb < chat.memory_gb
 
 
-def test_memory_fractions_agree_with_memory_gb(registry: Registry) -> None:
-    # On unified memory the fraction is of the whole 128 GB pool; memory_gb must cover it. (trtllm's
-    # fraction is of the memory left free after its weights, so it is bounded by the same figure.)
+CUDA_TOTAL_GB = 119.6  # what CUDA reports on a GB10 (the OS sees 121.7 GiB); vLLM's fraction is of this
+IMAGES = {  # the tags NVIDIA's DGX Spark playbooks run (docs/quickstart-dgx-spark.md §3)
+    "vllm": "nvcr.io/nvidia/vllm:26.02-py3",
+    "sglang": "lmsysorg/sglang:latest-cu130",
+    "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc13",
+    "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-cuda13",
+}
+
+
+def test_vllm_fractions_are_of_the_cuda_total_and_memory_gb_covers_them(registry: Registry) -> None:
     for spec in registry.values():
-        if spec.gpu_memory_utilization is not None:
-            assert spec.gpu_memory_utilization * Budget().total_gb <= spec.memory_gb + 1, spec.name
+        if spec.engine == "vllm":
+            assert spec.gpu_memory_utilization is not None, spec.name
+            takes = spec.gpu_memory_utilization * CUDA_TOTAL_GB
+            assert takes <= spec.memory_gb <= takes + 4, spec.name
+
+
+def test_the_sglang_entry_caps_its_pool_since_its_fraction_is_of_the_memory_free_at_launch(registry: Registry) -> None:
+    utility = registry.resolve("utility")
+    assert "--max-total-tokens" in utility.args
+    assert utility.gpu_memory_utilization is not None and utility.gpu_memory_utilization >= 0.5
+
+
+def test_one_tag_per_engine_and_the_ones_the_playbooks_run(registry: Registry) -> None:
+    for spec in registry.values():
+        assert spec.image == IMAGES[spec.engine], spec.name
+
+
+def test_host_paths_are_absolute_and_shm_size_is_not_set_beside_host_ipc(registry: Registry) -> None:
+    # `~` would be expanded by the gateway: /root under compose and the systemd unit, whose cache is empty.
+    for spec in registry.values():
+        for volume in spec.volumes:
+            assert volume.startswith("/home/YOU/"), (spec.name, volume)
+        if spec.ipc == "host":
+            assert spec.shm_size is None, spec.name
+
+
+def test_gpt_oss_gets_its_tokenizer_files_and_first_starts_have_the_time_and_caches_they_need(
+        registry: Registry) -> None:
+    for role, timeout in (("brain", 30 * 60), ("chat", 15 * 60)):
+        spec = registry.resolve(role)
+        assert spec.env.get("TIKTOKEN_ENCODINGS_BASE") == "/tiktoken", role
+        assert any(v.split(":")[1] == "/tiktoken" for v in spec.volumes), role
+        assert spec.start_timeout >= timeout, role
+        inside = {v.split(":")[1] for v in spec.volumes}
+        assert {"/root/.cache/vllm", "/root/.cache/flashinfer"} <= inside, role
 
 
 @pytest.mark.parametrize("name", sorted(os.path.splitext(p.name)[0] for p in EXAMPLES.glob("*.yaml")))
@@ -98,7 +138,7 @@ def test_sparkgate_check_accepts_the_catalog(capsys: pytest.CaptureFixture[str],
         if key.startswith("SPARKGATE_"):
             monkeypatch.delenv(key)
     # The catalog is for a DGX Spark: on a smaller machine (the node's total is read from it) the big models can't fit.
-    monkeypatch.setenv("SPARKGATE_NODES", '{"local": {"total_gb": 128, "unified_memory": true}}')
+    monkeypatch.setenv("SPARKGATE_NODES", '{"local": {"total_gb": 121.7, "unified_memory": true}}')
     assert main(["check", "--config-dir", str(EXAMPLES)]) == 0
     out = capsys.readouterr().out
     assert "model(s) OK" in out

@@ -101,17 +101,17 @@ def test_docker_host_from_the_environment_makes_the_default_node_remote(monkeypa
     assert readers.local_calls == 0
 
 
-def test_an_unreadable_node_gets_128_with_the_reason_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unreadable_node_gets_a_sparks_121_7_with_the_reason_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     readers = Readers(remote=MemoryReading(None, None, "Docker at ssh://me@spark2 is unreachable: timed out"))
     with caplog.at_level(logging.WARNING, logger="sparkgate.config"):
         node = readers.resolve({"spark2": NodeConfig(docker_host="ssh://me@spark2")})["spark2"]
-    assert node.total_gb == DEFAULT_TOTAL_GB == 128
-    assert node.total_source == "default 128: Docker at ssh://me@spark2 is unreachable: timed out"
+    assert node.total_gb == DEFAULT_TOTAL_GB == 121.7
+    assert node.total_source == "default 121.7: Docker at ssh://me@spark2 is unreachable: timed out"
     assert "spark2" in caplog.text and "set total_gb" in caplog.text
     readers = Readers(local=MemoryReading(None, None, "NVML unavailable: No permission"))
     node = readers.resolve({"local": NodeConfig()})["local"]
     assert (node.total_gb, node.total_source, node.unified_memory) == (
-        128, "default 128: NVML unavailable: No permission", None)
+        121.7, "default 121.7: NVML unavailable: No permission", None)
 
 
 def test_this_machine_is_read_once_and_resolved_nodes_are_not_read_again() -> None:

@@ -24,6 +24,7 @@ def spec(engine: str, **fields: object) -> ModelSpec:
 
 LINK = {"NCCL_SOCKET_IFNAME": "enp1s0f1np1", "GLOO_SOCKET_IFNAME": "enp1s0f1np1",
         "TP_SOCKET_IFNAME": "enp1s0f1np1", "UCX_NET_DEVICES": "enp1s0f1np1"}
+RAY = {"RAY_memory_monitor_refresh_ms": "0"}  # the playbook's setting: Ray's memory monitor off on unified memory
 
 
 def test_vllm_over_two_nodes_is_a_ray_head_a_ray_worker_and_vllm_serve_with_pipeline_stages() -> None:
@@ -31,12 +32,12 @@ def test_vllm_over_two_nodes_is_a_ray_head_a_ray_worker_and_vllm_serve_with_pipe
     head, worker = plan.parts
     assert (head.role, head.node) == ("head", "spark-a")
     assert head.argv == ("ray", "start", "--head", "--port", "6380", "--node-ip-address", "192.168.100.10", "--block")
-    assert dict(head.env) == {"VLLM_HOST_IP": "192.168.100.10", **LINK, "HF_HUB_OFFLINE": "1", "ONLY_HEAD": "1"}
+    assert dict(head.env) == {"VLLM_HOST_IP": "192.168.100.10", **RAY, **LINK, "HF_HUB_OFFLINE": "1", "ONLY_HEAD": "1"}
     assert head.up == UpCheck(log="Ray runtime started")
     assert (worker.role, worker.node) == ("worker-1", "spark-b")
     assert worker.argv == ("ray", "start", "--address", "192.168.100.10:6380", "--node-ip-address",
                            "192.168.100.11", "--block")
-    assert dict(worker.env) == {"VLLM_HOST_IP": "192.168.100.11", **LINK, "HF_HUB_OFFLINE": "1", "ONLY_WORKER": "1"}
+    assert dict(worker.env) == {"VLLM_HOST_IP": "192.168.100.11", **RAY, **LINK, "HF_HUB_OFFLINE": "1", "ONLY_WORKER": "1"}
     assert worker.up == head.up
     assert plan.serve == ("vllm", "serve", "org/big", "--host", "127.0.0.1", "--port", "8000", "--served-model-name",
                           "big", "--gpu-memory-utilization", "0.8", "--shutdown-timeout", "15",
@@ -76,7 +77,7 @@ def test_without_cluster_address_the_nodes_address_is_used_and_no_interface_is_f
     plain = spec("vllm", multinode={}, env={})
     a, b = DockerNode(name="a", address="10.0.0.1"), DockerNode(name="b", address="10.0.0.2")
     head, worker = plan_group(plain, engine_for("vllm"), [a, b], 8000).parts
-    assert dict(head.env) == {"VLLM_HOST_IP": "10.0.0.1"}
+    assert dict(head.env) == {"VLLM_HOST_IP": "10.0.0.1", **RAY}
     assert worker.argv[3] == "10.0.0.1:6379"
 
 
