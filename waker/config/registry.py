@@ -1,6 +1,7 @@
 """The registry: every model in models.d, by name and alias, validated as a whole."""
 
-from collections.abc import Collection, Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +144,16 @@ def port_problems(specs: Iterable[ModelSpec], local_nodes: Collection[str] = (),
 
 def load_file(path: Path) -> ModelSpec:
     """One models.d file; raises ConfigError naming the file, the field and the reason."""
+    text = _text(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.load(text, Loader=_ModelsLoader)  # a SafeLoader, with guards
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError([f"{path}: {_yaml_problem(exc)}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
+    except RecursionError:  # the depth guard comes first; never a traceback for a config file
+        raise ConfigError([f"{path}: nested too deeply"]) from None
+    except ValueError as exc:  # PyYAML's int() of a number beyond Python's digit limit
         raise ConfigError([f"{path}: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of fields (name: ..., engine: ...)"])
@@ -155,17 +163,119 @@ def load_file(path: Path) -> ModelSpec:
         raise ConfigError([f"{path}: {_field(err['loc'])}: {err['msg']}" for err in exc.errors()]) from None
 
 
+def _text(path: Path) -> str:
+    """The file's text, or a ConfigError saying why it has none. Anything but a regular file is refused before it is
+    opened (a FIFO named x.yaml would block the read for good); bytes that are not UTF-8 used to escape as a
+    UnicodeDecodeError: a traceback from `sparkgate check`, a 500 from /admin/reload and a dead file watch
+    (tests/unit/config/test_config_files.py)."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise ConfigError([f"{path}: a symbolic link to {os.readlink(path)!r}, which leads to no file"])
+        if path.is_dir():
+            raise ConfigError([f"{path}: a directory, not a model file"])
+        if not path.is_file():
+            raise ConfigError([f"{path}: not a regular file (a FIFO, socket or device)"])
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: can't be read: {exc.strerror or exc}"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}: not UTF-8 text: byte {data[exc.start]:#04x} on line {line} (offset "
+                           f"{exc.start}); save the file as UTF-8"]) from None
+
+
+MAX_DEPTH = 32
+"""Nesting a models.d file may have (it needs 3: multinode.head_env.NAME); deeper YAML made PyYAML's recursive
+composer hit Python's recursion limit."""
+MAX_NODES = 100_000
+"""Values a file may expand to, aliases counted as what they stand for: a "billion laughs" file of nested aliases
+is a few lines that stand for 10^9 values."""
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML file the models.d loader will not take; the message names the line."""
+
+
+class _ModelsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with guards for hand-written files: a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently, hiding a mistake the way an unknown key would: those are refused too), and the
+    nesting and the size that aliases expand to are limited."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it stands for; nodes live as long as the loader
+        self._checked: set[int] = set()
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        alias = self.check_event(yaml.AliasEvent)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"line {mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+            node: yaml.Node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if alias:
+            if id(node) not in self._sizes:
+                raise _Refused(f"line {mark.line + 1}: an alias inside the value it refers to")
+            return node
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes[id(item)] for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
+        if size > MAX_NODES:
+            raise _Refused(f"line {mark.line + 1}: stands for more than {MAX_NODES} values (aliases expanded)")
+        self._sizes[id(node)] = size
+        return node
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping passes here once before its merge keys (<<: *base) are folded in: only the keys written in
+        # it are compared, since a written key may override a merged one.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _Refused(f"line {line}: key {key!r} is given twice (first on line {first[key]}); "
+                                       "YAML would keep only the last one")
+                    first[key] = line
+                except TypeError:  # unhashable: PyYAML refuses it itself
+                    continue
+        super().flatten_mapping(node)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """A YAML syntax error as 'line L, column C: what' (PyYAML's own text names '<unicode string>')."""
+    mark = exc.problem_mark or exc.context_mark
+    what = "; ".join(part for part in (exc.context, exc.problem) if part)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+
+
 def _field(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(file)"
 
 
 def load_dir(directory: Path) -> Registry:
-    """Every *.yaml / *.yml directly in `directory`, as one registry; all problems reported at once."""
-    if not directory.is_dir():
-        raise ConfigError([f"{directory}: not a directory"])
+    """Every model file in `directory` (see `model_files`), as one registry; all problems reported at once."""
+    try:
+        files = model_files(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError([f"{directory}: not a directory"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{directory}: can't be read: {exc.strerror or exc}"]) from None
     specs: list[ModelSpec] = []
     problems: list[str] = []
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
     for path in files:
         try:
             specs.append(load_file(path))
@@ -176,3 +286,33 @@ def load_dir(directory: Path) -> Registry:
     if not specs:
         raise ConfigError([f"{directory}: no model files (*.yaml) found"])
     return Registry(specs)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The entries of `directory` that are model files: every *.yaml and *.yml, except hidden ones (editors' lock and
+    backup files, such as emacs's `.#name.yaml`, a symbolic link to nowhere by design). One that is not a readable
+    file (a directory, a link to nothing) is an error when loaded; it used to be skipped without a word."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+
+
+Fingerprint = tuple[tuple[object, ...], ...]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """What the file watch compares between polls: each model file's name, and its link's and its target's inode,
+    size and times (a file moved into place keeps its mtime but not its inode; a chmod moves only ctime), or the
+    error that stat gave. Never raises: one link to nothing used to empty the whole fingerprint, so the watch saw
+    no change any more (tests/unit/config/test_config_files.py)."""
+    try:
+        paths = model_files(directory)
+    except OSError as exc:
+        return (("", type(exc).__name__),)
+    return tuple((p.name, _stat(p.lstat), _stat(p.stat)) for p in paths)
+
+
+def _stat(stat: Callable[[], os.stat_result]) -> tuple[int, ...] | str:
+    try:
+        found = stat()
+    except OSError as exc:
+        return type(exc).__name__
+    return found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_mode
