@@ -6,8 +6,13 @@ from the GPU's size. On unified memory (a DGX Spark's 128 GB) that is the whole 
 budget admitted beside it then runs out of memory. So when the entry gives no ``gpu_memory_utilization`` and a
 ``memory_gb``, the fraction is derived from ``memory_gb`` and the node's total, in the engine's own terms:
 
-* vLLM (``--gpu-memory-utilization``) and SGLang (``--mem-fraction-static``): a share of the total memory, so
-  ``memory_gb / total_gb``;
+* vLLM (``--gpu-memory-utilization``): a share of the total memory, so ``memory_gb / total_gb``;
+* SGLang (``--mem-fraction-static``): a share of the memory FREE WHEN IT LAUNCHES (sglang model_runner: the KV
+  pool is ``fraction x free_at_launch - weights``), so ``memory_gb / total_gb`` is exact only on an empty node:
+  beside other models it gets less, and may refuse to start ("Not enough memory"). No static fraction is right in
+  both cases unless ``--max-total-tokens`` caps the pool: then a generous fraction is safe and the cap decides
+  what it holds. A derived SGLang fraction therefore comes with a warning that says so, and an SGLang entry whose
+  args carry ``--max-total-tokens`` is not warned about its fraction (``sparkgate check`` estimates it instead);
 * TensorRT-LLM (``--kv_cache_free_gpu_memory_fraction``): a share of the memory still free *after* the weights
   are loaded, given to the KV cache, so ``(memory_gb - W) / (total_gb - W)`` with ``W`` the weights' size when
   the model is a local path the gateway can read (``W = 0`` otherwise, with a warning: the engine may then take
@@ -26,17 +31,20 @@ files), so gateway/config.py applies it at load and tests need no model on disk.
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
-from waker.config.spec import EngineKind, IdleAction, ModelSpec, RuntimeKind
+from waker.config.args import has_flag
+from waker.config.checkpoint import read_checkpoint
+from waker.config.spec import EngineKind, IdleAction, ModelSpec
 
-FRACTION_OF = {EngineKind.VLLM: "total", EngineKind.SGLANG: "total", EngineKind.TRTLLM: "free after the weights"}
+FRACTION_OF = {EngineKind.VLLM: "total", EngineKind.SGLANG: "free at launch",
+               EngineKind.TRTLLM: "free after the weights"}
 """The engines with a memory fraction, and what it is a share of."""
 
 MIN_FRACTION = 0.01
 MAX_FRACTION = 0.95  # room for the process itself, the CUDA context and the OS, whatever memory_gb says
 DISAGREEMENT = 0.10
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+SGLANG_POOL_CAP = ("--max-total-tokens",)
+"""The SGLang flag that caps its KV pool at a number of tokens, whatever its fraction of the free memory gives."""
 
 WeightsReader = Callable[[ModelSpec], float | None]
 """The size of a model's weights in GiB, or None when they can't be read from here."""
@@ -89,6 +97,11 @@ def fit_fraction(spec: ModelSpec, totals: Sequence[float], weights: WeightsReade
     else:
         fraction = memory / total
         how = f"derived from memory_gb {_gb(memory)} of {_gb(total)} GB"
+        if spec.engine is EngineKind.SGLANG and not has_flag(spec.args, SGLANG_POOL_CAP):
+            warnings.append(f"sglang's --mem-fraction-static is a share of the memory free when it launches: the "
+                            f"derived {_bounded(fraction):.2f} gives it memory_gb {_gb(memory)} only on an empty "
+                            f"node, less (or 'Not enough memory') beside other models. Cap the KV pool with "
+                            f"--max-total-tokens in args and set a fraction for the fullest node (see sparkgate check)")
     fraction = _bounded(fraction)
     derived = spec.model_copy(update={"gpu_memory_utilization": fraction, "memory_fraction_derived": True})
     return Fit(derived, notes=(f"gpu_memory_utilization {fraction:.2f} ({how})",), warnings=tuple(warnings))
@@ -98,6 +111,8 @@ def _disagreement(spec: ModelSpec, total: float, weights: WeightsReader) -> tupl
     fraction, memory = spec.gpu_memory_utilization, spec.memory_gb
     if fraction is None or memory <= 0 or spec.memory_auto:
         return ()
+    if spec.engine is EngineKind.SGLANG and has_flag(spec.args, SGLANG_POOL_CAP):
+        return ()  # the cap, not the fraction, decides what it holds: sparkgate check estimates that
     if spec.engine is EngineKind.TRTLLM:
         size = weights(spec) or 0.0
         takes = size + fraction * max(total - size, 0.0)
@@ -137,42 +152,11 @@ def sleep_level_problem(spec: ModelSpec, unified_on: Sequence[str]) -> str | Non
 
 
 def weights_gb(spec: ModelSpec) -> float | None:
-    """The size of `spec`'s weights as this machine sees them: ``*.safetensors``, ``*.bin``, ``*.gguf`` and ``*.pt``
-    directly in the model directory (sub-folders such as ``original/`` hold copies in another format), or the model
-    file itself. A Docker entry's path inside the container is read through its volume on the host. None for a hub
-    id, a path not readable here, or one with no weight files."""
-    if not spec.model:
-        return None
-    path = _host_path(spec)
-    try:
-        if path.is_file():
-            return path.stat().st_size / _GIB if path.suffix in WEIGHT_SUFFIXES else None
-        if not path.is_dir():
-            return None
-        size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
-    except OSError:
-        return None
-    return size / _GIB if size else None
-
-
-def _host_path(spec: ModelSpec) -> Path:
-    assert spec.model is not None
-    model = spec.model
-    for volume in spec.volumes:  # host:/container[:mode], checked by ModelSpec
-        host, inside = volume.split(":")[:2]
-        inside_path = PurePosixPath(inside)
-        model_path = PurePosixPath(model)
-        if model_path == inside_path or inside_path in model_path.parents:
-            return Path(host).expanduser() / model_path.relative_to(inside_path)
-    path = Path(model).expanduser()
-    if not path.is_absolute() and spec.workdir and spec.runtime is RuntimeKind.PROCESS:
-        # Where the process runtime starts the engine (its workdir, relative to the models.d file); without one,
-        # the gateway's own directory, as here.
-        base = Path(spec.workdir).expanduser()
-        if not base.is_absolute() and spec.source is not None:
-            base = spec.source.parent / base
-        path = base / path
-    return path
+    """The size of `spec`'s weights as this machine sees them (waker/config/checkpoint.py finds them: a path, through
+    a Docker entry's volume, or a hub id in the Hugging Face cache; copies under ``original/`` are not counted). None
+    when they can't be read from here or are not all downloaded."""
+    found = read_checkpoint(spec)
+    return found.weights_bytes / _GIB if found.weights_bytes else None
 
 
 def _gb(value: float) -> str:

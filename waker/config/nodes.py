@@ -15,7 +15,7 @@ from waker.config.durations import Duration
 class NodeConfig(BaseModel):
     """A Docker host that engines with `runtime: docker` run on."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's Infinity would be an endless total_gb
 
     docker_host: str | None = Field(
         default=None, description="unix://, tcp:// or ssh://user@host; default: DOCKER_HOST or the local socket"
@@ -30,6 +30,11 @@ class NodeConfig(BaseModel):
     unified_memory: bool | None = Field(
         default=None, description="CPU and GPU share one memory (DGX Spark, GB10); default: told by NVML for a local "
         "node, unknown for a remote one",
+    )
+    cuda_total_gb: float | None = Field(
+        default=None, gt=0, description="what CUDA reports as the total, for `sparkgate check`'s fit check; default: "
+        "total_gb less 2.1 GiB on unified memory (a GB10: 121.69 GiB MemTotal, 119.56 GiB to CUDA), total_gb on "
+        "discrete GPUs",
     )
     total_source: str | None = Field(
         default=None, exclude=True, description="set at startup: where total_gb came from (\"configured\", \"NVML: 2 "

@@ -7,25 +7,12 @@ repeated option, and a repeated model positional breaks `vllm serve` outright). 
 adapter adds goes through `option()`, which checks the user's args first.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from waker.config.args import has_flag
 from waker.config.spec import ModelSpec
 from waker.engines.base import Launch
-
-
-def has_flag(args: Sequence[str], names: Iterable[str]) -> bool:
-    """True when any spelling in `names` appears in `args`, as `--flag value` or `--flag=value`.
-
-    Exact-match only: prefix abbreviations that some argparse parsers accept (`--serv` for
-    `--served-model-name`) are not recognised; users should spell flags out in full.
-    """
-    spellings = tuple(names)
-    for arg in args:
-        for name in spellings:
-            if arg == name or arg.startswith(name + "="):
-                return True
-    return False
 
 
 def option(user_args: Sequence[str], names: Sequence[str], value: str) -> list[str]:
