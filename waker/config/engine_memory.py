@@ -114,7 +114,9 @@ def _disagreement(spec: ModelSpec, total: float, weights: WeightsReader) -> tupl
     if spec.engine is EngineKind.SGLANG and has_flag(spec.args, SGLANG_POOL_CAP):
         return ()  # the cap, not the fraction, decides what it holds: sparkgate check estimates that
     if spec.engine is EngineKind.TRTLLM:
-        size = weights(spec) or 0.0
+        size = weights(spec)
+        if size is None:
+            return ()  # what it takes depends on the weights: sparkgate check says so once they are on disk
         takes = size + fraction * max(total - size, 0.0)
         how = f"the weights' {_gb(size)} GB + {fraction:g} of the {_gb(total - size)} GB free after them"
     else:
