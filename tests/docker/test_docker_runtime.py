@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,7 +45,7 @@ async def test_cold_request_creates_a_container_streams_and_idle_stops_it(
         assert "".join([c.choices[0].delta.content async for c in stream]) == " t0 t1 t2 t3"
 
         [container] = containers_of(docker_client, model_name)
-        assert container.name == container_name(model_name)
+        assert container.name == container_name(model_name, f"test-{os.getpid()}")  # run_gateway's instance
         assert container.status == "running"
         assert container.labels[LABEL_MANAGED] == "true"
         assert container.labels[LABEL_HASH] == gw.waker.registry[model_name].spec_hash()

@@ -2,6 +2,7 @@
 one host), the engines are the fake ray / vllm / sglang of tests/docker/multinode (build_image.sh)."""
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from waker.config.spec import ModelSpec
 from waker.engines.registry import engine_for
 from waker.runtime.base import free_port
 from waker.runtime.docker.container import LABEL_MODEL, LABEL_NODE, LABEL_PART
-from waker.runtime.docker.group import GroupHandle
+from waker.runtime.docker.group import RENDEZVOUS_ATTEMPTS, RENDEZVOUS_BLOCK, GroupHandle
 from waker.runtime.docker.host import DockerNode
 from waker.runtime.docker.runtime import DockerRuntime
 
@@ -177,13 +178,40 @@ async def test_a_worker_that_cannot_join_fails_the_start_naming_it_and_leaves_no
 
 
 async def test_a_head_that_cannot_open_its_rendezvous_port_fails_the_start(
-        docker_client: docker.DockerClient, model_name: str, runtime: DockerRuntime) -> None:
-    with socket.socket() as taken:  # bound, not listening: SGLang rank 0 can't bind it
-        taken.bind(("0.0.0.0", 0))
-        spec = group_spec(model_name, "sglang", dist_port=taken.getsockname()[1])
-        with pytest.raises(RuntimeError, match="head on node 'node-a' exited with code 1 while starting"):
-            await runtime.start(spec, engine_for("sglang"))
+        docker_client: docker.DockerClient, model_name: str) -> None:
+    # The node can't tell which ports are free (as a remote one, where a port only bound can't be seen), and every
+    # block the start tries is bound, not listening: SGLang rank 0 can't bind it, each time.
+    async def looks_free(node: DockerNode, ports: range) -> bool:
+        return True
+
+    runtime = DockerRuntime({"node-a": A, "node-b": B}, instance=f"test-{model_name}", rendezvous_free=looks_free)
+    with contextlib.ExitStack() as stack:
+        base = bound_blocks(stack, RENDEZVOUS_ATTEMPTS)
+        spec = group_spec(model_name, "sglang", dist_port=base)
+        try:
+            with pytest.raises(RuntimeError, match="head on node 'node-a' exited with code 1 while starting") as e:
+                await runtime.start(spec, engine_for("sglang"))
+        finally:
+            runtime.close()
+    assert "address already in use" in str(e.value)
     assert parts(docker_client, model_name) == {}
+
+
+def bound_blocks(stack: contextlib.ExitStack, count: int) -> int:
+    """The first port of `count` rendezvous blocks whose first ports are bound (not listening) until `stack` ends."""
+    while True:
+        first = free_port()
+        sockets = []
+        try:
+            for index in range(count):
+                sock = stack.enter_context(socket.socket())
+                sockets.append(sock)
+                sock.bind(("0.0.0.0", first + index * RENDEZVOUS_BLOCK))
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            continue
+        return first
 
 
 async def test_a_part_that_is_never_up_fails_at_join_timeout(

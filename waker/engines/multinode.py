@@ -66,11 +66,13 @@ class Part:
 
 @dataclass(frozen=True, slots=True)
 class GroupPlan:
-    """The parts in start order (head first), and for vLLM the command run in the head once all are up."""
+    """The parts in start order (head first), and for vLLM the command run in the head once all are up; `port`:
+    HTTP on the head; `rendezvous`: where the parts meet on the head (Ray's GCS, SGLang's --dist-init-addr)."""
 
     parts: tuple[Part, ...]
     serve: tuple[str, ...] | None
     port: int
+    rendezvous: int
 
     @property
     def head(self) -> Part:
@@ -81,48 +83,61 @@ def worker_role(index: int) -> str:
     return f"worker-{index}"
 
 
-def plan_group(spec: ModelSpec, engine: Engine, nodes: Sequence[ClusterNode], port: int) -> GroupPlan:
-    """The parts of `spec` on `nodes` (head first, as `spec.placed_on`), serving HTTP on `port` on the head.
+def role_at(index: int) -> str:
+    """The role of the part on the group's `index`-th node (head first)."""
+    return HEAD if index == 0 else worker_role(index)
+
+
+def rendezvous_base(spec: ModelSpec) -> int:
+    """The first rendezvous port a start of `spec` tries on its head node: `multinode.ray_port` (vLLM: Ray's GCS)
+    or `multinode.dist_port` (SGLang: --dist-init-addr). The runtime picks the port of each start from there up,
+    so that two groups whose heads share a node (host network) never ask for the same one."""
+    return spec.multinode.ray_port if spec.engine is EngineKind.VLLM else spec.multinode.dist_port
+
+
+def plan_group(spec: ModelSpec, engine: Engine, nodes: Sequence[ClusterNode], port: int,
+               rendezvous: int | None = None) -> GroupPlan:
+    """The parts of `spec` on `nodes` (head first, as `spec.placed_on`), serving HTTP on `port` on the head and
+    meeting on the head's `rendezvous` port (None: `rendezvous_base(spec)`, the configured one).
 
     SGLang ranks >= 1 listen on `port + rank` for their dummy /health (SGLang binds one on --host/--port
     there), so parts that share a host never collide.
     """
     if len(nodes) != spec.nodes or spec.nodes < 2:
         raise ValueError(f"{spec.name} spans {spec.nodes} nodes; {len(nodes)} given")
+    meet = rendezvous_base(spec) if rendezvous is None else rendezvous
     if spec.engine is EngineKind.VLLM and isinstance(engine, VllmEngine):
-        return _vllm_ray(spec, engine, nodes, port)
+        return _vllm_ray(spec, engine, nodes, port, meet)
     if spec.engine is EngineKind.SGLANG and isinstance(engine, SglangEngine):
-        return _sglang(spec, engine, nodes, port)
+        return _sglang(spec, engine, nodes, port, meet)
     raise ValueError(f"{spec.name}: engine {spec.engine} can't span several nodes (vllm or sglang can)")
 
 
-def _vllm_ray(spec: ModelSpec, engine: VllmEngine, nodes: Sequence[ClusterNode], port: int) -> GroupPlan:
-    multi = spec.multinode
+def _vllm_ray(spec: ModelSpec, engine: VllmEngine, nodes: Sequence[ClusterNode], port: int, meet: int) -> GroupPlan:
     head = nodes[0]
     started = UpCheck(log=RAY_STARTED)
-    parts = [Part(HEAD, head.name, ("ray", "start", "--head", "--port", str(multi.ray_port), "--node-ip-address",
+    parts = [Part(HEAD, head.name, ("ray", "start", "--head", "--port", str(meet), "--node-ip-address",
                                     head.link_address, "--block"),
                   _env(spec, head, head=True), started)]
     for index, node in enumerate(nodes[1:], start=1):
-        argv = ("ray", "start", "--address", f"{head.link_address}:{multi.ray_port}", "--node-ip-address",
+        argv = ("ray", "start", "--address", f"{head.link_address}:{meet}", "--node-ip-address",
                 node.link_address, "--block")
         parts.append(Part(worker_role(index), node.name, argv, _env(spec, node, head=False), started))
     serve = engine.ray_argv(spec, Launch(host=spec.host, port=port), len(nodes))
-    return GroupPlan(tuple(parts), tuple(serve), port)
+    return GroupPlan(tuple(parts), tuple(serve), port, meet)
 
 
-def _sglang(spec: ModelSpec, engine: SglangEngine, nodes: Sequence[ClusterNode], port: int) -> GroupPlan:
-    multi = spec.multinode
-    rendezvous = f"{nodes[0].link_address}:{multi.dist_port}"
+def _sglang(spec: ModelSpec, engine: SglangEngine, nodes: Sequence[ClusterNode], port: int, meet: int) -> GroupPlan:
+    rendezvous = f"{nodes[0].link_address}:{meet}"
     parts = []
     for rank, node in enumerate(nodes):
         argv = engine.rank_argv(spec, Launch(host=spec.host, port=port + rank), len(nodes), rank, rendezvous)
-        role = HEAD if rank == 0 else worker_role(rank)
+        role = role_at(rank)
         # Rank 0 is up once its rendezvous port is open; the others only once every rank has joined and
         # loaded its share, which is the model's readiness, so they count as up once running.
-        up = UpCheck(port=multi.dist_port) if rank == 0 else UpCheck()
+        up = UpCheck(port=meet) if rank == 0 else UpCheck()
         parts.append(Part(role, node.name, tuple(argv), _env(spec, node, head=rank == 0), up))
-    return GroupPlan(tuple(parts), None, port)
+    return GroupPlan(tuple(parts), None, port, meet)
 
 
 def _env(spec: ModelSpec, node: ClusterNode, head: bool) -> dict[str, str]:
@@ -140,4 +155,6 @@ def _env(spec: ModelSpec, node: ClusterNode, head: bool) -> dict[str, str]:
     return env
 
 
-__all__ = ["HEAD", "ClusterNode", "GroupPlan", "Part", "UpCheck", "plan_group", "worker_role"]
+__all__ = [
+    "HEAD", "ClusterNode", "GroupPlan", "Part", "UpCheck", "plan_group", "rendezvous_base", "role_at", "worker_role",
+]

@@ -120,6 +120,9 @@ class Found:
     handle: EngineHandle
     nodes: tuple[str, ...] = ()  # where it runs (docker: the node(s)); empty: this machine
     asleep: bool | None = None  # its SleepNotes note, of this run of the engine; None: no note
+    # Stopped, whether the next start may start it again (a kept container: left alone for keep_container). False: a
+    # stopped one is only ever removed (the parts of an incomplete group of several nodes).
+    reusable: bool = True
 
 
 @runtime_checkable

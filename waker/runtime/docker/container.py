@@ -2,6 +2,7 @@
 memory cgroup holds (for stats)."""
 
 import asyncio
+import hashlib
 import io
 import json
 import math
@@ -30,14 +31,23 @@ LABEL_NODE = "sparkgate.node"
 LABEL_INSTANCE = "sparkgate.instance"  # which gateway owns it: gateways sharing a daemon leave each other alone
 LABEL_PART = "sparkgate.part"  # a model spanning nodes: this container's role (head, worker-1, ...)
 LABEL_GROUP_SIZE = "sparkgate.group-size"  # ... and how many parts the group has
+LABEL_GROUP_NODES = "sparkgate.group-nodes"  # ... and on which nodes, head first ("spark1,spark2")
+LABEL_RENDEZVOUS = "sparkgate.rendezvous-port"  # ... and where its parts meet on the head (Ray GCS, SGLang dist-init)
 # Whether the engine sleeps, for engines that can't tell themselves (SGLang), kept in the container for the next
 # gateway (labels can't change after creation). /tmp is in every image the engines ship in.
 NOTE_DIR = "/tmp"
 NOTE_NAME = ".sparkgate-sleep.json"
 
 
-def container_name(model: str) -> str:
-    return "sparkgate-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", model)
+def container_name(model: str, instance: str = "default") -> str:
+    """`sparkgate-<model, made a valid name>-<8 hex digits>`. The digits hash the exact model name and the gateway
+    instance: model names that read alike once made valid (`Qwen/Qwen3-4B`, `Qwen:Qwen3-4B`, `Qwen-Qwen3-4B`) and
+    gateways sharing a daemon each get their own name (Docker refuses a name in use with a 409). Always a valid
+    Docker name, `[a-zA-Z0-9][a-zA-Z0-9_.-]+`. Only new containers are named so: a gateway finds its containers
+    by their labels, whatever their names (those of earlier versions too)."""
+    digest = hashlib.sha256(f"{instance}\0{model}".encode()).hexdigest()[:8]
+    readable = re.sub(r"[^a-zA-Z0-9_.-]", "-", model)[:48]
+    return f"sparkgate-{readable}-{digest}"
 
 
 class DockerHandle:
@@ -58,6 +68,11 @@ class DockerHandle:
     @property
     def ident(self) -> str:
         return f"container {self._container.short_id}"
+
+    @property
+    def name(self) -> str:
+        """The container's name (its id when Docker gave none)."""
+        return str(self._container.name or self._container.id)
 
     @property
     def container_id(self) -> str:
@@ -331,7 +346,7 @@ def _ulimit(name: str, value: int | UlimitRange) -> Ulimit:
 
 
 __all__ = [
-    "LABEL_GROUP_SIZE", "LABEL_HASH", "LABEL_INSTANCE", "LABEL_MANAGED", "LABEL_MODEL", "LABEL_NODE", "LABEL_PART",
-    "LABEL_PORT", "DockerHandle", "container_config", "container_memory", "container_name", "container_pids",
-    "memory_from_stats", "remove_container", "resources",
+    "LABEL_GROUP_NODES", "LABEL_GROUP_SIZE", "LABEL_HASH", "LABEL_INSTANCE", "LABEL_MANAGED", "LABEL_MODEL",
+    "LABEL_NODE", "LABEL_PART", "LABEL_PORT", "LABEL_RENDEZVOUS", "DockerHandle", "container_config",
+    "container_memory", "container_name", "container_pids", "memory_from_stats", "remove_container", "resources",
 ]

@@ -6,6 +6,7 @@ next call, so a daemon that comes back is used again without a gateway restart.
 
 import asyncio
 import contextlib
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -43,6 +44,12 @@ class DockerNode:
 
     def describe(self) -> str:
         return f"node {self.name!r} ({self.url or 'local socket'})"
+
+    def is_local(self) -> bool:
+        """Whether its daemon runs on this machine (no url nor DOCKER_HOST, or a unix socket): a port free here is
+        then free for its containers on the host network (as waker.config.nodes.NodeConfig.is_local)."""
+        url = self.url or os.environ.get("DOCKER_HOST")
+        return url is None or url.startswith("unix://")
 
 
 class DockerHost:

@@ -31,7 +31,7 @@ from waker.runtime.docker.container import (
     read_sleep_note,
     remove_container,
 )
-from waker.runtime.docker.group import GroupHandle, discover_groups, start_group
+from waker.runtime.docker.group import GroupHandle, PortFree, Rendezvous, discover_groups, ports_free, start_group
 from waker.runtime.docker.host import DockerHost, DockerNode
 
 log = logging.getLogger("sparkgate.docker")
@@ -51,9 +51,12 @@ class DockerRuntime:
     detached = True  # containers outlive the gateway and are adopted by the next one
 
     def __init__(self, nodes: Mapping[str, DockerNode] | None = None, max_threads: int = 64,
-                 instance: str = "default", pick_port: Callable[[str], int] = free_port) -> None:
+                 instance: str = "default", pick_port: Callable[[str], int] = free_port,
+                 rendezvous_free: PortFree = ports_free) -> None:
         self.instance = instance
         self._pick_port = pick_port  # a free port on an address (injectable: a port taken between pick and use)
+        # Where the parts of each group start meet on its head (injectable: how a node is asked whether ports are free)
+        self._rendezvous = Rendezvous(rendezvous_free)
         # Blocking SDK calls (including one long-poll `wait` per running container) get their own
         # threads, so they never starve the loop's default executor.
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="docker")
@@ -69,15 +72,15 @@ class DockerRuntime:
     async def start(self, spec: ModelSpec, engine: Engine) -> DockerHandle | GroupHandle:
         if spec.nodes > 1:
             # One container per node in spec.placed_on, head first (waker.runtime.docker.group).
-            return await start_group(spec, engine, self._nodes, self.instance)
+            return await start_group(spec, engine, self._nodes, self.instance, self._rendezvous)
         node = self.node(spec.home or next(iter(self._nodes)))
         spec_hash = spec.spec_hash()
-        name = container_name(spec.name)
+        name = container_name(spec.name, self.instance)
 
         def launch(client: docker.DockerClient) -> tuple[Container, int]:
             reusable: Container | None = None
             mine = [f"{LABEL_MODEL}={spec.name}", f"{LABEL_INSTANCE}={self.instance}"]
-            for old in client.containers.list(all=True, filters={"label": mine}):
+            for old in client.containers.list(all=True, filters={"label": mine}, ignore_removed=True):
                 labels = old.labels
                 if labels.get(LABEL_HASH) == spec_hash and old.status == "running":
                     return old, int(labels[LABEL_PORT])  # already running (started elsewhere): use it
@@ -154,18 +157,22 @@ class DockerRuntime:
         raise AssertionError("unreachable")
 
     async def discover(self) -> list[Found]:
-        """Every container of ours on every reachable node; unreachable nodes are logged and skipped.
+        """Every container of ours on every reachable node; unreachable nodes are logged and skipped. A container
+        removed while we look is left out (never an error: a boot must not fail on it).
 
-        The parts of a model spanning nodes are reported together, as one engine (see group.discover_groups).
+        The parts of a model spanning nodes are reported together, as one engine, by the rule of
+        group.discover_groups (which also decides what a group with a part on an unreachable node is).
         """
         found: list[Found] = []
         parts: list[tuple[DockerHost, Container]] = []
+        listed: set[str] = set()
         for node in self._nodes.values():
             try:
                 containers, notes = await node.call(self._list)
-            except RuntimeUnavailable as exc:
-                log.warning("cannot look for running engines: %s", exc)
+            except (RuntimeUnavailable, docker.errors.APIError) as exc:
+                log.warning("cannot look for running engines on %s: %s", node.node.describe(), exc)
                 continue
+            listed.add(node.node.name)
             for c in containers:
                 if c.labels.get(LABEL_NODE, node.node.name) != node.node.name:
                     continue
@@ -179,12 +186,13 @@ class DockerRuntime:
                 handle = DockerHandle(node, c, http_url(node.node.address, port), keep)
                 found.append(Found(c.labels.get(LABEL_MODEL, "?"), c.labels.get(LABEL_HASH, ""),
                                    c.status == "running", handle, (node.node.name,), notes.get(c.id)))
-        return found + await discover_groups(parts)
+        return found + await discover_groups(parts, self._nodes, listed, self.instance)
 
     def _list(self, client: docker.DockerClient) -> tuple[list[Container], dict[str, bool | None]]:
         """Our containers on one node, and the sleep notes of the running single ones."""
         containers = client.containers.list(
-            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]})
+            all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance}"]},
+            ignore_removed=True)  # one removed between the listing and its inspection: gone, not an error
         notes = {c.id: read_sleep_note(client, c) for c in containers
                  if c.status == "running" and LABEL_PART not in c.labels}
         return containers, notes

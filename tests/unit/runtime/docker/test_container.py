@@ -73,7 +73,16 @@ def test_remote_node_publishes_where_the_gateway_can_reach() -> None:
 
 
 def test_container_names_are_valid_docker_names() -> None:
-    assert container_name("Qwen/Qwen3-Coder:30b@q4") == "sparkgate-Qwen-Qwen3-Coder-30b-q4"
+    import re
+
+    name = container_name("Qwen/Qwen3-Coder:30b@q4")
+    assert name.startswith("sparkgate-Qwen-Qwen3-Coder-30b-q4-")
+    assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", name)
+    # The suffix hashes the exact name and the gateway instance: names that read alike, and gateways, differ.
+    alike = {container_name(m) for m in ("Qwen/Qwen3-4B", "Qwen:Qwen3-4B", "Qwen-Qwen3-4B")}
+    assert len(alike) == 3
+    assert container_name("m", "gw-a") != container_name("m", "gw-b")
+    assert container_name("m", "gw-a") == container_name("m", "gw-a")
 
 
 def test_bad_volume_is_rejected_at_load() -> None:
