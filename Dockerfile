@@ -5,8 +5,14 @@
 # engine installed in this image, which it is not (see compose/README.md).
 #
 #   docker build -t sparkgate:local .
-#   docker run -d --network host -v /var/run/docker.sock:/var/run/docker.sock \
+#   docker run -d --init --network host -e SPARKGATE_HOST=127.0.0.1 \
+#       -v /var/run/docker.sock:/var/run/docker.sock \
 #       -v "$PWD/models.d:/etc/sparkgate/models.d:ro" -v sparkgate-stats:/var/lib/sparkgate sparkgate:local
+#
+# That serves this machine only (host networking: the host's loopback), with no keys. To serve the LAN, keys are
+# required (the gateway refuses a non-loopback address without them), in place of SPARKGATE_HOST=127.0.0.1:
+#       -e SPARKGATE_API_KEYS='[{"key": "sk-change-me", "name": "me"}]' -e SPARKGATE_ADMIN_KEY=sk-admin-change-me
+# (or an env file: --env-file ./sparkgate.env).
 #
 # compose/docker-compose.yml does the same with healthcheck, restart policy and optional extras.
 FROM python:3.11-slim
@@ -41,9 +47,10 @@ EXPOSE 8009
 # container). A non-root user would need the socket's group id at build time for no real gain.
 # Treat this container like any process with Docker access: only trusted models.d, keys for clients.
 
-# /health answers 200 without a key; the port follows SPARKGATE_PORT if it is overridden.
+# /health answers 200 without a key. `sparkgate health` probes where the gateway listens: SPARKGATE_HOST and
+# SPARKGATE_PORT as the gateway reads them, a wildcard address (0.0.0.0, ::) on loopback, one address on itself.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SPARKGATE_PORT', '8009'), timeout=4)"]
+    CMD ["sparkgate", "health"]
 
 # SIGTERM stops the gateway and every engine it started; SIGHUP re-reads models.d. Run with --init
 # (compose: `init: true`) so signals are forwarded and process-runtime children are reaped.

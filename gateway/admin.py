@@ -3,22 +3,26 @@ and follow events live. All routes need the admin key (gateway/routes.py::requir
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.config import load_models
-from gateway.errors import ApiError
+from gateway.errors import ApiError, from_waker
 from gateway.routes import require_admin
 from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError
+from waker.errors import WakerError
+from waker.events import FellBehind
 from waker.state import ModelState
-from waker.status import ModelStatus, NodeStatus
+from waker.status import Admission, ModelStatus, NodeStatus
 from waker.waker import Waker
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+log = logging.getLogger("sparkgate.admin")
 
 
 def _waker(request: Request) -> Waker:
@@ -49,7 +53,16 @@ def model_state(status: ModelStatus, now: float) -> dict[str, object]:
         "last_error": status.last_error.reason if status.last_error else None,
         "log_tail": list(status.last_error.log_tail[-10:]) if status.last_error and failed else [],
         "pending_reload": status.pending_reload, "removed": status.removed,
+        "starts": status.starts, "admission": admission_state(status.admission, now),
     }
+
+
+def admission_state(admission: Admission, now: float) -> dict[str, object]:
+    """A model's latest ask for room as /admin/state shows it (see README, Admin API)."""
+    return {"outcome": admission.outcome, "reason": admission.reason,
+            "since_s": None if admission.since is None else round(now - admission.since, 1),
+            "attempt": admission.attempt, "node": admission.node, "position": admission.position,
+            "waiting_for": list(admission.waiting_for)}
 
 
 def node_state(node: NodeStatus, config: NodeConfig | None = None) -> dict[str, object]:
@@ -80,13 +93,41 @@ async def logs(name: str, request: Request, lines: int = 100) -> JSONResponse:
 
 @router.post("/models/{name:path}/start")
 async def start(name: str, request: Request) -> JSONResponse:
-    """Bring the model up (through admission, like a request would); returns at once: follow
-    /admin/events or poll /admin/state to see it become ready."""
+    """Bring the model up through admission, like a request would, and answer with the admission's first outcome:
+    202 with `admission` (queued for memory: its place and what it waits behind; admitted: it starts), or the
+    error a request would get when it is refused at once (503 no room ever, 429 the node's queue full, 503 a
+    failed model in its backoff). Follow /admin/state (or /admin/events) from there: `attempt` names this start's
+    admission and start attempts, so an older outcome or failure is not taken for its own."""
+    waker = _waker(request)
     status = _status(request, name)
-    task = asyncio.create_task(_waker(request).warm(status.name))
-    request.app.state.background.add(task)
-    task.add_done_callback(request.app.state.background.discard)
-    return JSONResponse({"model": status.name, "state": _status(request, name).state.value}, status_code=202)
+    joins = status.state in (ModelState.STARTING, ModelState.WAKING)  # it joins the start (or wake) under way
+    attempt = {"admission": status.admission.attempt + (0 if status.admission.outcome == "queued" else 1),
+               "start": status.starts + (0 if joins else 1)}
+    background: set[asyncio.Task[None]] = request.app.state.background
+    task = asyncio.create_task(waker.gate(status.name).warm(), name=f"warm {status.name}")
+    background.add(task)
+    task.add_done_callback(_warm_ended(background))
+    # One turn of the loop runs the warm's first step: for a stopped (or failed) model, its whole admission
+    # decision is made in it, synchronously (ClusterAdmission.enqueue): admitted, queued, or refused.
+    await asyncio.sleep(0)
+    if task.done() and not task.cancelled() and isinstance(error := task.exception(), WakerError):
+        raise from_waker(error)
+    described = waker.describe()
+    current = described.model(status.name)
+    return JSONResponse({"model": current.name, "state": current.state.value,
+                         "admission": admission_state(current.admission, described.now), "attempt": attempt},
+                        status_code=202)
+
+
+def _warm_ended(background: "set[asyncio.Task[None]]") -> "Callable[[asyncio.Task[None]], None]":
+    def ended(task: "asyncio.Task[None]") -> None:
+        background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()  # read, so asyncio never reports it as unretrieved
+        if error is not None and not isinstance(error, WakerError):  # a refusal or a failed start is in the state
+            log.error("warming through the admin API failed", exc_info=error)
+    return ended
 
 
 @router.post("/models/{name:path}/stop")
@@ -139,17 +180,26 @@ async def reload_config(app: object) -> dict[str, list[str]]:
                                              gateway=(settings.host, settings.port)))
 
 
+# The events a client of /admin/events may leave unread (its socket full: it stopped reading) before it is dropped.
+EVENTS_BACKLOG = 1000
+
+
 @router.get("/events")
 async def events(request: Request, recent: int = 50) -> StreamingResponse:
-    """Server-sent events: the last `recent` events, then every new one as it happens."""
+    """Server-sent events: the last `recent` events, then every new one as it happens. A client that leaves more
+    than EVENTS_BACKLOG of them unread is dropped (waker/events.py::EventLog.subscribe): its stream ends with a
+    comment that says so, and it reconnects to follow again (the status page does)."""
     waker = _waker(request)
 
     async def stream() -> AsyncIterator[bytes]:
         for event in waker.events.recent()[-recent:] if recent > 0 else []:
             yield b"data: " + json.dumps(event.as_dict(), default=str).encode() + b"\n\n"
         yield b": live\n\n"
-        async for event in waker.events.subscribe():
-            yield b"data: " + json.dumps(event.as_dict(), default=str).encode() + b"\n\n"
+        try:
+            async for event in waker.events.subscribe(backlog=EVENTS_BACKLOG):
+                yield b"data: " + json.dumps(event.as_dict(), default=str).encode() + b"\n\n"
+        except FellBehind as exc:
+            yield f": fell behind: {exc}; reconnect to follow again\n\n".encode()
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

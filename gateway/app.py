@@ -2,10 +2,10 @@
 
 import asyncio
 import contextlib
+import functools
 import logging
-import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ from gateway.errors import ApiError
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routes import router
+from gateway.service import Hangup
 from gateway.settings import GatewaySettings
-from stats import Sampler, SampleStore
+from stats import Sampler, SampleStore, StoreUnavailable
 from waker import compose
-from waker.config.registry import ConfigError, Registry
+from waker.config.registry import ConfigError, Registry, fingerprint
 from waker.options import WakerOptions
 from waker.scheduling.budget import MemoryProbe
 from waker.scheduling.node import QueuePolicy
@@ -47,31 +48,38 @@ def _spawn(app: FastAPI, coro: Coroutine[Any, Any, None]) -> None:
 
 
 async def reload_logged(app: FastAPI) -> None:
+    """A reload whose outcome is logged, for the file watch and SIGHUP (no caller to answer): nothing it raises may
+    end the watch or be left in a task no one awaits."""
     try:
         report = await reload_config(app)
         log.info("models.d reloaded: %s", {k: v for k, v in report.items() if v and k != "unchanged"})
     except ConfigError as exc:
         log.error("models.d NOT reloaded (the running config keeps serving): %s", exc)
+    except Exception:
+        log.exception("models.d NOT reloaded (the running config keeps serving): the reload failed")
 
 
-async def watch_config(app: FastAPI, interval: float = 2.0) -> None:
-    """Reload when a file in models.d changes (polling mtimes: works on every filesystem and mount)."""
+async def watch_config(app: FastAPI, interval: float = 2.0, *,
+                       tick: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Reload when models.d changes, polling each model file's inode, size and times (works on every filesystem
+    and mount; waker/config/registry.py `fingerprint`). A change is applied once two polls in a row agree, so a
+    file caught mid-write is not read half written, and each change once: a models.d that fails to load is logged
+    once, and the next edit is read again. Nothing a poll raises ends the watch (it used to die for good on one
+    bad file). `tick` waits between polls: `interval` seconds, or a step a test takes
+    (tests/unit/gateway/test_watch_config.py)."""
     directory: Path = app.state.settings.config_dir
-
-    def fingerprint() -> tuple[tuple[str, float, int], ...]:
-        try:
-            return tuple(sorted((p.name, p.stat().st_mtime, p.stat().st_size) for p in directory.iterdir()
-                                if p.suffix in (".yaml", ".yml")))
-        except OSError:
-            return ()
-
-    last = await asyncio.to_thread(fingerprint)
+    wait = tick or functools.partial(asyncio.sleep, interval)
+    applied = seen = await asyncio.to_thread(fingerprint, directory)
     while True:
-        await asyncio.sleep(interval)
-        now = await asyncio.to_thread(fingerprint)
-        if now != last:
-            last = now
-            await reload_logged(app)
+        await wait()
+        try:
+            now = await asyncio.to_thread(fingerprint, directory)
+            if now == seen and now != applied:
+                applied = now
+                await reload_logged(app)
+            seen = now
+        except Exception:
+            log.exception("models.d watch: a poll failed; still watching")
 
 
 class GatewayApp(FastAPI):
@@ -126,8 +134,11 @@ def build_waker(settings: GatewaySettings, registry: Registry | None = None,
                                memory_probes=probes)
 
 
-def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None) -> FastAPI:
-    """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests."""
+def create_app(settings: GatewaySettings, registry: Registry | None = None, waker: Waker | None = None,
+               hangup: Hangup | None = None) -> FastAPI:
+    """One gateway. `registry` defaults to settings.config_dir; `waker` may be given by tests; `hangup` by
+    `sparkgate serve`, which catches SIGHUP from its start."""
+    hangup = hangup or Hangup()
     # Each node's memory, read once (no-op for nodes `sparkgate serve` resolved): budgets, reloads and status use it.
     settings = settings.model_copy(update={"nodes": compose.resolve_nodes(settings.nodes)})
     keys = KeyRing(load_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
@@ -154,28 +165,40 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout),
         )
         _spawn(app, metrics.follow())  # before the waker starts: boot events are counted too
+        # SIGHUP re-reads models.d, like most daemons; while the gateway starts it is remembered, while it stops
+        # ignored (gateway/service.py::Hangup). `sparkgate serve` catches it from its first line, an app run otherwise
+        # from here until it has stopped.
+        hangup_owned = hangup.install()
         async with waker:
             sampler = None
+            app.state.stats_off = None if settings.stats_interval > 0 else "stats_interval is 0"
             if settings.stats_interval > 0:
-                sampler = Sampler(waker, SampleStore(settings.stats_db), interval=settings.stats_interval)
-                sampler.start()
+                try:
+                    store = SampleStore(settings.stats_db)
+                except StoreUnavailable as exc:  # statistics are optional: a bad file must not keep the gateway down
+                    log.warning("stats disabled: %s", exc)
+                    app.state.stats_off = str(exc)
+                else:
+                    # settings.nodes are resolved (create_app): their unified_memory picks the machines whose
+                    # starts are measured by what MemAvailable loses (stats/unified.py).
+                    sampler = Sampler(waker, store, interval=settings.stats_interval, nodes=settings.nodes,
+                                      events=waker.events)
+                    sampler.start()
             app.state.sampler = sampler
             watchers = [asyncio.create_task(watch_config(app), name="models.d watch")] if settings.watch_config else []
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                # SIGHUP re-reads models.d, like most daemons.
-                loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(app, reload_logged(app)))
+            hangup.ready(asyncio.get_running_loop(), lambda: _spawn(app, reload_logged(app)))
             try:
                 yield
             finally:
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(signal.SIGHUP)
+                hangup.stopping()
                 for task in [*watchers, *app.state.background]:
                     task.cancel()
                 if sampler is not None:
                     await sampler.close()
                     sampler.store.close()
                 await session.close()
+        if hangup_owned:
+            hangup.restore()
 
     app = GatewayApp(title="sparkgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.waker = waker

@@ -4,25 +4,50 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from gateway.auth import AuthError, is_loopback, load_keys
 from gateway.config import Loaded, load
-from gateway.settings import GatewaySettings
+from gateway.service import Hangup, Notifier, health_main
+from gateway.settings import GatewaySettings, settings_problems
 from waker import compose
+from waker.config import fit_check
+from waker.config.checkpoint import read_checkpoint
 from waker.config.durations import format_duration
 from waker.config.machine import describe_unified
 from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError, Registry
-from waker.scheduling.placement import budget_problems
+from waker.config.spec import ModelSpec
+from waker.errors import ModelNotFound
+from waker.scheduling.placement import budget_problems, candidates
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hangup: Hangup | None = None) -> int:
+    """The `sparkgate` command. gateway/command.py, its entry point, catches SIGHUP for `serve` before this module's
+    imports (seconds) and passes `hangup`; run otherwise (`python -m gateway.cli serve`), it is caught from here, before
+    models.d, the machine's memory and the app: a SIGHUP while the gateway starts must not end it (gateway/service.py
+    ::Hangup)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"] and hangup is None:
+        hangup = Hangup()
+        hangup.install()
+    code = _command(argv, hangup)
+    if hangup is not None and code != 0:  # it never served (models.d, keys): SIGHUP is its caller's again
+        hangup.restore()
+    return code
+
+
+def _command(argv: list[str], hangup: Hangup | None) -> int:
+    if argv[:1] == ["health"]:
+        return health_main(argv[1:])
     if argv[:1] == ["stats"]:
         from stats.cli import stats_command
 
@@ -40,8 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="serve a non-loopback address without API keys (anyone who can reach it may use it)")
 
-    check = sub.add_parser("check", help="validate models.d and print what it serves")
+    # Listed for --help; run before parsing (gateway/service.py::health_main), without loading the gateway.
+    sub.add_parser("health", help="exit 0 if the gateway SPARKGATE_HOST and SPARKGATE_PORT describe answers /health "
+                   "(container health checks; a wildcard address is probed on loopback)")
+
+    check = sub.add_parser(
+        "check", help="validate models.d, print what it serves and whether each model fits in memory",
+        description="Validate models.d, print what it serves, and check from the weights on disk whether each vLLM, "
+        "SGLang, TensorRT-LLM and llama.cpp model will start with the memory its flag gives it: alone on each node, "
+        "and in every --together group (each member started last beside the others).",
+        epilog="Exit status: 0 when models.d is valid and no checked model will not start (CONTEXT CUT, OVER BUDGET "
+        "and CAN'T TELL are warnings); 2 when models.d is invalid, a model WILL NOT START alone or in a --together "
+        "group, or a group's memory_gb exceed its node's budget.")
     check.add_argument("--config-dir", type=Path, help="models.d directory (default: ./models.d)")
+    check.add_argument("--together", action="append", default=[], metavar="A,B,...",
+                       help="also check these models (names or aliases) loaded together on one node, each started "
+                       "last; repeat for several groups")
+    check.add_argument("--node-total", type=float, metavar="GIB",
+                       help="check against nodes of this total memory instead of the machine's (e.g. 121.7, a DGX "
+                       "Spark); unified memory unless SPARKGATE_NODES says unified_memory: false")
 
     default_url = os.environ.get("SPARKGATE_URL", "http://127.0.0.1:8009")
     ops = {
@@ -75,7 +117,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "port": getattr(args, "port", None),
                                     "insecure_no_auth": getattr(args, "insecure_no_auth", None) or None,
                                     }.items() if v is not None}
-    settings = GatewaySettings(**overrides)
+    try:
+        settings = GatewaySettings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        print("sparkgate: invalid settings:\n  " + "\n  ".join(settings_problems(exc)), file=sys.stderr)
+        return 2
+    if getattr(args, "node_total", None) is not None:  # sparkgate check --node-total
+        if args.node_total <= 0:
+            print("sparkgate: --node-total must be a positive number of GiB", file=sys.stderr)
+            return 2
+        settings = settings.model_copy(update={"nodes": nodes_of_total(settings.nodes, args.node_total)})
     # Each node's memory is read once, here: the gateway's budgets, models.d's fractions and every reload use it.
     settings = settings.model_copy(update={"nodes": compose.resolve_nodes(settings.nodes)})
     try:
@@ -100,26 +151,109 @@ def main(argv: list[str] | None = None) -> int:
               "--insecure-no-auth.", file=sys.stderr)
         return 2
     if args.command == "check":
-        print(format_nodes(settings.nodes))
-        print()
-        print(format_table(registry))
-        said = format_notes(loaded)
-        if said:
-            print()
-            print(said)
-        print(f"\n{len(registry)} model(s) OK in {settings.config_dir}")
-        return 0
+        return check_command(settings, loaded, args.together)
     for model, lines in loaded.warnings.items():
         for line in lines:
             print(f"sparkgate: warning: {model}: {line}", file=sys.stderr)
-    return serve_forever(settings, registry, args.log_level, args.access_log)
+    return serve_forever(settings, registry, args.log_level, args.access_log, hangup)
 
 
-def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str, access_log: bool = False) -> int:
+def check_command(settings: GatewaySettings, loaded: Loaded, groups: list[str]) -> int:
+    """`sparkgate check` once models.d loaded: the nodes, the models, what was derived, then the fit check's tables
+    (alone, then each --together group). 2 when a model will not start or a group can't be held (see --help)."""
+    registry = loaded.registry
+    report = loaded.fit
+    for group in groups:
+        members, problem = _group(registry, group)
+        node = ""
+        if not problem:
+            node, problem = _group_node(members, settings.nodes)
+        if problem:
+            print(f"sparkgate: --together {group}: {problem}", file=sys.stderr)
+            return 2
+        report = fit_check.together(members, node, settings.nodes[node], report, read_checkpoint)
+    print(format_nodes(settings.nodes))
+    print()
+    print(format_table(registry))
+    fit_lines = report.warnings()
+    said = format_notes(replace(loaded, warnings={
+        model: [line for line in lines if line not in fit_lines.get(model, ())]
+        for model, lines in loaded.warnings.items()}))
+    if said:
+        print()
+        print(said)
+    for scenario in report.scenarios:
+        print()
+        print(format_fit(scenario))
+    print(f"\n{len(registry)} model(s) OK in {settings.config_dir}")
+    if report.fails:
+        failed = sorted({e.model for s in report.scenarios for e in s.estimates
+                         if e.verdict is fit_check.Verdict.WILL_NOT_START})
+        over = sum(1 for s in report.scenarios if s.problems)
+        what = ([f"{', '.join(failed)} will not start"] if failed else []) + (
+            [f"{over} group(s) exceed the budget"] if over else [])
+        print(f"sparkgate: fit check: {'; '.join(what)} (see above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _group(registry: Registry, group: str) -> tuple[list[ModelSpec], str]:
+    """The models a --together value names (names or aliases, comma-separated), or why not."""
+    members: list[ModelSpec] = []
+    for name in (n.strip() for n in group.split(",") if n.strip()):
+        try:
+            spec = registry.resolve(name)
+        except ModelNotFound:
+            return [], f"no model or alias {name!r}"
+        if spec not in members:
+            members.append(spec)
+    return members, "" if members else "names no model"
+
+
+def _group_node(members: list[ModelSpec], nodes: dict[str, NodeConfig]) -> tuple[str, str]:
+    """The first node (settings order) every member of a group may run on, or why there is none."""
+    budgets, labels = compose.budgets(nodes), compose.labels(nodes)
+    shared = [n for n in nodes if all(n in candidates(m, budgets, labels) for m in members)]
+    if not shared:
+        return "", "no node where all of them may run"
+    return shared[0], ""
+
+
+def nodes_of_total(nodes: dict[str, NodeConfig], total_gb: float) -> dict[str, NodeConfig]:
+    """Every node with `total_gb` (`check --node-total`): unified memory unless configured otherwise, so that a check
+    for a DGX Spark made on another machine counts the Spark's CUDA total."""
+    return {name: node.model_copy(update={"total_gb": total_gb, "total_source": None, "unified_memory": (
+        True if node.unified_memory is None else node.unified_memory)}) for name, node in nodes.items()}
+
+
+def format_fit(scenario: fit_check.Scenario) -> str:
+    """One scenario of the fit check: a table (GiB) and each verdict's reasons below it."""
+    rows = [("MODEL", "ENGINE", "WEIGHTS", "KV (TOKENS)", "OVERHEAD", "NEEDS", "FLAG GIVES", "MEMORY_GB", "VERDICT")]
+    for e in scenario.estimates:
+        rows.append((e.model, e.engine, _fig(e.weights_gb), f"{_fig(e.kv_gb)} ({e.kv_tokens})" if e.kv_tokens else "-",
+                     _fig(e.overhead_gb), _fig(e.needs_gb), _fig(e.gives_gb), f"{e.memory_gb:g}", e.verdict.value))
+    lines = [f"Fit check, {scenario.title} (GiB):", _columns(rows)]
+    lines += [f"  {scenario.node}: {problem}" for problem in scenario.problems]
+    lines += [f"  {e.model}: {e.verdict.value}: {reason}" for e in scenario.estimates
+              if e.verdict is not fit_check.Verdict.FITS for reason in e.reasons]
+    return "\n".join(lines)
+
+
+def _fig(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str, access_log: bool = False,
+                  hangup: Hangup | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; 0 after a drained shutdown (a failed startup exits with uvicorn's status)."""
     from gateway.app import create_app
 
+    if hangup is None:
+        hangup = Hangup()
+        hangup.install()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(settings, registry)
+    notifier = Notifier.from_environ(os.environ)
+    app = create_app(settings, registry, hangup=hangup)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level, loop=_loop(), http="httptools",
         timeout_graceful_shutdown=30,
@@ -130,11 +264,29 @@ def serve_forever(settings: GatewaySettings, registry: Registry, log_level: str,
         # send a request on a connection the server is closing at that instant.
         timeout_keep_alive=75,
     )
-    _Server(config).run()
+    _Server(config, hangup, notifier).run()
     return 0
 
 
 class _Server(uvicorn.Server):
+    """uvicorn's server, and what the gateway owes its supervisor (gateway/service.py): readiness told to systemd
+    once it serves, SIGHUP ignored from the start of its shutdown, and status 0 after a drained shutdown."""
+
+    def __init__(self, config: uvicorn.Config, hangup: Hangup, notifier: Notifier) -> None:
+        super().__init__(config)
+        self._hangup = hangup
+        self._notifier = notifier
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._notifier.notify("READY=1")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._hangup.stopping()
+        self._notifier.notify("STOPPING=1")
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         with super().capture_signals():

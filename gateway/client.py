@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any, TextIO
 
 
@@ -48,7 +49,9 @@ def status_table(state: dict[str, Any]) -> str:
              "LAST ERROR")]
     for m in state["models"]:
         where = (m.get("node") or "-",) if several else ()
-        rows.append((m["name"] + (" (pinned)" if m["pinned"] else ""), m["state"], *where,
+        admission = m.get("admission") or {}
+        queued = f", queued ({admission['position']})" if admission.get("outcome") == "queued" else ""
+        rows.append((m["name"] + (" (pinned)" if m["pinned"] else ""), m["state"] + queued, *where,
                      f"{m['held_gb']:g}/{m['memory_gb']:g} GB", str(m["in_flight"]), str(m["queued"]),
                      _ago(m["idle_s"]), (m["last_error"] or "")[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -91,42 +94,86 @@ def run(command: str, args: Any, out: TextIO | None = None) -> int:
         print(f"unchanged: {len(report.get('unchanged', []))} model(s) kept running untouched", file=out)
         return 0
     if command in ("start", "warm"):
-        return warm(client, args.model, out, follow=command == "warm", limit=args.timeout)
+        return warm(client, args.model, out, follow=command == "warm", limit=args.timeout,
+                    interval=getattr(args, "interval", None) or POLL_INTERVAL)
     raise SystemExit(f"unknown command {command}")
 
 
-def warm(client: AdminClient, model: str, out: TextIO, follow: bool, limit: float) -> int:
-    """Start a model and, with `follow`, show its progress until it is ready (or failed)."""
-    started = time.monotonic()
-    client.call("POST", f"/admin/models/{model}/start")
+POLL_INTERVAL = 0.5  # seconds between two looks at /admin/state while `warm` follows a start
+LOG_INTERVAL = 2.0  # seconds between two looks at the engine's last log line
+
+
+def queued_line(name: str, admission: dict[str, Any]) -> str:
+    behind = ", ".join(admission["waiting_for"]) or "nothing (its turn is next)"
+    return f"{name}: queued for memory behind {behind} (position {admission['position']})"
+
+
+def warm(client: AdminClient, model: str, out: TextIO, follow: bool, limit: float, interval: float = POLL_INTERVAL,
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Start a model and, with `follow`, show its progress until it is ready (0), or its start is refused or fails
+    (1, with the reason), or `limit` seconds have passed (1).
+
+    The start goes through admission like a request: a refusal at once is the gateway's error (no room ever, the
+    queue full, the backoff of a crash loop) and ends here; a start queued for memory is shown with its place and
+    what it waits behind. Only outcomes of this start count: the start's answer names the admission and start
+    attempts it follows (`attempt`), so a failure or a refusal left from an earlier one is not taken for its own."""
+    started = clock()
+    answer = client.call("POST", f"/admin/models/{model}/start")
+    name = answer["model"]
+    attempt = answer.get("attempt") or {"admission": 0, "start": 0}
     if not follow:
-        print(f"{model}: starting", file=out)
+        admission = answer.get("admission") or {}
+        if admission.get("outcome") == "queued":
+            print(queued_line(name, admission), file=out)
+        else:
+            print(f"{name}: {'ready' if answer['state'] == 'ready' else 'starting'}", file=out)
         return 0
     tty = out.isatty()
     last_log = ""
     next_logs = 0.0
-    while time.monotonic() - started < limit:
-        state = next(m for m in client.call("GET", "/admin/state")["models"] if m["name"] == model or
-                     model in m["aliases"])
-        elapsed = time.monotonic() - started
-        if time.monotonic() >= next_logs:
-            lines = client.call("GET", f"/admin/models/{state['name']}/logs?lines=1")["lines"]
-            last_log = lines[-1][:100] if lines else last_log
-            next_logs = time.monotonic() + 2
-        line = f"{state['name']}: {state['state']:<9} {elapsed:6.1f}s  {last_log}"
+    shown = ""
+    while clock() - started < limit:
+        state = next((m for m in client.call("GET", "/admin/state")["models"] if m["name"] == name), None)
+        elapsed = clock() - started
+        if state is None:
+            print(("\n" if tty else "") + f"{name}: removed from models.d before it was ready", file=out)
+            return 1
+        admission = state.get("admission") or {}
+        ours = admission.get("attempt", 0) >= attempt["admission"]
+        started_ours = state.get("starts", 0) >= attempt["start"]
         if state["state"] == "ready":
-            print(("\r" if tty else "") + f"{state['name']}: ready after {elapsed:.1f}s".ljust(len(line)), file=out)
+            line = f"{name}: ready after {elapsed:.1f}s"
+            print(("\r" + line.ljust(len(shown)) if tty else line), file=out)
             return 0
-        if state["state"] == "failed":
-            print(("\r" if tty else "") + f"{state['name']}: failed: {state['last_error']}", file=out)
+        if state["state"] == "failed" and started_ours:
+            print(("\r" if tty else "") + f"{name}: failed: {state['last_error']}", file=out)
             for log_line in state["log_tail"]:
                 print("  " + log_line, file=out)
             return 1
-        if tty:
-            out.write("\r" + line)
-            out.flush()
+        if admission.get("outcome") == "refused" and ours and not started_ours:
+            print(("\r" if tty else "") + f"{name}: refused: {admission['reason']}", file=out)
+            return 1
+        if state["state"] == "stopped" and started_ours and admission.get("outcome") != "queued":
+            print(("\r" if tty else "") + f"{name}: stopped before it was ready", file=out)
+            return 1
+        if admission.get("outcome") == "queued":
+            what = queued_line(name, admission)
+        elif state["state"] == "failed":
+            what = f"{name}: waiting to start (an earlier start failed)"
         else:
-            print(line, file=out)
-        time.sleep(0.5)
-    print(f"\n{model}: still not ready after {limit:.0f}s", file=out)
+            if state["state"] in ("starting", "waking") and clock() >= next_logs:
+                lines = client.call("GET", f"/admin/models/{name}/logs?lines=1")["lines"]
+                last_log = lines[-1][:100] if lines else last_log
+                next_logs = clock() + LOG_INTERVAL
+            what = f"{name}: {state['state']:<9} {last_log}".rstrip()
+        if tty:
+            line = f"{what}  {elapsed:6.1f}s"
+            out.write("\r" + line.ljust(len(shown)))
+            out.flush()
+            shown = line
+        elif what != shown:  # a log, not a screen: a line when something changes, not at every look
+            print(f"{what}  ({elapsed:.1f}s)", file=out)
+            shown = what
+        sleep(interval)
+    print(("\n" if tty else "") + f"{name}: still not ready after {limit:.0f}s", file=out)
     return 1

@@ -35,6 +35,14 @@ def bad_json(detail: str) -> ApiError:
     return ApiError(400, f"The request body is not valid JSON: {detail}", code="invalid_json")
 
 
+def invalid_type(field: str, expected: str, value: object) -> ApiError:
+    """A body field of the wrong JSON type, in the words and code OpenAI's API uses for it."""
+    got = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+           dict: "an object"}.get(type(value), "another type")
+    return ApiError(400, f"Invalid type for '{field}': expected {expected}, but got {got} instead.",
+                    code="invalid_type", param=field)
+
+
 def missing_model() -> ApiError:
     return ApiError(400, "The request body must name a model (a string field 'model').",
                     code="missing_model", param="model")

@@ -445,22 +445,42 @@ def _connection_options(values: Iterable[bytes]) -> frozenset[bytes]:
 
 
 def _routing_fields(body: bytes) -> tuple[str, bool]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise errors.bad_json(str(exc)) from None
+    """The body's `model` and whether it asks for a stream; a 400 for anything else.
+
+    `stream` must be a boolean (or null, or absent: no stream), as OpenAI's API has it: engines read other values
+    differently (vLLM's pydantic model takes "true" and 1 for true, llama.cpp's server does not), and the gateway
+    must agree with the engine on whether an answer streams (keep-alives while a model starts, errors in-band), so
+    neither may guess. Guarded by tests/integration/test_request_body.py."""
+    payload = _parse(body)
     if not isinstance(payload, dict):
         raise errors.bad_json("expected a JSON object")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise errors.missing_model()
-    return model, payload.get("stream") is True
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise errors.invalid_type("stream", "a boolean", stream)
+    return model, stream is True
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.bad_json(str(exc)) from None
+    except RecursionError:
+        # Arrays or objects nested deeper than the parser's stack allows (it recurses per level; about 1000):
+        # no request needs that, and uncaught it was a text/plain 500 with a traceback logged per request.
+        raise errors.bad_json("nested too deeply") from None
 
 
 def _with_model(body: bytes, model: str) -> bytes:
-    payload = json.loads(body)
+    payload = _parse(body)
     payload["model"] = model
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    except RecursionError:  # parsed just under the limit, from a shallower stack than this one
+        raise errors.bad_json("nested too deeply") from None
 
 
 async def _send_error(send: Send, error: ApiError) -> None:

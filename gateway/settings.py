@@ -1,10 +1,19 @@
 """Gateway settings: environment (SPARKGATE_*), then command-line flags on top. Data only: gateway/app.py
 builds the waker from them (through waker/compose.py)."""
 
+import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.auth import ApiKeySpec
 from stats.store import default_db_path
@@ -12,8 +21,37 @@ from waker.config.durations import Duration
 from waker.config.nodes import NodeConfig
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {key!r} is given twice in one JSON object; JSON would keep only the last")
+        found[key] = value
+    return found
+
+
+class _Environment(EnvSettingsSource):
+    """SPARKGATE_* variables, with JSON values (NODES, API_KEYS, ...) read strictly: a key given twice in one
+    object is refused (json.loads keeps the last one silently: a second node of one name would replace the first)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if not isinstance(value, str | bytes):
+            return super().decode_complex_value(field_name, field, value)
+        return json.loads(value, object_pairs_hook=_unique_keys)
+
+
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SPARKGATE_", extra="ignore")
+    """Every float is finite (`allow_inf_nan`, and durations refuse nan and inf themselves): a timeout of nan made
+    every request a 500 (tests/unit/gateway/test_settings_values.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="SPARKGATE_", extra="ignore", allow_inf_nan=False)
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _Environment(settings_cls), dotenv_settings, file_secret_settings
 
     host: str = "127.0.0.1"
     port: int = Field(default=8009, ge=0, le=65535)
@@ -28,9 +66,10 @@ class GatewaySettings(BaseSettings):
         default=900.0, description="longest silence from an engine mid-request before 504"
     )
 
-    probe_interval: Duration = 0.05
-    probe_timeout: Duration = 2.0
-    reap_interval: Duration = 1.0
+    # Never 0: back-to-back readiness probes, probes that can't succeed, a reaper spinning on the loop.
+    probe_interval: Duration = Field(default=0.05, gt=0)
+    probe_timeout: Duration = Field(default=2.0, gt=0)
+    reap_interval: Duration = Field(default=1.0, gt=0)
     log_tail_lines: int = Field(default=40, ge=0)
     backoff_cap: Duration = 300.0
     stop_retry: Duration = Field(
@@ -62,7 +101,8 @@ class GatewaySettings(BaseSettings):
     metrics_loopback_open: bool = Field(
         default=False, description="let loopback clients read /metrics and /metrics/engines without a key")
     max_header_bytes: int = Field(default=64 * 1024, gt=0, description="larger request headers get 431")
-    stats_db: Path = Field(default_factory=default_db_path, description="SQLite file of per-model memory samples")
+    stats_db: Path = Field(default_factory=default_db_path, description="SQLite file of per-model memory samples; "
+                                                                        "one that can't be opened turns stats off")
     stats_interval: Duration = Field(default=5.0, description="memory sampling interval; 0 = off")
     watch_config: bool = Field(default=False, description="reload models.d when its files change")
     instance: str = Field(
@@ -70,3 +110,16 @@ class GatewaySettings(BaseSettings):
         description="name of this gateway on its Docker hosts; gateways sharing a daemon need different names",
     )
     request_timeout: Duration = Field(default=3600.0, description="longest a request may take in all; 0 = no limit")
+
+
+def settings_problems(exc: ValidationError | SettingsError) -> list[str]:
+    """Why the settings were refused, one line per problem, named as the variable that holds it (SPARKGATE_...,
+    then the path into its JSON): for `sparkgate` to print instead of a traceback."""
+    if isinstance(exc, SettingsError):
+        return [f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)]
+    lines = []
+    for err in exc.errors():
+        head, *rest = err["loc"] or ("(settings)",)
+        name = f"SPARKGATE_{str(head).upper()}" + "".join(f"[{part!r}]" for part in rest)
+        lines.append(f"{name}: {err['msg']}")
+    return lines

@@ -21,6 +21,26 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """A model's latest admission: the scheduling side's answer to a request's (or a warm's) ask for room, as its
+    owner (`scheduling.seat.Admission`, written by the cluster admission) holds it; `Waker.describe()` copies it.
+
+    `outcome`: "queued" (waits for memory on `node`, at `position` in its queue, behind `waiting_for`), "admitted"
+    (its start or wake began), "refused" (no room: `reason` is the message its requests got) or "withdrawn"
+    (nobody waits any more: the requests left, or models.d moved or removed it); None: not asked since the
+    gateway started. `attempt` counts the asks (requests joining one queued ask share it), so a reader who asked
+    can tell its own outcome from an older one (`sparkgate warm` does)."""
+
+    outcome: str | None = None
+    reason: str | None = None  # why it waits, or was refused (the words of the error its requests got)
+    since: float | None = None  # when the outcome began (waker clock)
+    attempt: int = 0
+    node: str | None = None  # queued: the node whose queue holds it; else where it was admitted or refused
+    position: int | None = None  # queued: 1 is the head of that node's queue
+    waiting_for: tuple[str, ...] = ()  # queued: the models queued ahead of it there, then those holding the memory
+
+
+@dataclass(frozen=True, slots=True)
 class ModelStatus:
     """One model at one moment. Times are the waker clock's monotonic seconds, except `Failure.at`."""
 
@@ -43,6 +63,8 @@ class ModelStatus:
     engine: EngineHandle | None = None  # the engine it runs now, if any
     pending_reload: bool = False  # models.d changed its engine: recreated once it is idle
     removed: bool = False  # gone from models.d: stopped once idle, then forgotten
+    starts: int = 0  # starts and wakes begun since the gateway started (the attempt a failure belongs to)
+    admission: Admission = field(default_factory=Admission)  # its latest ask for room (scheduling's answer)
 
     @property
     def managed(self) -> bool:
@@ -92,4 +114,4 @@ class WakerStatus:
         raise KeyError(name)
 
 
-__all__ = ["Failure", "ModelStatus", "NodeStatus", "WakerStatus"]
+__all__ = ["Admission", "Failure", "ModelStatus", "NodeStatus", "WakerStatus"]

@@ -31,7 +31,7 @@ from waker.scheduling.placement import budget_problems, candidates
 from waker.scheduling.reaper import idle_stops
 from waker.scheduling.seat import Seat
 from waker.state import Hold, ModelState
-from waker.status import ModelStatus, NodeStatus, WakerStatus
+from waker.status import Admission, ModelStatus, NodeStatus, WakerStatus
 
 S = ModelState
 log = logging.getLogger("sparkgate.waker")
@@ -259,9 +259,10 @@ class Waker:
         elif engine_for(spec.engine).launch_hash(spec) != found.spec_hash:
             stale = "its model's spec changed"
         elif not found.running:
-            if spec.keep_container:
+            if spec.keep_container and found.reusable:
                 return False  # kept stopped on purpose: reused by the next start
-            stale = "stopped and not kept"
+            # A half group of parts (one missing or ended) serves nothing and may hold memory: removed, kept or not.
+            stale = "stopped and not kept" if found.reusable else "an incomplete group of parts (one missing or ended)"
         elif not controller.idle_stopped:
             stale = "another engine of the model was taken over already"
         else:
@@ -362,7 +363,8 @@ class Waker:
                 failures=c.failures, retry_at=c.retry_at, last_error=c.last_error,
                 pinned=seat.pinned if seat else False, nodes=seat.candidates if seat else (),
                 placed=seat.placed if seat else (), held_on=scheduler.held_on(name) if seat else {},
-                engine=c.engine, pending_reload=c.pending_spec is not None, removed=c.retired,
+                engine=c.engine, pending_reload=c.pending_spec is not None, removed=c.retired, starts=c.starts,
+                admission=_admission(scheduler, name) if seat else Admission(),
             ))
         nodes = tuple(
             NodeStatus(name=n, capacity_gb=a.budget.capacity_gb, total_gb=a.budget.total_gb,
@@ -527,6 +529,14 @@ class Waker:
                     await self._adopt_running_engines()
             except Exception:  # the reaper must survive one bad stop
                 log.exception("idle reaper")
+
+
+def _admission(scheduler: ClusterAdmission, model: str) -> Admission:
+    """`model`'s latest ask for room as its owner, the cluster admission, holds it (seat.Admission), for the read
+    model."""
+    a = scheduler.admission(model)
+    return Admission(outcome=a.outcome.value if a.outcome is not None else None, reason=a.reason, since=a.since,
+                     attempt=a.attempt, node=a.node, position=a.position, waiting_for=a.waiting_for)
 
 
 def _same(a: ModelSpec, b: ModelSpec) -> bool:

@@ -1,17 +1,24 @@
-"""Continue's request pattern (VS Code / JetBrains): chat streams on /v1/chat/completions, and tab
-autocomplete on /v1/completions with fill-in-the-middle (`prompt` + `suffix`, small `max_tokens`,
-`stream: true`), where almost every request is aborted within ~100 ms because the user kept typing.
-The gateway must cancel each abandoned engine request, leak nothing, and keep serving."""
+"""Continue's request pattern (VS Code / JetBrains), as its source has it (docs/clients.md; continuedev/continue
+core/autocomplete): chat streams on /v1/chat/completions; tab autocomplete on /v1/completions with the
+fill-in-the-middle prompt templated by Continue itself (the model's FIM tokens inside `prompt`, **no `suffix`**),
+`stream: true`, a 350 ms debounce, reuse of the completion in flight when the new prefix extends it, aborts
+otherwise and cuts at the first newline in single-line mode; embeddings for @codebase with every batch of an
+indexing step sent at once.
+
+The first test is harsher than Continue ever is (a request per keystroke, most aborted within ~100 ms, with a
+`suffix`, as a provider with native FIM would send): the gateway must cancel each abandoned engine request, leak
+nothing, and keep serving. The others follow Continue's real parameters."""
 
 import asyncio
 import contextlib
+import json
 import random
 from pathlib import Path
 
 import httpx
 import openai
 
-from tests.clients.util import data_payloads, requests_total, settled_engine_stats, until
+from tests.clients.util import data_payloads, engine_stats, requests_total, settled_engine_stats, until
 from tests.harness import fake_engine_spec, run_gateway, write_models
 
 PREFIX = "def fibonacci(n: int) -> int:\n    "
@@ -96,3 +103,109 @@ async def test_autocomplete_requests_cancelled_within_100ms_leak_nothing(tmp_pat
         fim = await sdk.completions.create(model="coder", prompt=PREFIX, suffix=SUFFIX, max_tokens=3)
         assert fim.choices[0].text == " t0 t1 t2"
         assert controller.in_flight == 0
+
+
+# Continue's Qwen-Coder FIM template (core/autocomplete/templating/AutocompleteTemplate.ts), picked by a model name
+# containing "qwen" and "coder"; its stop words follow the template.
+QWEN_FIM = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+QWEN_STOP = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+             "<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>", "\n\n", "\r\n\r\n", "/src/",
+             "#- coding: utf-8", "```"]
+DEBOUNCE = 0.35  # debounceDelay (core/util/parameters.ts)
+
+
+def continue_fim_body(model: str, prefix: str) -> dict:
+    """What Continue's `openai` provider sends for one completion (toCompleteBody): the template in `prompt`."""
+    return {"model": model, "prompt": QWEN_FIM.format(prefix=prefix, suffix=SUFFIX), "max_tokens": 24,
+            "temperature": 0.01, "top_p": 1, "stop": QWEN_STOP, "stream": True}
+
+
+async def test_a_templated_fim_prompt_without_suffix_reaches_the_engine_as_continue_sent_it(tmp_path: Path) -> None:
+    models = write_models(tmp_path, fake_engine_spec("qwen2.5-coder-1.5b", "--token-delay", "0.001",
+                                                     "--created", "1700000000", aliases=["autocomplete"]))
+    async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as http:
+        body = continue_fim_body("qwen2.5-coder-1.5b", PREFIX)
+        via_gateway = await http.post(gw.v1 + "/completions", json=body)
+        assert via_gateway.status_code == 200
+        api_base = gw.waker.controller("qwen2.5-coder-1.5b").handle.api_base
+        direct = await http.post(api_base + "/completions", json=body)
+        assert via_gateway.content == direct.content  # nothing added (no suffix), dropped or reframed
+        payloads = data_payloads(via_gateway.content)
+        assert payloads[-1] == "[DONE]"
+        assert "".join(p["choices"][0]["text"] for p in payloads[:-1]) == "".join(f" t{i}" for i in range(24))
+        stats = await engine_stats(gw, "qwen2.5-coder-1.5b")
+        assert stats["fim_requests"] == 0  # the FIM tokens are in the prompt: the engine saw no suffix
+
+
+async def test_debounced_typing_with_reuse_and_single_line_cuts_leaks_nothing(tmp_path: Path) -> None:
+    """Five bursts of typing. After each, once 350 ms have passed without a keystroke, one completion is asked for;
+    the next burst either extends what that completion is producing (Continue reuses it: no new request) or not
+    (it is aborted and a new one sent); every completion is cut by the client at its first newline."""
+    models = write_models(tmp_path, fake_engine_spec("qwen2.5-coder-1.5b", "--token-delay", "0.01"))
+    limits = httpx.Limits(max_connections=20, max_keepalive_connections=20)
+    async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30, limits=limits) as http:
+        # The model is warm (idle_timeout 1h in the example): the first completion is not held by a cold start.
+        warm = await http.post(gw.v1 + "/completions", json={**continue_fim_body("qwen2.5-coder-1.5b", PREFIX),
+                                                              "stream": False})
+        assert warm.status_code == 200
+        controller = gw.waker.controller("qwen2.5-coder-1.5b")
+        sent = 0
+        in_flight: asyncio.Task[str] | None = None
+        produced = ""
+
+        async def complete(prefix: str) -> str:
+            """Streams one completion and stops reading at the first newline (single-line mode's fullStop)."""
+            nonlocal produced
+            text = ""
+            body = continue_fim_body("qwen2.5-coder-1.5b", prefix)
+            async with http.stream("POST", gw.v1 + "/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    produced = text
+                    if "t5" in text:  # the model's "first newline": the client stops reading here
+                        return text
+            return text
+
+        prefix = PREFIX
+        for burst in range(5):
+            await asyncio.sleep(DEBOUNCE)  # the debounce: a request only once typing pauses
+            if in_flight is not None and not in_flight.done() and burst % 2 == 1 and produced:
+                prefix += produced[:3]  # the user typed what the completion shows: Continue reuses it
+                continue
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()  # the new prefix doesn't extend it: aborted
+                with contextlib.suppress(asyncio.CancelledError):
+                    await in_flight
+            prefix += f"x{burst}"
+            produced = ""
+            in_flight = asyncio.create_task(complete(prefix))
+            sent += 1
+        assert in_flight is not None
+        last = await asyncio.wait_for(in_flight, timeout=30)
+        assert last.startswith(" t0 t1")
+
+        await until(lambda: controller.in_flight == 0 and controller.waiting == 0, timeout=10,
+                    what="in_flight and waiting back to 0")
+        stats = await settled_engine_stats(gw, "qwen2.5-coder-1.5b")
+        assert stats["streams_started"] == sent  # a reused completion is not asked for again
+        assert stats["streams_started"] == stats["streams_completed"] + stats["streams_cancelled"]
+        assert stats["streams_cancelled"] >= 1  # the cut at the first newline ended the engine's stream
+        assert gw.starts("qwen2.5-coder-1.5b") == 1
+
+
+async def test_every_embedding_batch_of_an_indexing_step_sent_at_once_is_answered(tmp_path: Path) -> None:
+    """@codebase indexing: Continue sends all batches of a step concurrently (Promise.all), 128 chunks each for the
+    `openai` provider. With the engine limited to 2 at a time, the rest wait for a slot and every batch is answered,
+    in order of its inputs."""
+    models = write_models(tmp_path, fake_engine_spec("embed", max_concurrent=2))
+    async with run_gateway(models) as gw:
+        sdk = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=60)
+        batches = [[f"chunk {b}-{i}" for i in range(128)] for b in range(8)]
+        answers = await asyncio.gather(*(sdk.embeddings.create(model="embed", input=batch) for batch in batches))
+        for answer in answers:
+            assert [d.index for d in answer.data] == list(range(128))
+        assert gw.starts("embed") == 1
+        assert gw.waker.controller("embed").in_flight == 0

@@ -5,13 +5,30 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from waker.config.durations import Duration
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _environment(value: dict[str, str]) -> dict[str, str]:
+    """Names a process environment can hold: `A=B` would set A, an empty name or a NUL can't be passed at all, and
+    both used to pass validation and fail every start of the engine instead."""
+    for name, text in value.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name (letters, digits and _, not starting "
+                             "with a digit)")
+        if "\0" in text:
+            raise ValueError(f"the value of {name} holds a NUL character, which no environment can pass")
+    return value
+
+
+Environment = Annotated[dict[str, str], AfterValidator(_environment)]
+"""Environment variables for an engine: POSIX names, values without NUL."""
 
 
 class EngineKind(StrEnum):
@@ -34,7 +51,7 @@ class IdleAction(StrEnum):
 
 
 class UlimitRange(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     soft: int
     hard: int
 
@@ -50,13 +67,15 @@ class MultiNode(BaseModel):
 
     vLLM: a Ray head container on the first node, a Ray worker container on each other node, then
     `vllm serve --distributed-executor-backend ray` run in the head container. SGLang: one container
-    per node with `--nnodes N --node-rank i --dist-init-addr <first node>:dist_port`.
+    per node with `--nnodes N --node-rank i --dist-init-addr <first node>:<port>` (a free port from dist_port on).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    ray_port: int = Field(default=6379, ge=1, le=65535, description="vLLM: the Ray head's port (GCS)")
-    dist_port: int = Field(default=20000, ge=1, le=65535, description="SGLang: --dist-init-addr port on the head")
+    ray_port: int = Field(default=6379, ge=1, le=65535,
+                          description="vLLM: the first port tried for the Ray head (GCS); each start picks a free one")
+    dist_port: int = Field(default=20000, ge=1, le=65535,
+                           description="SGLang: the first --dist-init-addr port tried; each start picks a free one")
     interface: str | None = Field(
         default=None, description="network interface between the nodes (QSFP link), e.g. enp1s0f1np1: sets "
         "NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME and UCX_NET_DEVICES in every part",
@@ -65,8 +84,8 @@ class MultiNode(BaseModel):
         default="pipeline", description="how the model is split across the nodes: pipeline (--pipeline-parallel-size) "
         "or tensor (--tensor-parallel-size / --tp)",
     )
-    head_env: dict[str, str] = Field(default_factory=dict, description="extra environment for the head part only")
-    worker_env: dict[str, str] = Field(default_factory=dict, description="extra environment for worker parts only")
+    head_env: Environment = Field(default_factory=dict, description="extra environment for the head part only")
+    worker_env: Environment = Field(default_factory=dict, description="extra environment for worker parts only")
     join_timeout: Duration = Field(default=300.0, gt=0, description="give up if a part is not up by then")
 
 
@@ -76,7 +95,7 @@ class ModelSpec(BaseModel):
     Unknown keys are errors (a typo such as `idle_timout` must not be silently ignored).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="the model name clients send")
     aliases: tuple[str, ...] = Field(default=(), description="other names that route here")
@@ -89,7 +108,7 @@ class ModelSpec(BaseModel):
         default=None, description="executable and leading args; replaces the engine's default launcher"
     )
     args: tuple[str, ...] = Field(default=(), description="extra engine arguments, appended")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Environment = Field(default_factory=dict)
     workdir: str | None = Field(default=None, description="process runtime: working directory")
     image: str | None = Field(default=None, description="docker runtime: image")
     url: str | None = Field(default=None, description="external runtime: base URL, e.g. http://host:8000/v1")
@@ -118,7 +137,9 @@ class ModelSpec(BaseModel):
     ulimits: dict[str, Ulimit] = Field(default_factory=dict, description="docker: e.g. {memlock: -1}")
     network: str | None = Field(default=None, description='docker: "host" or a network name')
     container_port: int = Field(default=8000, ge=1, le=65535, description="docker: port inside the container")
-    mem_limit: str | None = Field(default=None, description='docker: hard memory cap, e.g. "70g"')
+    # A container memory limit below the device's total has made vLLM fail with an illegal memory access on GB10
+    # (reported by users running vLLM on a DGX Spark): leave it unset there.
+    mem_limit: str | None = Field(default=None, description='docker: hard memory cap, e.g. "70g" (not on a DGX Spark)')
     init: bool = Field(default=False, description="docker: run an init as PID 1 (engines that ignore SIGTERM)")
     keep_container: bool = Field(default=False, description="docker: keep it when stopped; faster restart")
 
@@ -188,8 +209,15 @@ class ModelSpec(BaseModel):
     @field_validator("name", "served_name")
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
+        if value is not None and not _NAME.fullmatch(value):  # match() let a trailing newline through
             raise ValueError(f"{value!r} is not a valid model name (letters, digits and ._:/@+- only)")
+        return value
+
+    @field_validator("command", "args")
+    @classmethod
+    def _passable(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and any("\0" in arg for arg in value):
+            raise ValueError("an argument holds a NUL character, which no command line can pass")
         return value
 
     @field_validator("aliases")

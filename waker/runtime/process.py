@@ -2,10 +2,11 @@
 
 import asyncio
 import contextlib
-import ctypes
+import errno
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from collections import deque
@@ -17,8 +18,6 @@ from waker.engines.base import Engine, Launch
 from waker.runtime.base import Exit, free_port, http_url, run_to_end
 
 log = logging.getLogger("sparkgate.runtime")
-
-_PR_SET_PDEATHSIG = 1
 
 # What an engine never inherits from the gateway's environment (a model's own `env` may still set any of it): the
 # gateway's settings and keys (SPARKGATE_*), whatever is named like a credential, and the gateway's ways into other
@@ -108,10 +107,45 @@ def _port_holder(pgid: int, port: int) -> bool | None:
     return _group_holds(pgid, inodes)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If the gateway is killed outright (SIGKILL, OOM), its engines must not linger holding memory.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+# An engine is started through this program (`python -I -S -c _DIE_WITH_PARENT <gateway pid> <argv...>`), which asks
+# Linux to SIGKILL it when the gateway dies (prctl PR_SET_PDEATHSIG, kept across the exec that follows) and then
+# becomes the engine (same pid, so the same process group). If the gateway is killed outright (SIGKILL, OOM), its
+# engines must not linger holding memory. A gateway that died before the prctl is noticed (the parent changed) and the
+# engine is not started at all. It used to be a preexec_fn: Python code (ctypes) run between fork and exec in a child
+# of a process with threads (the loop's executor, the Docker SDK's, the stats sampler), which is not fork-safe: a lock
+# another thread held at the fork (the loader's, the allocator's) stays held in the child, which hangs before its
+# exec. A program of its own starts from exec, with one thread. `-I -S`: none of the engine's PYTHON* variables and
+# no site-packages reach it, only the standard library. Python ignores SIGPIPE and SIGXFSZ for itself; the engine
+# gets them back at their defaults, as subprocess gives them (restore_signals). Guarded by
+# tests/unit/runtime/test_process_spawn.py.
+_DIE_WITH_PARENT = """\
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+for name in ("SIGPIPE", "SIGXFSZ"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"sparkgate: could not run {sys.argv[2]}: {exc.strerror}", file=sys.stderr, flush=True)
+    os._exit(127)
+"""
+
+
+def _with_parent(argv: list[str], environ: Mapping[str, str], cwd: str | None) -> list[str]:
+    """`argv` run through _DIE_WITH_PARENT. A command that can't be found raises FileNotFoundError here, as a direct
+    spawn did (the model's start fails with "could not be launched: [Errno 2] No such file or directory: 'vllm'")."""
+    command = argv[0]
+    where = os.path.join(cwd, command) if cwd and os.sep in command else command
+    if shutil.which(where, path=environ.get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class ProcessHandle:
@@ -257,15 +291,15 @@ class ProcessRuntime:
         # Engines installed beside the gateway (same virtualenv) are found without activating it.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        cwd = self._workdir(spec)
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *_with_parent(argv, env, cwd),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
-            cwd=self._workdir(spec),
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+            cwd=cwd,
+            start_new_session=True,  # its own process group (the pid stays the engine's through the exec)
         )
         return ProcessHandle(proc, http_url(spec.host, port), self._keep, tuple(argv))
 

@@ -6,6 +6,10 @@ order: a node that admits it holds its share (reserved) while the next one makes
 can never hold one node each while waiting for the other's (ordered acquisition). Once every node has
 admitted it, `Effects.start` begins it and its waiters are told.
 
+Each ask's outcome (queued, admitted, refused and why, withdrawn) is written to the model's seat as it is
+decided (`Seat.record`), and read with its place in the queue through `admission`: the admin API and
+`sparkgate warm` show it.
+
 All of this is synchronous (`enqueue`, `withdraw`, `changed`, each node's `step`); `admit` is the async door
 requests use, and `start` runs one loop per node that steps when kicked and every `poll_interval` while
 tickets wait. Simulations drive the same code without the loops (`settle`).
@@ -14,6 +18,7 @@ tickets wait. Simulations drive the same code without the loops (`settle`).
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from waker.clock import Clock
 from waker.errors import NoRoom, QueueFull, ShuttingDown, WakerError, Withdrawn
@@ -23,7 +28,7 @@ from waker.scheduling.effects import Effects
 from waker.scheduling.node import NodeAdmission, Queued, QueuePolicy, Waiter
 from waker.scheduling.placement import choose
 from waker.scheduling.plan import Snapshot
-from waker.scheduling.seat import Seat
+from waker.scheduling.seat import Admission, Outcome, Seat
 from waker.state import Hold, ModelState
 
 S = ModelState
@@ -112,7 +117,8 @@ class ClusterAdmission:
         self.withdraw_all(model, "its nodes changed in models.d")
         for node in seat.candidates:
             self.nodes[node].members.pop(model, None)
-        self.register(model, candidates, span, seat.footprint_gb, seat.sleeping_gb, seat.priority, seat.pinned)
+        moved = self.register(model, candidates, span, seat.footprint_gb, seat.sleeping_gb, seat.priority, seat.pinned)
+        moved.admission = seat.admission
         seat.notify()  # requests waiting on the old seat look again (and find the new one)
         self.kick((*seat.candidates, *candidates))
         return True
@@ -170,16 +176,17 @@ class ClusterAdmission:
             node = self.nodes.get(self._where.get(model, ""))
             message = node.no_room_message(model) if node is not None else (
                 f"no room could be made for {model} within max_wait ({self.policy.max_wait:g}s)")
+            self.withdraw(model, waiter, refused=message)
             raise NoRoom(message, model=model, retry_after=30) from None
         finally:
             self.withdraw(model, waiter)
 
     def enqueue(self, model: str, waiter: Waiter) -> None:
         """Queue `waiter` for room for `model` (placing it first if it has no place); it is told once, either way."""
-        if self._closed:
-            waiter.refused(ShuttingDown("the gateway is shutting down", model=model))
-            return
         seat = self.seats.get(model)
+        if self._closed:
+            self._refuse_ask(seat, waiter, ShuttingDown("the gateway is shutting down", model=model))
+            return
         if seat is None:
             waiter.refused(Withdrawn(f"{model} is not scheduled here", model=model))
             return
@@ -189,27 +196,36 @@ class ClusterAdmission:
                 try:
                     self._place(seat)
                 except NoRoom as exc:
-                    waiter.refused(exc)
+                    self._refuse_ask(seat, waiter, exc)
                     return
             where = next(n for n in self._order if n in seat.placed and n not in seat.reserved)
         node = self.nodes[where]
         if node.queued >= self.policy.max_queue:
-            if model not in self._where:
+            full = QueueFull(f"{node.queued} requests already wait for room on node {where!r} (max_queue "
+                             f"{self.policy.max_queue}); try again shortly", model=model)
+            if model in self._where:
+                waiter.refused(full)  # its model's ask goes on for the requests queued already
+            else:
                 self._give_back(model)
-            waiter.refused(QueueFull(
-                f"{node.queued} requests already wait for room on node {where!r} (max_queue "
-                f"{self.policy.max_queue}); try again shortly", model=model))
+                self._refuse_ask(seat, waiter, full, where)
             return
         ticket = node.tickets.get(model)
         if ticket is None:
             ticket = node.tickets[model] = Queued(model, self._clock.now())
+            seat.record(Outcome.QUEUED, ticket.since, node=where, ask=True)
         ticket.waiters.append(waiter)
         self._where[model] = where
         node.step()  # admit at once when it fits: no extra hop through the loop
 
-    def withdraw(self, model: str, waiter: Waiter) -> None:
-        """`waiter` no longer waits (it left, or its time is up); a ticket nobody waits on goes, and with it what
-        was reserved for its start."""
+    def _refuse_ask(self, seat: Seat | None, waiter: Waiter, error: WakerError, node: str | None = None) -> None:
+        """A new ask refused at once (no ticket was made for it): recorded as its model's latest admission."""
+        if seat is not None:
+            seat.record(Outcome.REFUSED, self._clock.now(), error.message, node, ask=True)
+        waiter.refused(error)
+
+    def withdraw(self, model: str, waiter: Waiter, refused: str | None = None) -> None:
+        """`waiter` no longer waits (it left, or its time is up: `refused`, the message it got); a ticket nobody
+        waits on goes, and with it what was reserved for its start, and the ask ends withdrawn (or refused)."""
         where = self._where.get(model)
         if where is None:
             return
@@ -221,6 +237,8 @@ class ClusterAdmission:
             ticket.waiters.remove(waiter)
         if not ticket.waiters:
             self._drop_ticket(model, node)
+            self._record(model, Outcome.REFUSED if refused else Outcome.WITHDRAWN,
+                         refused or "nobody waits for it any more", where)
             self._give_back(model)
 
     def _drop_ticket(self, model: str, node: NodeAdmission) -> Queued | None:
@@ -236,9 +254,16 @@ class ClusterAdmission:
         if where is None:
             return
         ticket = self._drop_ticket(model, self.nodes[where])
+        self._record(model, Outcome.WITHDRAWN, why, where)
         self._give_back(model)
         for waiter in ticket.waiters if ticket else ():
             waiter.refused(Withdrawn(f"{model}: {why}", model=model))
+
+    def _record(self, model: str, outcome: Outcome, reason: str | None, node: str | None) -> None:
+        """The end of `model`'s ask that waited (its seat keeps it for the read model)."""
+        seat = self.seats.get(model)
+        if seat is not None:
+            seat.record(outcome, self._clock.now(), reason, node)
 
     def _give_back(self, model: str) -> None:
         """Nobody waits for `model`'s start any more: the nodes reserved for it are free again, and one that holds
@@ -282,18 +307,23 @@ class ClusterAdmission:
                 self.kick((rest[0],))
                 return
         usage = self._effects.usage(model)
-        seat.admit(waking=usage.state is S.SLEEPING, holding=usage.hold is Hold.FULL)
+        waking = usage.state is S.SLEEPING
+        seat.admit(waking=waking, holding=usage.hold is Hold.FULL)
         if self._effects.start(model, seat.placed):
             self.admissions += 1
+            self._record(model, Outcome.ADMITTED, f"{'woken' if waking else 'started'} on {', '.join(seat.placed)}",
+                         node.name)
             for waiter in ticket.waiters:
                 waiter.admitted()
             return
+        self._record(model, Outcome.WITHDRAWN, f"{model} could not be started now", node.name)
         self._give_back(model)
         for waiter in ticket.waiters:
             waiter.refused(Withdrawn(f"{model} could not be started now", model=model))
 
     def _impossible(self, ticket: Queued, why: str) -> None:
-        self._where.pop(ticket.model, None)
+        node = self._where.pop(ticket.model, None)
+        self._record(ticket.model, Outcome.REFUSED, why, node)
         self._give_back(ticket.model)
         for waiter in ticket.waiters:
             waiter.refused(NoRoom(why, model=ticket.model))
@@ -311,7 +341,9 @@ class ClusterAdmission:
             seat.release(keep_placement=model in self._where)
         elif usage.state in (S.STARTING, S.WAKING, S.READY) and model in self._where:
             # Started without this queue (an engine found running and adopted): its waiters join that start.
-            ticket = self._drop_ticket(model, self.nodes[self._where[model]])
+            where = self._where[model]
+            ticket = self._drop_ticket(model, self.nodes[where])
+            seat.record(Outcome.ADMITTED, self._clock.now(), f"joined its engine, {usage.state.value} already", where)
             seat.give_back()
             for waiter in ticket.waiters if ticket else ():
                 waiter.admitted()
@@ -369,6 +401,7 @@ class ClusterAdmission:
                 pass
         for node in self.nodes.values():
             for ticket in list(node.tickets.values()):
+                self._record(ticket.model, Outcome.REFUSED, "the gateway is shutting down", node.name)
                 for waiter in ticket.waiters:
                     waiter.refused(ShuttingDown("the gateway is shutting down", model=ticket.model))
             node.tickets.clear()
@@ -379,6 +412,25 @@ class ClusterAdmission:
     def queued(self, model: str) -> int:
         where = self._where.get(model)
         return self.nodes[where].queue_of(model) if where is not None else 0
+
+    def admission(self, model: str) -> Admission:
+        """`model`'s latest ask for room and its outcome; while it waits, with its node, its place in that node's
+        queue (1: the head) and what it waits behind: the models queued ahead of it, then those holding the memory
+        (the holders its 503 would name, largest first)."""
+        seat = self.seats.get(model)
+        if seat is None:
+            return Admission()
+        where = self._where.get(model)
+        node = self.nodes.get(where) if where is not None else None
+        if node is None or model not in node.tickets:
+            return seat.admission
+        queue = [m for m, t in node.tickets.items() if t.waiters or m == model]
+        ahead = queue[:queue.index(model)]
+        blocked = node.blocked.get(model)
+        holders = [h[0] for h in blocked.holders] if blocked is not None else []
+        return replace(seat.admission, outcome=Outcome.QUEUED, node=where,
+                       reason=blocked.reason if blocked is not None else seat.admission.reason,
+                       position=len(ahead) + 1, waiting_for=tuple(dict.fromkeys((*ahead, *holders))))
 
     def held_on(self, model: str) -> dict[str, float]:
         """GB `model` holds in each node's ledger (nonzero only)."""

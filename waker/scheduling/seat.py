@@ -2,14 +2,42 @@
 
 Where it may run (candidates), where it runs or was placed to start (placed), the nodes already holding
 its share of a multi-node start (reserved), the drain deadline each node set for it, whether it is
-pinned, and the footprint its running engine was admitted with. The controller knows none of this; it
-only starts, stops and reports.
+pinned, the footprint its running engine was admitted with, and how its latest ask for room went
+(admission). The controller knows none of this; it only starts, stops and reports.
 """
 
 import asyncio
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from waker.state import Hold
+
+
+class Outcome(StrEnum):
+    """How a model's latest ask for room ended, or that it still waits."""
+
+    QUEUED = "queued"  # waits for memory on a node
+    ADMITTED = "admitted"  # its start (or wake) began
+    REFUSED = "refused"  # no room now or ever, the queue full, the gateway shutting down
+    WITHDRAWN = "withdrawn"  # nobody waits for it any more (its requests left; models.d moved or removed it)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A model's latest ask for room (a request's or a warm's) and its outcome, in the words its requests were
+    given; the read model copies it (status.Admission). `attempt` counts the asks, each queued or refused at once
+    (requests that join a queued one share it): an operator who asked tells its own outcome from an older one
+    (tests/integration/test_warm_admission.py). While it waits, the cluster admission adds where (`node`,
+    `position`, 1 at the head) and behind what (`waiting_for`: the models queued ahead, then those holding the
+    memory)."""
+
+    outcome: Outcome | None = None  # None: never asked since the gateway started
+    reason: str | None = None
+    since: float | None = None  # when the outcome began (the waker clock)
+    attempt: int = 0
+    node: str | None = None
+    position: int | None = None
+    waiting_for: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -27,6 +55,7 @@ class Seat:
     starting_gb: float | None = None  # footprint of the start being admitted, fixed when its first node admits it
     admitted_gb: float | None = None  # footprint the running engine was admitted with (a reload may change
     admitted_sleeping_gb: float | None = None  # memory_gb meanwhile: that applies from the next start)
+    admission: Admission = field(default_factory=Admission)  # its latest ask for room (written by record())
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -101,10 +130,17 @@ class Seat:
         if not keep_placement and not self.fixed and not self.reserved:
             self.placed = ()
 
+    def record(self, outcome: Outcome, now: float, reason: str | None = None, node: str | None = None, *,
+               ask: bool = False) -> None:
+        """The outcome of its latest ask for room: a new ask (`ask`: queued, or refused at once) or the end of the
+        one that waited (admitted, refused after max_wait or as impossible, withdrawn)."""
+        attempt = self.admission.attempt + 1 if ask else self.admission.attempt
+        self.admission = Admission(outcome, reason, now, attempt, node)
+
     def notify(self) -> None:
         """Wake the requests waiting on this seat (a drain set or lifted, a transition): they look again."""
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
 
 
-__all__ = ["Seat"]
+__all__ = ["Admission", "Outcome", "Seat"]

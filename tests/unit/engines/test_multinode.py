@@ -37,7 +37,8 @@ def test_vllm_over_two_nodes_is_a_ray_head_a_ray_worker_and_vllm_serve_with_pipe
     assert (worker.role, worker.node) == ("worker-1", "spark-b")
     assert worker.argv == ("ray", "start", "--address", "192.168.100.10:6380", "--node-ip-address",
                            "192.168.100.11", "--block")
-    assert dict(worker.env) == {"VLLM_HOST_IP": "192.168.100.11", **RAY, **LINK, "HF_HUB_OFFLINE": "1", "ONLY_WORKER": "1"}
+    assert dict(worker.env) == {"VLLM_HOST_IP": "192.168.100.11", **RAY, **LINK, "HF_HUB_OFFLINE": "1",
+                                "ONLY_WORKER": "1"}
     assert worker.up == head.up
     assert plan.serve == ("vllm", "serve", "org/big", "--host", "127.0.0.1", "--port", "8000", "--served-model-name",
                           "big", "--gpu-memory-utilization", "0.8", "--shutdown-timeout", "15",
