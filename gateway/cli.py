@@ -104,6 +104,7 @@ def _command(argv: list[str], hangup: Hangup | None) -> int:
     ops["logs"].add_argument("--lines", type=int, default=100)
     for name in ("start", "warm"):
         ops[name].add_argument("--timeout", type=float, default=3600, help="give up following after this long")
+    ops["warm"].add_argument("--interval", type=float, default=0.5, help="seconds between two looks at the model")
 
     args = parser.parse_args(argv)
     if args.command in ops:
