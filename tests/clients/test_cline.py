@@ -1,4 +1,5 @@
-"""Cline's request pattern: long agent turns, always streamed with `stream_options.include_usage`
+"""Cline's request pattern (both styles: Cline >= 4.1 sends native tools for any id; Cline <= 4.0 only for ids
+it recognises, XML in the prompt otherwise): long agent turns, always streamed with `stream_options.include_usage`
 (it shows tokens and cost from the final usage chunk) and with function `tools`; the model answers
 with `tool_calls` deltas whose arguments arrive in fragments. The gateway must pass every chunk
 through byte for byte, the usage chunk (empty `choices`) included."""
@@ -113,3 +114,32 @@ async def test_sse_bytes_through_the_gateway_equal_the_engines_own(tmp_path: Pat
             assert payloads[-1] == "[DONE]"
             assert payloads[-2]["choices"] == [] and payloads[-2]["usage"]["total_tokens"] > 4
             assert all(p["usage"] is None for p in payloads[:-2])
+
+
+async def test_classic_cline_xml_tools_for_an_alias_and_native_tools_for_a_recognised_id(tmp_path: Path) -> None:
+    """Cline <= 4.0 sends native `tools` only for model ids it recognises (`gpt-oss...`: utils/model-utils.ts); for an
+    alias such as `brain` it puts XML tool instructions in the system prompt and sends no `tools`. Both reach the
+    engine as sent: the gateway neither adds nor drops a `tools` field, whatever name routed the request."""
+    models = write_models(tmp_path, fake_engine_spec("gpt-oss-120b", "--token-delay", "0.001", aliases=["brain"]))
+    xml_system = SYSTEM + ("\n\nTOOL USE\n\nYou have access to a set of tools... Tool use is formatted using XML-style "
+                           "tags:\n<read_file>\n<path>File path here</path>\n</read_file>")
+    async with run_gateway(models) as gw:
+        sdk = openai.AsyncOpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=60)
+        # Classic Cline with the alias: XML in the prompt, no tools; the answer is plain text deltas.
+        messages = [{"role": "system", "content": xml_system}, *turn("Use read_file to open setup.py")[1:]]
+        stream = await sdk.chat.completions.create(model="brain", messages=messages, max_tokens=20, stream=True,
+                                                   stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        assert all(c.choices[0].delta.tool_calls is None for c in chunks[:-1])
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        # The real id, recognised as gpt-oss: native tools, answered with tool_calls.
+        stream = await sdk.chat.completions.create(
+            model="gpt-oss-120b", messages=turn("Use read_file to open setup.py"), max_tokens=20, stream=True,
+            stream_options={"include_usage": True}, tools=[READ_FILE_TOOL, EXECUTE_TOOL])
+        chunks = [chunk async for chunk in stream]
+        names = [tc.function.name for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
+                 if tc.function.name]
+        assert names == ["read_file"]
+        stats = await engine_stats(gw, "gpt-oss-120b")
+        assert stats["tool_calls"] == 1  # only the request that carried tools got a tool call
+        assert gw.starts("gpt-oss-120b") == 1  # the alias and the id are one engine
