@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from stats.report import export_csv, format_table, plot
-from stats.store import SampleStore
+from stats.store import SampleStore, StoreUnavailable
 from waker.config.durations import parse_duration
 
 
@@ -44,7 +44,12 @@ def stats_command(argv: list[str], db_path: Path, *, now: float | None = None) -
         print(f"sparkgate stats: no samples yet: {path} does not exist (the gateway writes it while engines run)",
               file=sys.stderr)
         return 1
-    with SampleStore(path) as store:
+    try:
+        store = SampleStore(path)
+    except StoreUnavailable as exc:
+        print(f"sparkgate stats: can't read the samples: {exc}", file=sys.stderr)
+        return 1
+    with store:
         footprints = store.footprints(since=since)
         if plotting:
             written = plot(store, args.out, since=since)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stats.cli import stats_command
-from stats.report import format_table, plot
-from stats.store import Footprint, Sample, SampleStore
+from stats.report import HEADROOM, format_table, peaks_figure, plot, timeline_figure, y_top
+from stats.store import Drop, Footprint, Sample, SampleStore
 
 T0 = 1_700_000_000.0
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -17,15 +19,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """Two models over ten minutes: `big` loads to a 30 GiB spike then serves at 20-24 GiB with a gap (stopped and
-    restarted); `small` is a container at 2 GiB that sleeps at the end."""
+    """Two models over ten minutes: `big` (memory_gb 28: under-declared) loads to a 30 GiB spike then serves at
+    20-24 GiB with a gap (stopped and restarted); `small` (memory_gb: auto) is a container at 2 GiB that sleeps at the
+    end."""
     path = tmp_path / "stats.sqlite3"
-    samples = [Sample(T0, "big", "load", pss=12.0, gpu=10.0, system_available=100.0),
-               Sample(T0 + 5, "big", "load", pss=10.0, gpu=20.0, system_available=90.0)]
-    samples += [Sample(T0 + 10 + 5 * i, "big", "steady", pss=4.0, gpu=16.0 + (i % 5), system_available=80.0)
-                for i in range(40)]
-    samples += [Sample(T0 + 400 + 5 * i, "big", "steady", pss=4.0, gpu=17.0, system_available=80.0)
-                for i in range(20)]
+    samples = [Sample(T0, "big", "load", pss=12.0, gpu=10.0, system_available=100.0, declared_gb=28.0),
+               Sample(T0 + 5, "big", "load", pss=10.0, gpu=20.0, system_available=90.0, declared_gb=28.0)]
+    samples += [Sample(T0 + 10 + 5 * i, "big", "steady", pss=4.0, gpu=16.0 + (i % 5), system_available=80.0,
+                       declared_gb=28.0) for i in range(40)]
+    samples += [Sample(T0 + 400 + 5 * i, "big", "steady", pss=4.0, gpu=17.0, system_available=80.0,
+                       declared_gb=28.0) for i in range(20)]
     samples += [Sample(T0 + 5 * i, "small", "steady", cgroup=2.0, system_available=80.0) for i in range(30)]
     samples += [Sample(T0 + 150 + 5 * i, "small", "sleep", cgroup=0.5) for i in range(5)]
     with SampleStore(path) as store:
@@ -38,10 +41,10 @@ def test_the_table(db: Path) -> None:
         text = format_table(store.footprints())
     lines = text.splitlines()
     assert lines[0].split() == ["MODEL", "SAMPLES", "P50", "P95", "PEAK", "LOAD", "PEAK", "STEADY", "PEAK", "SLEEP",
-                                "PEAK"]
-    assert lines[1].split() == ["big", "62", "21.00", "24.00", "30.00", "30.00", "24.00", "-"]
-    assert lines[2].split() == ["small", "30", "2.00", "2.00", "2.00", "-", "2.00", "0.50"]
-    assert "GiB" in lines[-1]
+                                "PEAK", "START", "DROP", "DECLARED"]
+    assert lines[1].split() == ["big", "62", "21.00", "24.00", "30.00", "30.00", "24.00", "-", "-", "28.00"]
+    assert lines[2].split() == ["small", "30", "2.00", "2.00", "2.00", "-", "2.00", "0.50", "-", "-"]
+    assert "GiB" in lines[-1] and "DECLARED: memory_gb in models.d" in lines[-1]
     assert format_table({"x": Footprint(1, 2, 3, None, 3, 4)}).splitlines()[1].split()[-1] == "-"
 
 
@@ -94,3 +97,48 @@ def test_plot_with_no_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert plot(store, tmp_path / "charts") == []
     assert stats_command(["plot", "--out", str(tmp_path / "charts")], empty) == 1
     assert "no samples to plot" in capsys.readouterr().err
+
+
+def test_the_peaks_chart_puts_the_declared_memory_beside_what_was_measured(db: Path) -> None:
+    plt = pyplot()
+    with SampleStore(db) as store:
+        footprints = store.footprints()
+        store.add_drops([Drop(T0 + 600, T0 + 500, "small", "local", 100.0, 96.5, None)])
+        with_drop = store.footprints()
+    assert (footprints["big"].declared_gb, footprints["small"].declared_gb) == (28.0, None)
+    figure = peaks_figure(plt, footprints)
+    [ax] = figure.axes
+    bars = {container.get_label(): [bar.get_height() for bar in container] for container in ax.containers}
+    assert list(bars) == ["p95", "peak", "memory_gb (declared)"]
+    assert bars["peak"] == [30.0, 2.0]
+    assert bars["memory_gb (declared)"][0] == 28.0  # big peaks above what it declares: under-declared
+    assert math.isnan(bars["memory_gb (declared)"][1])  # small is auto: nothing declared
+    assert ax.get_ylim()[1] == pytest.approx(30.0 * HEADROOM)
+    plt.close(figure)
+    bars = {c.get_label(): [b.get_height() for b in c] for c in peaks_figure(plt, with_drop).axes[0].containers}
+    assert math.isnan(bars["start drop (unified memory)"][0]) and bars["start drop (unified memory)"][1] == 3.5
+    plt.close("all")
+
+
+def test_time_series_leave_room_above_their_highest_point(db: Path) -> None:
+    plt = pyplot()
+    with SampleStore(db) as store:
+        figure = timeline_figure(plt, store.samples(), store.footprints())
+    big, small, available = figure.axes
+    assert big.get_ylim() == (0, pytest.approx(30.0 * HEADROOM))  # the load spike is not on the frame
+    assert small.get_ylim() == (0, pytest.approx(2.0 * HEADROOM))
+    assert available.get_ylim() == (0, pytest.approx(80.0 * HEADROOM))  # one reading per round: the last
+    declared = [line for line in big.get_lines() if line.get_label() == "memory_gb (declared)"]
+    assert [line.get_ydata()[0] for line in declared] == [28.0]
+    assert not [line for line in small.get_lines() if line.get_label() == "memory_gb (declared)"]
+    plt.close(figure)
+    assert y_top([]) == 1.0 and y_top([0.0]) == 1.0 and y_top([10.0, 4.0]) == pytest.approx(11.0)
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

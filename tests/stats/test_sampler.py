@@ -111,7 +111,8 @@ async def test_containers_are_read_through_their_engine(store: SampleStore) -> N
     by_model = {s.model: s for s in samples}
     assert set(by_model) == {"c", "remote", "spanning"}
     assert by_model["c"] == Sample(by_model["c"].ts, "c", "load", cgroup=2.0, gpu=4.0,
-                                   system_available=by_model["c"].system_available, spec_hash=by_model["c"].spec_hash)
+                                   system_available=by_model["c"].system_available, spec_hash=by_model["c"].spec_hash,
+                                   declared_gb=0.0)  # memory_gb left out: the budget holds 0 for it
     assert by_model["c"].footprint == 6.0
     # NVML and MemAvailable are this machine's: not for another host's engines, nor a model spanning nodes.
     for name in ("remote", "spanning"):
