@@ -80,7 +80,17 @@ async def state(request: Request) -> JSONResponse:
     described = _waker(request).describe()
     configs = request.app.state.settings.nodes
     return JSONResponse({"models": [model_state(s, described.now) for s in described.models],
-                         "nodes": {n.name: node_state(n, configs.get(n.name)) for n in described.nodes}})
+                         "nodes": {n.name: node_state(n, configs.get(n.name)) for n in described.nodes},
+                         "stats": stats_state(request)})
+
+
+def stats_state(request: Request) -> dict[str, object]:
+    """Whether memory sampling runs (stats/: optional, so a bad database turns it off instead of the gateway), and
+    why not, or why its last round failed."""
+    sampler = getattr(request.app.state, "sampler", None)
+    off = getattr(request.app.state, "stats_off", None)
+    return {"enabled": sampler is not None, "off_because": off,
+            "last_error": sampler.error if sampler is not None else None}
 
 
 @router.get("/models/{name:path}/logs")

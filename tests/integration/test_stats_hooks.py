@@ -10,6 +10,7 @@ from gateway.cli import main as cli
 from gateway.config import load_models
 from stats import SampleStore
 from tests.harness import fake_engine_spec, run_gateway, write_models
+from waker.config.nodes import NodeConfig
 from waker.config.registry import ConfigError
 
 
@@ -36,10 +37,12 @@ async def test_running_gateway_samples_engines_and_auto_memory_uses_the_learned_
     out = capsys.readouterr().out
     assert "sampled" in out
 
-    # memory_gb: auto takes the learned peak x 1.2
+    # memory_gb: auto takes the learned peak x 1.2 (per-engine samples count where memory is not unified: on a DGX
+    # Spark only a start's MemAvailable drop does, which a 150 MB engine doesn't make)
+    discrete = {"local": NodeConfig(total_gb=128, unified_memory=False)}
     write_models(models, fake_engine_spec("sampled", "--alloc-mb", "150", memory_gb="auto"))
-    registry = load_models(models, db)
+    registry = load_models(models, db, discrete)
     assert registry["sampled"].memory_gb >= round(150 / 1024 * 1.2, 1)
     write_models(models, fake_engine_spec("never-seen", memory_gb="auto"))
     with pytest.raises(ConfigError, match="never-seen has no learned footprint yet"):
-        load_models(models, db)
+        load_models(models, db, discrete)

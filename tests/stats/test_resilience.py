@@ -73,6 +73,8 @@ async def test_the_gateway_runs_without_stats_when_its_database_cannot_be_opened
             assert str(db) in app.state.stats_off
             answer = await client.post(gw.v1 + "/chat/completions", json={"model": "m", "messages": []})
             assert answer.status_code == 200
+            stats = (await client.get(gw.url + "/admin/state")).json()["stats"]
+            assert stats["enabled"] is False and str(db) in stats["off_because"]  # operators see why
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stats disabled: ")]
     assert len(said) == 1 and str(db) in said[0]
 
