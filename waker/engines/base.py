@@ -1,6 +1,8 @@
 """The adapter protocol every engine implements, and the facts it is made of."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from waker.config.spec import ModelSpec
@@ -43,6 +45,37 @@ class Call:
     soon (SGLang's `/flush_cache` answers 400 until the last request has left its scheduler)."""
 
 
+@dataclass(frozen=True, slots=True)
+class EngineRoute:
+    """One of the engine's own routes that the gateway forwards, as `/engines/{model}{path}` (gateway/engine_routes.py).
+
+    An allow-list: only the routes an adapter declares are forwarded, each with the methods it declares, and the engine
+    is always called on the declared path itself, never on what the client wrote. Routes that change the engine for
+    everyone (sleep, wake, RPC, weights, caches, settings, profiling), generate outside `/v1`, or take data that others
+    collect (routes whose every read drains a queue) are never declared; each adapter says what it left out and why.
+    """
+
+    methods: frozenset[str]
+    uses_model: bool
+    """True: the route asks the model something (tokenize): it is leased like a request, so a stopped model is started
+    and a sleeping one woken, and it counts as use. False: it reads the running engine's state (props, version, load):
+    answered only while the model is ready, and it never starts, wakes or keeps awake a model that nobody uses."""
+    redact: frozenset[str] = frozenset()
+    """Top-level keys dropped from its JSON answer: secrets the engine echoes (SGLang's server_args hold api_key)."""
+
+    @classmethod
+    def using_model(cls, *methods: str) -> "EngineRoute":
+        return cls(frozenset(methods), uses_model=True)
+
+    @classmethod
+    def reading_state(cls, *methods: str, redact: tuple[str, ...] = ()) -> "EngineRoute":
+        return cls(frozenset(methods), uses_model=False, redact=frozenset(redact))
+
+
+NO_ROUTES: Mapping[str, EngineRoute] = MappingProxyType({})
+"""The routes of an engine whose API we don't know (generic): none."""
+
+
 def generation_check(spec: ModelSpec) -> Call:
     """A one-token completion: the proof that a woken engine generates again (upstream has wakes that answer 200
     and leave the engine broken: vLLM #50011, #49237). Any engine that serves `/v1/completions` answers it; an
@@ -77,7 +110,8 @@ class Engine(Protocol):
 
     Everything the waker needs to know about one engine lives in its adapter: the command line, how to
     tell it is ready, the spec as launched (with the flags its sleep mode needs), how to put it to sleep
-    and wake it, how to ask whether it sleeps, and where its Prometheus metrics are.
+    and wake it, how to ask whether it sleeps, where its Prometheus metrics are, and which of its own routes
+    clients may reach through the gateway.
     """
 
     kind: str
@@ -85,6 +119,9 @@ class Engine(Protocol):
     """The engine can free its memory while staying up (ModelSpec allows idle_action sleep only then)."""
     metrics_path: str | None
     """Its Prometheus route, relative to the root URL; None when it has none."""
+    routes: Mapping[str, EngineRoute]
+    """Its own routes the gateway forwards (`/engines/{model}{path}`), by path relative to the root URL: an allow-list
+    (see EngineRoute); empty when we don't know the engine's API."""
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         """The full command line (executable first) that serves `spec` on launch.host:launch.port."""

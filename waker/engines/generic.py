@@ -12,10 +12,15 @@ server has a better route.
 
 Metrics: `/metrics`, the usual Prometheus route; tried only for engines the waker runs (a generic external
 endpoint may be a hosted API that is not ours to poll). No sleep mode: we don't know its API.
+
+Engine routes: none (`NO_ROUTES`). We don't know which of its routes are harmless, and an allow-list can't hold what
+we don't know; `/engines/{model}/...` answers 404 for a generic model.
 """
 
+from collections.abc import Mapping
+
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, NoSleepMode, Readiness
+from waker.engines.base import NO_ROUTES, EngineRoute, Launch, NoSleepMode, Readiness
 
 
 class GenericEngine(NoSleepMode):
@@ -23,6 +28,7 @@ class GenericEngine(NoSleepMode):
 
     kind: str = EngineKind.GENERIC.value
     metrics_path: str | None = "/metrics"
+    routes: Mapping[str, EngineRoute] = NO_ROUTES
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         if not spec.command:

@@ -12,10 +12,26 @@ Flag sources, all from the llama.cpp server README
 
 There is no GPU memory fraction flag: llama-server sizes its memory by layers offloaded (`-ngl`) and
 context size (`-c`), so spec.gpu_memory_utilization is ignored here; put those flags in `args`.
+
+Engine routes (`routes`, forwarded as `/engines/{model}{path}`), read in tools/server/server.cpp (the route table of
+`llama_server`) and tools/server/README.md:
+- `POST /tokenize`, `POST /detokenize`, `POST /apply-template`: the model's own tokenizer and chat template. They ask
+  the model something, so they start a stopped model, like a request.
+- `GET /props` (default generation settings, slots, context, chat template), `GET /slots` (each slot's sampling
+  parameters and counters; the prompt text only when the server runs with its slots debug on: `to_json(only_metrics =
+  slots_debug == 0)` in tools/server/server-context.cpp), `GET /health`, `GET /v1/models` (with the model's meta):
+  reads of the running server, answered only while the model is ready.
+Left out: `POST /props` (changes the defaults for every client, with --props), `POST /slots/{id}?action=save|restore|
+erase` (writes and reads files under --slot-save-path, erases a slot's cache), `/lora-adapters` (POST rescales the
+adapters for everyone), `/metrics` (the gateway's `/metrics/engines` serves it, under the metrics key), and
+generations outside `/v1` (/completion, /completions, /infill, /embedding(s), /rerank).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, NoSleepMode, Readiness
+from waker.engines.base import EngineRoute, Launch, NoSleepMode, Readiness
 from waker.engines.flags import has_flag, option, required_model
 
 _MODEL = ("--model", "-m")
@@ -34,6 +50,15 @@ class LlamacppEngine(NoSleepMode):
 
     kind: str = EngineKind.LLAMACPP.value
     metrics_path: str | None = "/metrics"
+    routes: Mapping[str, EngineRoute] = MappingProxyType({
+        "/tokenize": EngineRoute.using_model("POST"),
+        "/detokenize": EngineRoute.using_model("POST"),
+        "/apply-template": EngineRoute.using_model("POST"),
+        "/props": EngineRoute.reading_state("GET"),
+        "/slots": EngineRoute.reading_state("GET"),
+        "/health": EngineRoute.reading_state("GET"),
+        "/v1/models": EngineRoute.reading_state("GET"),
+    })
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)

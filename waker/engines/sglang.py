@@ -30,10 +30,28 @@ release of `weights` DISCARDS them: resumed as they are, the model answers garba
   (`POST /update_weights_from_disk {"model_path": <model>}`, which answers `{"success": bool, "message": ...}`).
 SGLang has no route that tells whether it sleeps: the waker keeps that fact with the engine (a Docker container's
 note, waker/runtime/docker/container.py) for the next gateway to find.
+
+Engine routes (`routes`, forwarded as `/engines/{model}{path}`), read in python/sglang/srt/entrypoints/http_server.py:
+- `POST /tokenize`, `POST /detokenize` (the same handlers as /v1/tokenize and /v1/detokenize): the model's own
+  tokenizer. They ask the model something, so they start a stopped model and wake a sleeping one, like a request.
+- `GET /get_model_info`, `GET /get_server_info`, `GET /get_load`, `GET /v1/models`: reads of the running server,
+  answered only while the model is ready. `/get_server_info` returns `dataclasses.asdict(server_args)`, which holds
+  `api_key` (and `admin_api_key` where the release has it): the gateway drops those keys from the answer.
+Left out: `/health` and `/health_generate` (each runs a one-token generation unless
+SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, which the user's env may undo); the memory and weight routes the waker
+drives (/release_memory_occupation, /resume_memory_occupation, /update_weights_from_*, /init_weights_*,
+/get_weights_by_name); /flush_cache (drops the radix cache for every client); /abort_request, /pause_generation,
+/continue_generation, /slow_down (act on others' requests); /set_internal_state, /configure_logging, /freeze_gc,
+/start_profile, /stop_profile, /*_expert_distribution_record, /load_lora_adapter, /unload_lora_adapter,
+/open_session, /close_session (change the engine); /metrics (the gateway's `/metrics/engines` serves it, under the
+metrics key); and generations outside `/v1` (/generate, /encode, /classify, /invocations, /vertex_generate).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from waker.config.spec import EngineKind, IdleAction, ModelSpec
-from waker.engines.base import Call, Launch, Readiness
+from waker.engines.base import Call, EngineRoute, Launch, Readiness
 from waker.engines.flags import ServeFlags, option, required_model
 
 _MODEL = ("--model-path", "--model")
@@ -70,6 +88,14 @@ class SglangEngine:
     kind: str = EngineKind.SGLANG.value
     supports_sleep: bool = True
     metrics_path: str | None = "/metrics"
+    routes: Mapping[str, EngineRoute] = MappingProxyType({
+        "/tokenize": EngineRoute.using_model("POST"),
+        "/detokenize": EngineRoute.using_model("POST"),
+        "/get_model_info": EngineRoute.reading_state("GET"),
+        "/get_server_info": EngineRoute.reading_state("GET", redact=("api_key", "admin_api_key")),
+        "/get_load": EngineRoute.reading_state("GET"),
+        "/v1/models": EngineRoute.reading_state("GET"),
+    })
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)

@@ -23,10 +23,22 @@ Caveats worth knowing when writing a models.d entry:
   whose description spells it `--served-model-name`; the generated docs spell it with underscores, so we
   emit that and treat both as the user's override). Older trtllm-serve releases reject it as an unknown
   option; run a 1.3+ release.
+
+Engine routes (`routes`, forwarded as `/engines/{model}{path}`), read in tensorrt_llm/serve/openai_server.py
+(`register_routes`): `GET /version`, `GET /v1/models`, `GET /health`: reads of the running server, answered only while
+the model is ready. trtllm-serve has no tokenize route. Left out: `/metrics` and `/perf_metrics` (each read drains
+what it returns: `get_stats_async` consumes the iteration stats, `get_perf_metrics` swaps its deque for an empty one,
+so a read through the gateway would take the numbers from whoever else collects them), `POST /kv_cache_events`
+(drains too), `POST /steady_clock_offset` (sets it), `/health_generate` (generates), the RL-only routes
+(/release_memory, /resume_memory, /update_weights, /server_info), and `/prometheus/metrics` (the gateway's
+`/metrics/engines` serves it, under the metrics key).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from waker.config.spec import EngineKind, ModelSpec
-from waker.engines.base import Launch, NoSleepMode, Readiness
+from waker.engines.base import EngineRoute, Launch, NoSleepMode, Readiness
 from waker.engines.flags import ServeFlags, required_model
 
 _HOST = ("--host",)
@@ -46,6 +58,11 @@ class TrtllmEngine(NoSleepMode):
 
     kind: str = EngineKind.TRTLLM.value
     metrics_path: str | None = "/prometheus/metrics"
+    routes: Mapping[str, EngineRoute] = MappingProxyType({
+        "/version": EngineRoute.reading_state("GET"),
+        "/v1/models": EngineRoute.reading_state("GET"),
+        "/health": EngineRoute.reading_state("GET"),
+    })
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)

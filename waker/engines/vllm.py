@@ -31,10 +31,27 @@ wake ask it.
 Shutdown: vLLM >= 0.18 (`--shutdown-timeout`, PR #34730) drains running requests on SIGTERM for that many seconds;
 without the flag it aborts them. We pass three quarters of stop_timeout unless the user sets it, or turns it off with
 `shutdown_drain: false` (an older vLLM rejects the flag).
+
+Engine routes (`routes`, forwarded as `/engines/{model}{path}`), read in vllm/entrypoints/openai/api_server.py (its
+router: /health, /load, /tokenize, /detokenize, /tokenizer_info, /v1/models, /version) and, in newer releases,
+vllm/entrypoints/serve/tokenize/api_router.py and vllm/entrypoints/serve/instrumentator/:
+- `POST /tokenize`, `POST /detokenize`: the model's own tokenizer (count a prompt's tokens, see its chat template
+  applied). They ask the model something, so they start a stopped model and wake a sleeping one, like a request.
+- `GET /v1/models` (with max_model_len), `GET /version`, `GET /load` (requests in the server), `GET /health`,
+  `GET /tokenizer_info` (answers only with --enable-tokenizer-info-endpoint): reads of the running server, answered
+  only while the model is ready.
+Left out: the dev routes (/sleep, /wake_up, /is_sleeping, /collective_rpc, /reset_prefix_cache, /reset_mm_cache,
+/server_info: VLLM_SERVER_DEV_MODE, vllm/entrypoints/serve/dev/), which the waker alone drives; /pause and /resume
+(stop generation for every client); /start_profile, /stop_profile, /v1/load_lora_adapter, /v1/unload_lora_adapter
+and /scale_elastic_ep (change the engine); /metrics (the gateway's `/metrics/engines` serves it, under the metrics
+key); and generations outside `/v1` (/invocations, /pooling, /classify, /score, /rerank).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from waker.config.spec import EngineKind, IdleAction, ModelSpec
-from waker.engines.base import Call, Launch, Readiness
+from waker.engines.base import Call, EngineRoute, Launch, Readiness
 from waker.engines.flags import ServeFlags, has_flag, option, required_model
 
 _HOST = ("--host",)
@@ -73,6 +90,15 @@ class VllmEngine:
     kind: str = EngineKind.VLLM.value
     supports_sleep: bool = True
     metrics_path: str | None = "/metrics"
+    routes: Mapping[str, EngineRoute] = MappingProxyType({
+        "/tokenize": EngineRoute.using_model("POST"),
+        "/detokenize": EngineRoute.using_model("POST"),
+        "/v1/models": EngineRoute.reading_state("GET"),
+        "/version": EngineRoute.reading_state("GET"),
+        "/load": EngineRoute.reading_state("GET"),
+        "/health": EngineRoute.reading_state("GET"),
+        "/tokenizer_info": EngineRoute.reading_state("GET"),
+    })
 
     def argv(self, spec: ModelSpec, launch: Launch) -> list[str]:
         model = required_model(spec)
