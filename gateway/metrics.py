@@ -115,6 +115,9 @@ class Metrics:
                                         ["model"], buckets=ADMISSION_BUCKETS, registry=r)
         self.stale_engines = Counter(f"{PREFIX}stale_engines_total", "Engines left by an earlier gateway that were "
                                      "removed (spec changed or model gone).", ["model"], registry=r)
+        self.background_tasks = Counter(f"{PREFIX}background_tasks_total", "Background tasks (titles, tags...) the "
+                                        "model they named could not take at once: routed to the task model, or "
+                                        "refused with a 503 (gateway/tasks.py).", ["model", "outcome"], registry=r)
         # Zero series for every configured model, so rate() and increase() work from the first scrape.
         for spec in waker.registry.values():
             if spec.manages_lifecycle:
@@ -181,6 +184,10 @@ class Metrics:
                 self.admission_wait.labels(model).observe(waited)
         elif kind == "stale_engine":
             self.stale_engines.labels(model).inc()
+        elif kind == "task_routed":
+            self.background_tasks.labels(model, "routed").inc()
+        elif kind == "task_refused":
+            self.background_tasks.labels(model, "refused").inc()
 
     async def follow(self) -> None:
         """Count the waker's events forever (run it as a task; cancel it at shutdown).

@@ -54,6 +54,9 @@ async def test_background_tasks_on_a_small_model_finish_while_the_big_one_stream
     models = write_models(tmp_path, fake_engine_spec("big", "--token-delay", "0.05", aliases=["llama-big"]),
                           fake_engine_spec("small", aliases=["task"]))
     async with run_gateway(models) as gw:
+        # The task model is kept warm (pinned and preloaded, as docs/clients.md advises): a background task never
+        # starts a model, so a cold one would refuse the tasks with a 503 (gateway/tasks.py).
+        await gw.waker.warm("small")
         sdk = openai.AsyncOpenAI(base_url=gw.v1, api_key="sk-unused", max_retries=0, timeout=30)
         history = [{"role": "user", "content": "Explain the DGX Spark's unified memory in detail."}]
         stream = await sdk.chat.completions.create(model="llama-big", messages=history, max_tokens=60, stream=True)
@@ -78,7 +81,7 @@ async def test_background_tasks_on_a_small_model_finish_while_the_big_one_stream
 
         reading = asyncio.create_task(read_stream())
         await asyncio.wait_for(first_token.wait(), timeout=20)  # the answer is under way
-        # Open WebUI fires its background tasks while the answer streams; the task model is cold.
+        # Open WebUI fires its background tasks while the answer streams, to its warm task model.
         results = await asyncio.gather(*(background(task, prompt) for task, prompt in BACKGROUND_TASKS.items()))
         stream_ended = await asyncio.wait_for(reading, timeout=30)
 
