@@ -31,6 +31,7 @@ class Endpoint:
 
     api_base: str  # e.g. http://127.0.0.1:8000/v1
     spec: ModelSpec
+    root_url: str  # e.g. http://127.0.0.1:8000: where a service's own routes are (gateway/services.py)
 
 
 class Limiter:
@@ -121,13 +122,13 @@ class Gate:
         if not self._held_back():
             handle = controller.take()
             if handle is not None:
-                return Endpoint(handle.api_base, controller.spec)
+                return Endpoint(handle.api_base, controller.spec, handle.root_url)
         with controller.waiting_for_it():
             await self.ensure_ready()
             # No await between the READY check in ensure_ready and this count: no stop can slip in between.
             handle = controller.take()
         assert handle is not None
-        return Endpoint(handle.api_base, controller.spec)
+        return Endpoint(handle.api_base, controller.spec, handle.root_url)
 
     def release(self) -> None:
         self.controller.release()

@@ -8,6 +8,7 @@ from waker.config.spec import EngineKind
 from waker.engines.base import Engine
 from waker.engines.generic import GenericEngine
 from waker.engines.llamacpp import LlamacppEngine
+from waker.engines.service import ServiceEngine
 from waker.engines.sglang import SglangEngine
 from waker.engines.trtllm import TrtllmEngine
 from waker.engines.vllm import VllmEngine
@@ -18,6 +19,7 @@ _ENGINES: dict[EngineKind, Engine] = {
     EngineKind.TRTLLM: TrtllmEngine(),
     EngineKind.LLAMACPP: LlamacppEngine(),
     EngineKind.GENERIC: GenericEngine(),
+    EngineKind.SERVICE: ServiceEngine(),
 }
 
 
