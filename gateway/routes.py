@@ -20,6 +20,7 @@ from gateway import errors
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError, from_waker
 from gateway.model_list import model_entry, status_of
+from waker.config.spec import EngineKind
 from waker.errors import WakerError
 from waker.state import ModelState
 from waker.waker import Waker
@@ -73,8 +74,11 @@ async def list_models(request: Request) -> JSONResponse:
     created = request.app.state.created
     aliases = request.app.state.settings.list_aliases
     # A key sees only the models it may use.
+    # Services (engine: service) are reached under /services/<name>/, not by a `model`: a chat client must not offer
+    # them as models.
     data = [model_entry(name, statuses[target], created, described.now) for name, target in described.routes.items()
-            if target in statuses and (aliases or name == target) and caller.may_use(name, target)]
+            if target in statuses and (aliases or name == target) and caller.may_use(name, target)
+            and statuses[target].spec.engine is not EngineKind.SERVICE]
     return JSONResponse({"object": "list", "data": data})
 
 

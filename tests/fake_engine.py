@@ -8,6 +8,10 @@ Counts what happened at `GET /stats`, including streams the client abandoned.
         [--exit-at-start CODE] [--token-delay S] [--no-done] [--crash-after-tokens N] [--alloc-mb N]
         [--hang-requests] [--hang-health]
 
+The other OpenAI-style endpoints (audio transcriptions, translations and speech, images, rerank, score) and
+Anthropic's /v1/messages answer in the shapes of the servers that serve them, cited at `add_openai_endpoints`;
+the files of every form are hashed as they arrive and listed at /stats ("uploads").
+
 OpenAI request options it honours (each only when the request asks for it, so older tests see the
 same bytes): `stream_options: {"include_usage": true}` (every chunk carries `"usage": null`, and a
 last chunk with empty `choices` and the usage comes before `data: [DONE]`, as OpenAI sends it);
@@ -42,19 +46,24 @@ queued_while_asleep, aborted, rejected_draining, health_generations and the engi
 is_sleeping, asleep_tags, weights_valid; sglang: released, weights_valid). /sleep_log lists the calls in
 order: "sleep level=N[ mode=M]", "wake_up[ tags=a,b]", "collective_rpc METHOD", "reset_prefix_cache",
 "flush_cache", "release_memory_occupation[ tags=a,b]", "resume_memory_occupation[ tags=a,b]",
-"update_weights_from_disk model_path=P".
+"update_weights_from_disk model_path=P". A flavour also has some of its engine's own routes beyond /v1
+(`add_engine_routes`: vLLM's /tokenize, llama.cpp's /props and POST /slots/{id}, SGLang's /get_server_info...);
+/route_log lists each call to them in order, "METHOD /path?query".
 """
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0, "hung": 0,
          "fim_requests": 0, "tool_calls": 0}
@@ -276,10 +285,11 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
         return {}
 
     async def stats(request: web.Request) -> web.Response:
+        uploads = {"uploads": UPLOADS} if UPLOADS else {}  # only once a form came: generic's fields stay as they were
         if flavor == "generic":
-            return web.json_response({**STATS, "pid": os.getpid()})
+            return web.json_response({**STATS, "pid": os.getpid(), **uploads})
         return web.json_response({**STATS, "flavor": flavor, **EXTRA_STATS, "in_flight": len(in_flight()), **state(),
-                                  "pid": os.getpid()})
+                                  "pid": os.getpid(), **uploads})
 
     def weights_valid() -> bool:
         if flavor == "vllm":
@@ -617,6 +627,15 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
         return web.json_response({"object": "list", "data": data, "model": args.model,
                                   "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
+    async def openai_guard(request: web.Request) -> web.Response | None:
+        """What a request to the other OpenAI-style endpoints meets first: what a completion meets."""
+        STATS["requests"] += 1
+        if flavor == "generic":
+            if asleep() or SLEEP["level"] == 2:
+                return web.json_response({"error": {"message": "engine is sleeping", "code": "sleeping"}}, status=503)
+            return None
+        return await admit(request)
+
     async def stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["X-Fake-Ready-At"] = ready_at
 
@@ -655,7 +674,363 @@ def make_app(args: argparse.Namespace, boot: tuple[float, float] | None = None,
         for method in ("GET", "POST"):
             app.router.add_route(method, "/flush_cache", sglang_flush_cache)
     app.router.add_get("/sleep_log", lambda request: web.json_response(SLEEP_LOG))
+    add_openai_endpoints(app, args, openai_guard)
+    add_engine_routes(app, args, lambda: None if flavor != "llamacpp" or ready() else llamacpp_loading())
     return app
+
+
+# The engines' own routes beyond /v1 (the gateway forwards some: gateway/engine_routes.py), in their engines' shapes,
+# and a few it must never reach. Every call is listed, in order, at GET /route_log ("METHOD /path?query").
+ROUTE_LOG: list[str] = []
+
+
+def fake_tokens(text: str) -> list[int]:
+    return [sum(map(ord, word)) % 1000 for word in text.split()]
+
+
+def add_engine_routes(app: web.Application, args: argparse.Namespace,
+                      refusal: Callable[[], web.Response | None]) -> None:
+    """`refusal`: the answer every route gets while the engine can't serve (llama.cpp while it loads), else None."""
+    flavor = args.flavor
+
+    def route(method: str, path: str, answer: Callable[[dict], object]) -> None:
+        async def handler(request: web.Request) -> web.Response:
+            ROUTE_LOG.append(f"{request.method} {request.path_qs}")
+            if (refused := refusal()) is not None:
+                return refused
+            body = await request.json() if request.can_read_body else {}
+            reply = answer(body)
+            return reply if isinstance(reply, web.Response) else web.json_response(reply)
+        app.router.add_route(method, path, handler)
+
+    if flavor == "vllm":
+        # vllm/entrypoints/serve/tokenize/api_router.py (tokenize, detokenize; the model, when named, must be one it
+        # serves: OpenAIServing._check_model), vllm/entrypoints/openai/api_server.py (version, load).
+        def vllm_tokenize(body: dict) -> object:
+            if body.get("model") not in (None, args.model):
+                return web.json_response({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                                    "type": "NotFoundError", "param": "model", "code": 404}},
+                                         status=404)
+            tokens = fake_tokens(body.get("prompt", ""))
+            return {"count": len(tokens), "max_model_len": 4096, "tokens": tokens, "token_strs": None}
+        route("POST", "/tokenize", vllm_tokenize)
+        route("POST", "/detokenize", lambda body: {"prompt": " ".join(f"t{t}" for t in body.get("tokens", []))})
+        route("GET", "/version", lambda body: {"version": "0.0.0+fake"})
+        route("GET", "/load", lambda body: {"server_load": len(in_flight())})
+    if flavor == "llamacpp":
+        # tools/server/server.cpp: GET and POST /props, GET /slots, POST /slots/:id_slot, tokenize, detokenize,
+        # apply-template; shapes from tools/server/README.md.
+        route("POST", "/tokenize", lambda body: {"tokens": fake_tokens(body.get("content", ""))})
+        route("POST", "/detokenize", lambda body: {"content": " ".join(f"t{t}" for t in body.get("tokens", []))})
+        route("POST", "/apply-template", lambda body: {"prompt": "".join(
+            f"<|{m.get('role')}|>{m.get('content')}" for m in body.get("messages", []))})
+        route("GET", "/props", lambda body: {"default_generation_settings": {"n_ctx": 4096}, "total_slots": 1,
+                                             "model_path": args.model, "chat_template": "{{ messages }}",
+                                             "build_info": "fake"})
+        route("POST", "/props", lambda body: {"success": True})
+        route("GET", "/slots", lambda body: [{"id": 0, "n_ctx": 4096, "speculative": False,
+                                              "is_processing": bool(in_flight())}])
+        route("POST", "/slots/{id_slot}", lambda body: {"id_slot": 0, "n_erased": 0})
+    if flavor == "sglang":
+        # python/sglang/srt/entrypoints/http_server.py: get_model_info, get_server_info (server_args as a dict, the
+        # api_key among them: env FAKE_SGLANG_API_KEY stands for --api-key), get_load, tokenize, detokenize.
+        route("POST", "/tokenize", lambda body: {"tokens": fake_tokens(body.get("prompt", "")),
+                                                 "count": len(fake_tokens(body.get("prompt", ""))),
+                                                 "max_model_len": 4096})
+        route("POST", "/detokenize", lambda body: {"text": " ".join(f"t{t}" for t in body.get("tokens", []))})
+        route("GET", "/get_model_info", lambda body: {"model_path": args.model_path, "tokenizer_path": args.model_path,
+                                                      "is_generation": True})
+        route("GET", "/get_server_info", lambda body: {
+            "model_path": args.model_path, "served_model_name": args.model, "api_key": os.environ.get(
+                "FAKE_SGLANG_API_KEY"), "admin_api_key": None, "max_total_num_tokens": 4096,
+            "internal_states": [{"last_gen_throughput": 0.0}], "version": "0.0.0+fake"})
+        route("GET", "/get_load", lambda body: [{"dp_rank": 0, "num_reqs": len(in_flight()), "num_waiting_reqs": 0}])
+    if flavor == "trtllm":
+        # tensorrt_llm/serve/openai_server.py: version; /metrics and /perf_metrics drain what they return.
+        route("GET", "/version", lambda body: {"version": "0.0.0+fake"})
+        route("GET", "/metrics", lambda body: [])
+        route("GET", "/perf_metrics", lambda body: [])
+    app.router.add_get("/route_log", lambda request: web.json_response(ROUTE_LOG))
+
+
+# The other OpenAI-style endpoints (issue 19), in the shapes of the servers that answer them:
+#   /v1/audio/transcriptions, /v1/audio/translations (multipart forms): vLLM's
+#       vllm/entrypoints/openai/speech_to_text/api_router.py and protocol.py (TranscriptionRequest read with
+#       Form(): `stream` among the fields; TranscriptionResponse {"text", "usage": {"type": "duration", "seconds"}},
+#       "transcription.chunk" / "translation.chunk" events when streamed);
+#   /v1/audio/speech (JSON in, audio bytes out): OpenAI's createSpeech; vLLM-Omni's
+#       vllm_omni/entrypoints/openai/protocol/audio.py (stream_format "audio": raw bytes, "sse" or stream=true:
+#       speech.audio.delta events, `is_sse_stream`);
+#   /v1/images/generations (JSON) and /v1/images/edits (a form): OpenAI's images API, {"created", "data":
+#       [{"b64_json"}]}, as vLLM-Omni serves it;
+#   /v1/rerank: vLLM's vllm/entrypoints/pooling/scoring/protocol.py (RerankResponse: id, model, usage, results of
+#       {index, document: {text}, relevance_score}, best first, top_n 0 = all); llama.cpp's format_response_rerank
+#       (tools/server/server-common.cpp: {model, object: "list", usage, results of {index, relevance_score}});
+#   /v1/score: vLLM's ScoreResponse in the same file ({id, object: "list", created, model, data of {index, object:
+#       "score", score}, usage}; text_1 against each of text_2, or pairwise);
+#   /v1/messages (Anthropic's Messages API): vLLM's vllm/entrypoints/anthropic/serving.py (AnthropicMessagesResponse;
+#       streamed as `event: NAME` + `data:` lines: message_start, content_block_start, content_block_delta...,
+#       content_block_stop, message_delta, message_stop); llama.cpp serves /v1/messages too (server.cpp).
+# Generic serves them all (one engine for the gateway's routing tests); the vllm flavour what vLLM itself serves
+# (speech and images are vLLM-Omni's), llamacpp /v1/rerank and /v1/messages.
+# Every file of a form is hashed as it is read and listed at GET /stats under "uploads" (the key appears once a
+# form has come): {"path", "fields" (the text fields), "files": [{"name", "filename", "content_type", "size",
+# "sha256"}]}.
+UPLOADS: list[dict] = []
+AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
+
+
+def speech_audio(text: str, size: int = 64 * 1024) -> bytes:
+    """The fake's audio for `text`: a function of the text (a tag, then its digest repeated), so that a test can
+    check every byte relayed."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return (b"ID3\x04\x00\x00" + digest * (size // len(digest) + 1))[:size]
+
+
+def relevance(query: str, document: str) -> float:
+    """A score in [0, 1]: the share of the query's words the document has."""
+    words = set(query.lower().split())
+    return round(len(words & set(document.lower().split())) / len(words), 4) if words else 0.0
+
+
+async def read_form(request: web.Request) -> tuple[dict[str, str], list[dict]] | web.Response:
+    """The text fields and the files of a multipart/form-data request, each file hashed chunk by chunk as it is
+    read (aiohttp's multipart reader: nothing held whole)."""
+    if not request.content_type.startswith("multipart/form-data"):
+        return web.json_response({"error": {"message": f"expected a form, not {request.content_type}",
+                                            "type": "BadRequestError", "code": 400}}, status=400)
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    files: list[dict] = []
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            return web.json_response({"error": {"message": "nested multipart", "code": 400}}, status=400)
+        if part.filename is None:
+            fields[part.name or ""] = await part.text()
+            continue
+        digest, size = hashlib.sha256(), 0
+        while chunk := await part.read_chunk(64 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+        files.append({"name": part.name, "filename": part.filename, "content_type": part.headers.get("Content-Type"),
+                      "size": size, "sha256": digest.hexdigest()})
+    return fields, files
+
+
+def add_openai_endpoints(app: web.Application, args: argparse.Namespace,
+                         guard: Callable[[web.Request], Awaitable[web.Response | None]]) -> None:
+    """The endpoints above, for the flavours that serve them. `guard`: what a completion meets first (a sleeping
+    engine, llama.cpp loading...): an answer refusing the request, or None."""
+    flavor = args.flavor
+
+    def not_served(model: object) -> web.Response:
+        return web.json_response({"error": {"message": f"model {model!r} not served here", "code": "model_not_found"}},
+                                 status=404)
+
+    async def json_body(request: web.Request) -> dict | web.Response:
+        refusal = await guard(request)
+        if refusal is not None:
+            return refusal
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error"}}, status=400)
+        if not isinstance(body, dict) or body.get("model") != args.model:
+            return not_served(body.get("model") if isinstance(body, dict) else None)
+        return body
+
+    async def sse_response(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
+
+    async def transcription(request: web.Request) -> web.StreamResponse:
+        refusal = await guard(request)
+        if refusal is not None:
+            return refusal
+        form = await read_form(request)
+        if isinstance(form, web.Response):
+            return form
+        fields, files = form
+        if fields.get("model") != args.model:
+            return not_served(fields.get("model"))
+        audio = [f for f in files if f["name"] == "file"]
+        if len(audio) != 1:
+            return web.json_response({"error": {"message": "file: Field required", "type": "BadRequestError",
+                                                "code": 400}}, status=400)
+        UPLOADS.append({"path": request.path, "fields": fields, "files": files})
+        kind = "translation" if request.path.endswith("translations") else "transcription"
+        text = f"{kind} of {audio[0]['size']} bytes sha256 {audio[0]['sha256'][:16]}"
+        if fields.get("stream", "false").lower() == "true":
+            STATS["streams_started"] += 1
+            resp = await sse_response(request)
+            words = text.split(" ")
+            for i, word in enumerate(words):
+                last = i == len(words) - 1
+                await resp.write(sse({"id": "trsc-fake-1", "object": f"{kind}.chunk", "created": created(),
+                                      "model": args.model, "choices": [{"delta": {"content": (" " if i else "") + word},
+                                                                        "finish_reason": "stop" if last else None,
+                                                                        "stop_reason": None}]}))
+                await asyncio.sleep(args.token_delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            STATS["streams_completed"] += 1
+            return resp
+        response_format = fields.get("response_format", "json")
+        if response_format == "text":
+            return web.Response(text=text)
+        if response_format in ("srt", "vtt"):
+            cue = "00:00:00,000 --> 00:00:01,000" if response_format == "srt" else "00:00:00.000 --> 00:00:01.000"
+            head = "1\n" if response_format == "srt" else "WEBVTT\n\n"
+            return web.Response(text=f"{head}{cue}\n{text}\n")
+        if response_format == "verbose_json":
+            return web.json_response({"duration": "1.0", "language": fields.get("language", "en"), "text": text,
+                                      "segments": [], "words": None})
+        return web.json_response({"text": text, "usage": {"type": "duration", "seconds": 1}})
+
+    async def speech(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        audio = speech_audio(str(body.get("input", "")))
+        pieces = [audio[i:i + 16 * 1024] for i in range(0, len(audio), 16 * 1024)]
+        stream_format = body.get("stream_format")
+        if (body.get("stream") is True or stream_format == "sse") and stream_format != "audio":
+            STATS["streams_started"] += 1
+            resp = await sse_response(request)
+            for piece in pieces:
+                await resp.write(sse({"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}))
+                await asyncio.sleep(args.token_delay)
+            await resp.write(sse({"type": "speech.audio.done",
+                                  "usage": {"input_tokens": 4, "output_tokens": len(pieces), "total_tokens": 4}}))
+            await resp.write_eof()
+            STATS["streams_completed"] += 1
+            return resp
+        fmt = body.get("response_format") or "mp3"
+        resp = web.StreamResponse(headers={"Content-Type": AUDIO_TYPES.get(fmt, "application/octet-stream")})
+        await resp.prepare(request)
+        for piece in pieces:  # the audio as it is made: chunked, no Content-Length
+            await resp.write(piece)
+            await asyncio.sleep(args.token_delay)
+        await resp.write_eof()
+        return resp
+
+    def images(prompt: str, n: int) -> dict:
+        data = [{"b64_json": base64.b64encode(b"\x89PNG\r\n\x1a\n" + hashlib.sha256(f"{prompt}/{i}".encode())
+                                              .digest()).decode(), "revised_prompt": None} for i in range(n)]
+        return {"created": created(), "data": data}
+
+    async def image_generation(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        return web.json_response(images(str(body.get("prompt", "")), int(body.get("n") or 1)))
+
+    async def image_edit(request: web.Request) -> web.Response:
+        refusal = await guard(request)
+        if refusal is not None:
+            return refusal
+        form = await read_form(request)
+        if isinstance(form, web.Response):
+            return form
+        fields, files = form
+        if fields.get("model") != args.model:
+            return not_served(fields.get("model"))
+        UPLOADS.append({"path": request.path, "fields": fields, "files": files})
+        return web.json_response(images(fields.get("prompt", ""), int(fields.get("n") or 1)))
+
+    async def rerank(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        query, documents = str(body.get("query", "")), [str(d) for d in body.get("documents") or []]
+        ranked = sorted(range(len(documents)), key=lambda i: -relevance(query, documents[i]))
+        top_n = int(body.get("top_n") or 0)
+        if top_n > 0:
+            ranked = ranked[:top_n]
+        tokens = len(query.split()) * len(documents) + sum(len(d.split()) for d in documents)
+        if flavor == "llamacpp":
+            return web.json_response({"model": args.model, "object": "list",
+                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                                      "results": [{"index": i, "relevance_score": relevance(query, documents[i])}
+                                                  for i in ranked]})
+        return web.json_response({"id": "rerank-fake-1", "model": args.model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                                  "results": [{"index": i, "document": {"text": documents[i]},
+                                               "relevance_score": relevance(query, documents[i])} for i in ranked]})
+
+    async def score(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        first, second = body.get("text_1", body.get("queries")), body.get("text_2", body.get("documents"))
+        first = first if isinstance(first, list) else [first]
+        second = second if isinstance(second, list) else [second]
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second):
+            return web.json_response({"error": {"message": "text_1 and text_2 must have the same length",
+                                                "type": "BadRequestError", "code": 400}}, status=400)
+        data = [{"index": i, "object": "score", "score": relevance(str(a), str(b))}
+                for i, (a, b) in enumerate(zip(first, second, strict=True))]
+        return web.json_response({"id": "score-fake-1", "object": "list", "created": created(), "model": args.model,
+                                  "data": data, "usage": {"prompt_tokens": len(data), "total_tokens": len(data),
+                                                          "completion_tokens": 0}})
+
+    def event(name: str, data: dict) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        tokens = int(body.get("max_tokens") or 8)
+        texts = [f" t{i}" for i in range(tokens)]
+        message = {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": args.model}
+        if not body.get("stream"):
+            return web.json_response({**message, "content": [{"type": "text", "text": "".join(texts)}],
+                                      "stop_reason": "max_tokens", "stop_sequence": None,
+                                      "usage": {"input_tokens": 4, "output_tokens": tokens}})
+        STATS["streams_started"] += 1
+        resp = await sse_response(request)
+        try:
+            await resp.write(event("message_start", {"type": "message_start", "message": {
+                **message, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": 4, "output_tokens": 0}}}))
+            await resp.write(event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                           "content_block": {"type": "text", "text": ""}}))
+            for text in texts:
+                await resp.write(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                               "delta": {"type": "text_delta", "text": text}}))
+                await asyncio.sleep(args.token_delay)
+            await resp.write(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            await resp.write(event("message_delta", {"type": "message_delta",
+                                                     "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                                     "usage": {"output_tokens": tokens}}))
+            await resp.write(event("message_stop", {"type": "message_stop"}))
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            STATS["streams_cancelled"] += 1
+            raise
+        STATS["streams_completed"] += 1
+        return resp
+
+    served = {
+        "generic": ("transcriptions", "translations", "speech", "images", "rerank", "score", "messages"),
+        "vllm": ("transcriptions", "translations", "rerank", "score", "messages"),
+        "llamacpp": ("rerank", "messages"),
+    }.get(flavor, ())
+    routes = {"transcriptions": [("/v1/audio/transcriptions", transcription)],
+              "translations": [("/v1/audio/translations", transcription)],
+              "speech": [("/v1/audio/speech", speech)],
+              "images": [("/v1/images/generations", image_generation), ("/v1/images/edits", image_edit)],
+              "rerank": [("/v1/rerank", rerank)],
+              "score": [("/v1/score", score)],
+              "messages": [("/v1/messages", messages)]}
+    for name in served:
+        for path, handler in routes[name]:
+            app.router.add_post(path, handler)
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

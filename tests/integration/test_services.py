@@ -264,3 +264,32 @@ async def test_a_service_that_stops_closes_its_websockets_and_holds_nothing_afte
                 break
             await asyncio.sleep(0.01)
         assert controller.in_flight == 0
+
+
+async def test_a_service_is_no_model_it_is_not_listed_and_a_v1_request_naming_it_starts_nothing(tmp_path: Path) -> None:
+    """A chat client offered "comfyui" as a model would start it (evicting an LLM) for an error: the list leaves
+    services out and a /v1 request naming one is answered 404 at once."""
+    models = write_models(tmp_path, service_spec("comfy", aliases=["images"]), fake_engine_spec("llm", memory_gb=1))
+    async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as client:
+        listed = (await client.get(gw.v1 + "/models")).json()["data"]
+        assert [m["id"] for m in listed] == ["llm"]
+        for name in ("comfy", "images"):
+            answer = await client.post(gw.v1 + "/chat/completions", json={"model": name, "messages": []})
+            assert answer.status_code == 404
+            assert answer.json()["error"]["message"].endswith("a service, not a model: reach it under /services/comfy/")
+        assert gw.starts("comfy") == 0
+
+
+async def test_a_keyless_gateway_lets_a_services_own_page_upload_a_form(tmp_path: Path) -> None:
+    """ComfyUI's UI works only through a keyless (loopback) gateway, and uploads its images as forms from the
+    gateway's origin: the door lets that through; a foreign page, or a form with no Origin, is still refused."""
+    models = write_models(tmp_path, service_spec("comfy"))
+    async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as client:
+        files = {"image": ("in.png", b"\x89PNG" + b"x" * 1000, "image/png")}
+        own = await client.post(gw.url + "/services/comfy/upload/image", files=files, headers={"Origin": gw.url})
+        assert own.status_code == 200 and own.json()["size"] == 1004
+        foreign = await client.post(gw.url + "/services/comfy/upload/image", files=files,
+                                    headers={"Origin": "http://evil.example"})
+        assert foreign.status_code == 403
+        bare = await client.post(gw.url + "/services/comfy/upload/image", files=files)
+        assert bare.status_code == 403 and bare.json()["error"]["code"] == "json_required"
