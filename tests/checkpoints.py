@@ -61,6 +61,11 @@ QWEN3_EMBEDDING_0_6B: dict[str, Any] = {
     "max_position_embeddings": 32768, "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
     "sliding_window": None, "use_sliding_window": False, "torch_dtype": "bfloat16",
 }
+WHISPER_LARGE_V3_TURBO: dict[str, Any] = {  # openai/whisper-large-v3-turbo's config.json (its model card's figures)
+    "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 1280,
+    "decoder_attention_heads": 20, "decoder_layers": 4, "encoder_attention_heads": 20, "encoder_layers": 32,
+    "num_hidden_layers": 32, "max_source_positions": 1500, "max_target_positions": 448, "torch_dtype": "float16",
+}
 QWEN2_5_CODER_1_5B_GGUF: dict[str, Any] = {
     "general.architecture": "qwen2", "qwen2.block_count": 28, "qwen2.context_length": 32768,
     "qwen2.embedding_length": 1536, "qwen2.attention.head_count": 12, "qwen2.attention.head_count_kv": 2,

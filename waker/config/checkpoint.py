@@ -248,6 +248,8 @@ def _kv_from_config(path: Path) -> tuple[KvShape | None, str]:
 def kv_shape_of(config: Mapping[str, object]) -> KvShape:
     """The KV shape of a transformers ``config.json`` (see the module doc). Raises KeyError / ValueError when the
     config lacks what it takes."""
+    if config.get("decoder_layers") and config.get("d_model"):
+        return _encoder_decoder(config)
     layers = _int(config, "num_hidden_layers")
     heads = _int(config, "num_attention_heads")
     kv_heads = _int(config, "num_key_value_heads") if config.get("num_key_value_heads") else heads
@@ -273,6 +275,22 @@ def kv_shape_of(config: Mapping[str, object]) -> KvShape:
     context = config.get("max_position_embeddings")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return KvShape(full, windowed, kv_heads, key_dim, value_dim, context if isinstance(context, int) else None,
+                   _DTYPE_BYTES.get(dtype, 2.0))
+
+
+def _encoder_decoder(config: Mapping[str, object]) -> KvShape:
+    """Whisper-style encoder-decoder configs (``d_model``, ``decoder_layers``, ``decoder_attention_heads``): only the
+    decoder caches keys and values, its self-attention for the tokens it writes (``max_target_positions``) and its
+    cross-attention for the encoder's output (``max_source_positions`` frames, counted as a window: an
+    approximation, never more than the tokens asked for; small either way)."""
+    layers = _int(config, "decoder_layers")
+    heads = _int(config, "decoder_attention_heads")
+    head_dim = _int(config, "d_model") // heads
+    context = config.get("max_target_positions")
+    source = config.get("max_source_positions")
+    windowed = ((layers, source),) if isinstance(source, int) and source > 0 else ()
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return KvShape(layers, windowed, heads, head_dim, head_dim, context if isinstance(context, int) else None,
                    _DTYPE_BYTES.get(dtype, 2.0))
 
 

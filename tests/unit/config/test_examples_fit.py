@@ -28,6 +28,7 @@ from tests.checkpoints import (
     QWEN3_4B_INSTRUCT_2507,
     QWEN3_CODER_30B_A3B_FP8,
     QWEN3_EMBEDDING_0_6B,
+    WHISPER_LARGE_V3_TURBO,
     hf_cache_repo,
     write_gguf,
 )
@@ -47,6 +48,7 @@ CHECKPOINTS: list[tuple[str, dict[str, Any], int, int]] = [
     ("qwen3-embedding-0.6b", QWEN3_EMBEDDING_0_6B, 1, int(1.2e9)),
     ("llama-3.1-8b", LLAMA_3_1_8B, 2, int(6e9)),
     ("qwen2.5-coder-1.5b", QWEN2_5_CODER_1_5B_GGUF, 1, int(1.6e9)),
+    ("whisper-large-v3-turbo", WHISPER_LARGE_V3_TURBO, 1, int(1.62e9)),
 ]
 
 
