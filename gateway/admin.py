@@ -53,7 +53,8 @@ def model_state(status: ModelStatus, now: float) -> dict[str, object]:
         "last_error": status.last_error.reason if status.last_error else None,
         "log_tail": list(status.last_error.log_tail[-10:]) if status.last_error and failed else [],
         "pending_reload": status.pending_reload, "removed": status.removed,
-        "starts": status.starts, "admission": admission_state(status.admission, now),
+        "starts": status.starts, "typical_start_s": status.typical_start_s, "typical_wake_s": status.typical_wake_s,
+        "admission": admission_state(status.admission, now),
     }
 
 

@@ -16,18 +16,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from gateway import errors
 from gateway.admin import reload_config
 from gateway.admin import router as admin_router
 from gateway.auth import Door, KeyRing, is_loopback, load_keys
 from gateway.config import load_models
+from gateway.engine_routes import EngineRoutes
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routes import router
 from gateway.service import Hangup
+from gateway.services import Services
 from gateway.settings import GatewaySettings
 from stats import Sampler, SampleStore, StoreUnavailable
 from waker import compose
@@ -92,7 +94,7 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if self.door is not None and scope["type"] == "http":
-            refusal = self.door.refusal(scope["method"], scope["headers"])
+            refusal = self.door.refusal(scope["method"], scope["headers"], scope["path"])
             if refusal is not None:
                 await send({"type": "http.response.start", "status": refusal.status, "headers": refusal.headers()})
                 await send({"type": "http.response.body", "body": refusal.body()})
@@ -229,15 +231,22 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     app.state.metrics = metrics
     proxy = Proxy(waker, settings, upstream, keys, metrics)
     app.router.routes.append(Route("/v1/{path:path}", proxy, methods=["POST"]))
+    # An engine's own routes that its adapter allows (tokenize, props...): every method reaches it, to be refused there.
+    app.router.routes.append(Route("/engines/{path:path}", EngineRoutes(waker, settings, upstream, keys)))
     # Without CORS (which must wrap every response) POST /v1/* skips the framework entirely.
     app.fast_proxy = None if settings.cors_origins else proxy
     # Non-JSON bodies are refused only without client keys: with keys, a page can't send one with a key
     # (the Authorization header needs a preflight, which CORS answers).
     app.door = Door(settings.host, settings.allowed_hosts, settings.cors_origins, json_only=not keys.enabled)
+    # Services (engine: service) under /services/<name>/: every method, and WebSockets, which the door checks there.
+    services = Services(waker, settings, upstream, keys, metrics, app.door)
+    app.router.routes.append(Route("/services/{name}", services))
+    app.router.routes.append(Route("/services/{name}/{path:path}", services))
+    app.router.routes.append(WebSocketRoute("/services/{name}/{path:path}", services))
     if settings.cors_origins:
         # Open WebUI (and other browser clients) call the API from another origin.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["Retry-After"])
+                           allow_headers=["*"], expose_headers=["Retry-After", "retry-after-ms", "x-should-retry"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway import errors
+from gateway import errors, forms
 from gateway.errors import ApiError
+from waker.config.spec import Progress
 
 
 class ApiKeySpec(BaseModel):
@@ -39,6 +40,11 @@ class ApiKeySpec(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["*"],
                               description="globs of allowed model names (canonical names, never aliases)")
     metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
+    tasks: bool = Field(default=False, description="every request is a background task: it never starts, wakes or "
+                                                   "waits for a model (gateway/tasks.py)")
+    progress: Progress | None = Field(
+        default=None, description='how its streaming chat completions are shown a wake: "open-webui", "reasoning" '
+                                  'or "off"; unset: as the model says (gateway/progress.py)')
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,8 @@ class Caller:
     name: str
     models: tuple[str, ...]
     metrics: bool = False
+    tasks: bool = False  # every request of this key is a background task (gateway/tasks.py)
+    progress: Progress | None = None  # how its waits are shown (gateway/progress.py); None: as the model says
 
     def may_use(self, asked: str, model: str | None = None) -> bool:
         """True if a glob matches `model`, the canonical name that `asked` resolves to (`asked` itself when
@@ -78,7 +86,8 @@ def _digest(key: str) -> bytes:
 
 class KeyRing:
     def __init__(self, keys: Iterable[ApiKeySpec], admin_key: str | None = None) -> None:
-        self._keys = [(_digest(k.key), Caller(k.name, tuple(k.models), k.metrics)) for k in keys]
+        self._keys = [(_digest(k.key), Caller(k.name, tuple(k.models), k.metrics, tasks=k.tasks, progress=k.progress))
+                      for k in keys]
         self._admin = _digest(admin_key) if admin_key else None
         # Authorization values already accepted, and whose they are: a request with a known key skips the
         # hashing and the comparisons (profile: ~1.5% of the gateway's time per request). Only accepted
@@ -196,8 +205,12 @@ class Door:
         self._json_only = json_only
         self._accepted_hosts: set[bytes] = set()  # Host values already accepted: one set lookup per request
 
-    def refusal(self, method: str, headers: Iterable[tuple[bytes, bytes]]) -> ApiError | None:
-        """None to let the request in; else the 403 to answer (headers as ASGI gives them: lower-case names)."""
+    def refusal(self, method: str, headers: Iterable[tuple[bytes, bytes]], path: str = "") -> ApiError | None:
+        """None to let the request in; else the 403 to answer (headers as ASGI gives them: lower-case names).
+
+        A multipart/form-data body passes on the upload endpoints (`forms.FORM_PATHS`: audio transcriptions and
+        translations, image edits and variations), which take nothing else; a page that posts a form there sends
+        its Origin, refused above unless allowed."""
         host = origin = content_type = length = encoding = None
         for name, value in headers:
             if name == b"host":
@@ -222,8 +235,12 @@ class Door:
             return errors.origin_not_allowed(origin.decode("latin-1"))
         # A body without a Content-Type is taken for JSON, as the proxy does (bare clients send one): a page
         # can't send it without an Origin, checked above.
+        # A service's own web UI (ComfyUI's image upload) posts forms from the gateway's origin: an Origin that
+        # passed the check above is that page's, so its body passes whatever its type.
         if self._json_only and method in _UNSAFE_METHODS and content_type is not None and not _is_json(content_type) \
-                and (encoding is not None or (length is not None and length != b"0")):
+                and (encoding is not None or (length is not None and length != b"0")) \
+                and not (path in forms.FORM_PATHS and forms.is_form(content_type)) \
+                and not (origin is not None and path.startswith("/services/")):
             return errors.json_required()
         return None
 

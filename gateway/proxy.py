@@ -13,17 +13,19 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from gateway import errors
+from gateway import errors, forms, hints, progress
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
 from gateway.metrics import UNRESOLVED, Metrics
 from gateway.settings import GatewaySettings
+from gateway.tasks import TaskGuard
+from waker.config.spec import EngineKind, Progress
 from waker.errors import WakerError
 from waker.gate import Endpoint, Gate
 from waker.waker import Waker
@@ -62,6 +64,10 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 _WATCH_AFTER = 0.05
 # Answers with a Content-Length up to this size are read whole, then sent in one message.
 _WHOLE_BODY = 1024 * 1024
+# Request bodies larger than _WHOLE_BODY go to the engine in pieces of this size, each a view of the buffer the
+# body was read into: aiohttp writes a bytes body in one transport write, whose unsent part the event loop copies
+# (a second copy of an upload; aiohttp warns about it above 1 MiB).
+_UPLOAD_PIECE = 256 * 1024
 
 
 class ClientGone(Exception):
@@ -76,6 +82,8 @@ class Proxy:
         self._session = session
         self._keys = keys
         self._metrics = metrics
+        self._tasks = TaskGuard.from_settings(settings, waker)
+        self._warmer = hints.Warmer()  # starts models for requests answered at once (gateway/hints.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.monotonic()
@@ -86,11 +94,20 @@ class Proxy:
             caller = self._caller(scope)
             key_label = caller.name
             body = await self._read_body(scope, receive)
-            model, stream = _routing_fields(body)
+            model, stream, payload = _routing_fields(body)
             spec = self._waker.resolve(model)
             model_label = spec.name
             if not caller.may_use(model, spec.name):
                 raise errors.forbidden(model)
+            if spec.engine is EngineKind.SERVICE:  # no OpenAI routes: starting it would evict models for an error
+                raise errors.service_not_a_model(spec.name)
+            gate = self._waker.gate(spec.name)
+            # A background task (a title, tags...) never starts, wakes or waits for a model: it is served by this
+            # one if it can take it now, else by the task model, else refused (gateway/tasks.py). Nothing is awaited
+            # from this decision to the lease that `_Request` takes on the model's READY path.
+            if (rule := self._tasks.rules.rule(caller, scope["headers"], path, stream, payload)) is not None:
+                spec, gate = self._tasks.route(rule, spec, gate, caller, path)
+                model_label = spec.name
             if model != spec.upstream_name:
                 body = _with_model(body, spec.upstream_name)
         except (ApiError, WakerError) as exc:
@@ -104,7 +121,7 @@ class Proxy:
 
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
-        request = _Request(self, scope, send, self._waker.gate(spec.name), path, body, stream, arrived)
+        request = _Request(self, scope, send, gate, path, body, stream, arrived)
         try:
             await self._serve(request, receive)
         except Exception:
@@ -165,31 +182,47 @@ class Proxy:
             raise errors.unauthorized()
         return caller
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | bytearray:
+        """The body, read once within max_body_bytes (413 past it: said by Content-Length, or found while reading).
+
+        A body of one chunk (most JSON requests) is the chunk itself; a longer one is appended chunk by chunk to one
+        buffer, so an upload is held once (it was the list of its chunks and then their join, twice its size). A
+        multipart/form-data body is read into a `forms.FormBody`, which `_routing_fields` routes by its `model`
+        field (gateway/forms.py)."""
         limit = self._settings.max_body_bytes
+        boundary = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise errors.body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
+            if name == b"content-type" and forms.is_form(value):
+                boundary = value
+        if boundary is not None:
+            boundary = forms.boundary(boundary)  # a 400 before the upload is read when the form can't be parsed
+        buffer: bytearray | None = None
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
+            more = message.get("more_body", False)
+            if buffer is None:
+                if not more and boundary is None:
+                    if len(chunk) > limit:
+                        raise errors.body_too_large(limit)
+                    return chunk
+                buffer = bytearray() if boundary is None else forms.FormBody(boundary)
+            if len(buffer) + len(chunk) > limit:
                 raise errors.body_too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            buffer += chunk
+            if not more:
+                return buffer
 
 
 class _Request:
     """One proxied request: lease the model, call the engine, relay the answer."""
 
     def __init__(self, proxy: Proxy, scope: Scope, send: Send, gate: Gate, path: str,
-                 body: bytes, stream: bool, arrived: float) -> None:
+                 body: bytes | bytearray, stream: bool, arrived: float) -> None:
         self.arrived = arrived
         self.status = "500"
         self.ttfb: float | None = None
@@ -209,6 +242,7 @@ class _Request:
         self.last_read: float | None = 0.0
         self._silence: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
+        self.progress: progress.Reporter | None = None  # the opt-in waking progress shown, until the engine answers
 
     @property
     def client_gone(self) -> bool:
@@ -239,36 +273,117 @@ class _Request:
         except WakerError as exc:
             await self.fail(errors.from_waker(exc))
             return
+        except ApiError as exc:  # answered at once: the client would time out first (gateway/hints.py)
+            await self.fail(exc)
+            return
         try:
             await self._forward(endpoint)
         finally:
             self.gate.release()
 
     async def _acquire(self) -> Endpoint:
+        """The model, leased: at once when it is READY (no await before the lease: gateway/tasks.py relies on it),
+        else after a wait that the client is told about.
+
+        A non-streaming request whose client would time out first is answered at once instead (gateway/hints.py).
+        A streaming one gets its 200, the SSE headers and a first comment at once: clients with a short timeout for
+        the headers (Continue's millisecond trap, custom SDK timeouts) used to give up before the first comment,
+        5 s in. Then a comment every keepalive_interval (every half of the client's own timeout when its SDK says
+        that is shorter), and, opted in, the wake's progress (gateway/progress.py). A request refused at once (a
+        failed model in its backoff, a full queue, no room ever) still gets its own status, which the SDKs retry:
+        the 200 goes out only after the acquire's first step, where those end. Guarded by
+        tests/integration/test_waiting_experience.py."""
+        gate = self.gate
+        if gate.ready_now():
+            return await gate.acquire()
+        if not self.stream:
+            await self._answer_now_if_the_client_gives_up_first()
+            return await gate.acquire()
         interval = self.proxy._settings.keepalive_interval
-        if self.gate.ready_now() or not self.stream or interval <= 0:
-            return await self.gate.acquire()
-        # A streaming client waiting for a cold model gets SSE comments so its read timeout
-        # doesn't fire; the 200 is sent only once the first comment is due.
-        acquiring = asyncio.ensure_future(self.gate.acquire())
-        waited = 0.0
+        if interval <= 0:
+            return await gate.acquire()
+        acquiring = asyncio.ensure_future(gate.acquire())
         try:
-            while True:
-                done, _ = await asyncio.wait({acquiring}, timeout=interval)
-                if done:
-                    return acquiring.result()
-                waited += interval
-                if not self.started:
-                    await self._start_response(200, _SSE_HEADERS)
-                name = self.gate.spec.name
-                await self.send({"type": "http.response.body", "more_body": True,
-                                 "body": f": waking {name} ({waited:.0f}s)\n\n".encode()})
+            await asyncio.sleep(0)  # the acquire's first step (it was scheduled before this task's next one)
+            if acquiring.done():
+                return acquiring.result()
+            return await self._wait_streaming(acquiring, interval)
         except BaseException:
             if not acquiring.done():
                 acquiring.cancel()
             elif not acquiring.cancelled() and acquiring.exception() is None:
                 self.gate.release()  # acquired just as we were cancelled
             raise
+
+    async def _wait_streaming(self, acquiring: "asyncio.Future[Endpoint]", interval: float) -> Endpoint:
+        """Send the 200 at once, then keep the stream alive (and show the wake, opted in) until `acquiring` ends."""
+        name = self.gate.spec.name
+        timeout = hints.client_timeout(self.scope["headers"])
+        every = interval if timeout is None else max(0.25, min(interval, timeout.seconds / 2))
+        self.progress = self._reporter()
+        tick = min(every, 1.0) if self.progress is not None else every  # a new phase is shown within a second
+        await self._start_response(200, _SSE_HEADERS)
+        body = progress.keepalive(name, time.monotonic() - self.arrived)
+        if self.progress is not None:
+            body += self.progress.update(self.proxy._waker.describe())
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        sent = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({acquiring}, timeout=tick)
+            if done:
+                return acquiring.result()
+            now = time.monotonic()
+            body = self.progress.update(self.proxy._waker.describe(), now) if self.progress is not None else b""
+            if not body and now - sent >= every - tick / 2:
+                body = progress.keepalive(name, now - self.arrived)
+            if body:
+                await self.send({"type": "http.response.body", "body": body, "more_body": True})
+                sent = now
+
+    def _reporter(self) -> progress.Reporter | None:
+        """The waking progress this stream opted into (its key's `progress`, else its model's), if any."""
+        if not progress.applies(self.path, self.stream):
+            return None
+        authorization = next((v.decode("latin-1") for k, v in self.scope["headers"] if k == b"authorization"), None)
+        caller = self.proxy._keys.caller(authorization)  # accepted already: found in the key ring's cache
+        spec = self.gate.spec
+        style = progress.choose(caller.progress if caller is not None else None, spec.progress)
+        if style is Progress.OFF:
+            return None
+        return progress.Reporter(style, spec.name, spec.upstream_name, self.proxy._settings.progress_interval,
+                                 self.arrived)
+
+    async def _end_progress(self) -> None:
+        """The progress's last chunk (Open WebUI: the status line cleared), before the engine's first byte or the
+        error that ends the wait."""
+        reporter, self.progress = self.progress, None
+        if reporter is not None:
+            await self.send({"type": "http.response.body", "body": reporter.done(), "more_body": True})
+
+    async def _answer_now_if_the_client_gives_up_first(self) -> None:
+        """Raise the 503 of gateway/hints.py when the model should take longer to be ready than the client's SDK says
+        it waits; its start is begun or joined first (a refusal at once, such as a backoff, is the answer then)."""
+        timeout = hints.client_timeout(self.scope["headers"])
+        if timeout is None:
+            return
+        proxy, name = self.proxy, self.gate.spec.name
+        try:
+            wait = hints.expected_wait(proxy._waker.describe(), name)
+        except KeyError:  # removed from models.d just now: the acquire says so
+            return
+        if wait is None or wait <= timeout.seconds:
+            return
+        warm = proxy._warmer.warm(self.gate)
+        await asyncio.sleep(0)  # the warm's first step: admitted, queued, or refused at once
+        if warm.done() and not warm.cancelled() and (error := warm.exception()) is not None:
+            raise error
+        if self.gate.ready_now():
+            return
+        error = errors.client_would_time_out(name, wait, timeout.seconds, timeout.header)
+        log.info("client would time out: %s should be ready in ~%.0fs, the client waits %gs (%s); answered 503 "
+                 "with Retry-After %s, its start goes on", name, wait, timeout.seconds, timeout.header,
+                 dict(error.headers()).get(b"retry-after", b"").decode())
+        raise error
 
     async def _forward(self, endpoint: Endpoint) -> None:
         settings = self.proxy._settings
@@ -306,7 +421,10 @@ class _Request:
         if settings.upstream_read_timeout:
             self._silence = loop.call_later(settings.upstream_read_timeout, self._check_silence)
         try:
-            async with self.proxy._session().post(url, data=self.body, headers=headers) as resp:
+            data, length = _upstream_body(self.body)
+            if length is not None:
+                headers.append(("Content-Length", length))
+            async with self.proxy._session().post(url, data=data, headers=headers) as resp:
                 await self._relay(resp, spec.name, loop)
         except TimeoutError:  # connecting took longer than upstream_connect_timeout
             await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
@@ -334,6 +452,8 @@ class _Request:
         # test_proxy_hardening.py::test_a_client_that_stops_reading_is_not_an_engine_that_went_silent.
         now = loop.time
         if self.started:
+            if self.progress is not None:
+                await self._end_progress()  # the wake is over: its status line goes before the engine's first byte
             # Status already sent (keep-alives): an engine error must travel as an SSE event.
             if resp.status != 200:
                 self.last_read = now()
@@ -385,8 +505,10 @@ class _Request:
             await _send_error(self.send, error)
             return
         if self.stream:
+            if self.progress is not None:
+                await self._end_progress()
             self.finished = True
-            await self.send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
+            await self.send({"type": "http.response.body", "body": _sse_error(self.path, error), "more_body": False})
             return
         # A non-streaming body already half sent can't carry an error: cut the connection so the
         # client sees a broken response, never a silently truncated success.
@@ -444,13 +566,30 @@ def _connection_options(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(name for value in values for token in value.split(b",") if (name := token.strip().lower()))
 
 
-def _routing_fields(body: bytes) -> tuple[str, bool]:
-    """The body's `model` and whether it asks for a stream; a 400 for anything else.
+def _routing_fields(body: bytes | bytearray) -> tuple[str, bool, dict[str, Any]]:
+    """The body's `model`, whether its answer is an SSE stream, and the parsed body (gateway/tasks.py reads its
+    messages without parsing again; a form's is its routing fields); a 400 for anything else.
 
     `stream` must be a boolean (or null, or absent: no stream), as OpenAI's API has it: engines read other values
     differently (vLLM's pydantic model takes "true" and 1 for true, llama.cpp's server does not), and the gateway
     must agree with the engine on whether an answer streams (keep-alives while a model starts, errors in-band), so
-    neither may guess. Guarded by tests/integration/test_request_body.py."""
+    neither may guess. Guarded by tests/integration/test_request_body.py. A form says it in text: "true" or "false"
+    (what OpenAI's SDKs send), anything else is refused.
+
+    `stream_format` (text to speech: OpenAI's `/v1/audio/speech`, vLLM-Omni's) decides over `stream`: "audio" is raw
+    audio bytes, never SSE (keep-alive comments would be written into the audio), "sse" is SSE even without
+    `stream` (vllm_omni/entrypoints/openai/protocol/audio.py, `is_sse_stream`). Guarded by
+    tests/integration/test_endpoints.py."""
+    if isinstance(body, forms.FormBody):
+        fields = forms.read_fields(body)
+        model_field = fields.get("model")
+        if model_field is None or not model_field.value:
+            raise errors.missing_form_model()
+        stream_field = fields.get("stream")
+        form_stream = stream_field.value.lower() if stream_field is not None else "false"
+        if form_stream not in ("true", "false"):
+            raise errors.invalid_form_boolean("stream", stream_field.value if stream_field else "")
+        return model_field.value, form_stream == "true", {name: field.value for name, field in fields.items()}
     payload = _parse(body)
     if not isinstance(payload, dict):
         raise errors.bad_json("expected a JSON object")
@@ -460,10 +599,13 @@ def _routing_fields(body: bytes) -> tuple[str, bool]:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise errors.invalid_type("stream", "a boolean", stream)
-    return model, stream is True
+    stream_format = payload.get("stream_format")
+    if stream_format == "audio":
+        return model, False, payload
+    return model, stream is True or stream_format == "sse", payload
 
 
-def _parse(body: bytes) -> Any:
+def _parse(body: bytes | bytearray) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -474,13 +616,38 @@ def _parse(body: bytes) -> Any:
         raise errors.bad_json("nested too deeply") from None
 
 
-def _with_model(body: bytes, model: str) -> bytes:
+def _with_model(body: bytes | bytearray, model: str) -> bytes | bytearray:
+    """The body with `model` (the engine's own name, for an alias) in place of the name the client sent: a form's
+    field is written over in place (gateway/forms.py); a JSON body is parsed and written again."""
+    if isinstance(body, forms.FormBody):
+        forms.set_field(body, "model", model)
+        return body
     payload = _parse(body)
     payload["model"] = model
     try:
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     except RecursionError:  # parsed just under the limit, from a shallower stack than this one
         raise errors.bad_json("nested too deeply") from None
+
+
+def _upstream_body(body: bytes | bytearray) -> tuple[Any, str | None]:
+    """What `_forward` gives aiohttp for `body`, and the Content-Length to say when aiohttp can't tell it."""
+    if len(body) <= _WHOLE_BODY:
+        return body, None
+    return _pieces(memoryview(body)), str(len(body))
+
+
+async def _pieces(view: memoryview) -> AsyncIterator[memoryview]:
+    for start in range(0, len(view), _UPLOAD_PIECE):
+        yield view[start:start + _UPLOAD_PIECE]
+
+
+def _sse_error(path: str, error: ApiError) -> bytes:
+    """`error` as the last event of a stream whose 200 was sent: in Anthropic's shape for its Messages API (which
+    vLLM and llama.cpp serve at /v1/messages), in OpenAI's otherwise."""
+    if path == "/messages" or path.startswith("/messages/"):
+        return errors.anthropic_sse_event(error)
+    return error.sse_event()
 
 
 async def _send_error(send: Send, error: ApiError) -> None:

@@ -3,9 +3,9 @@ builds the waker from them (through waker/compose.py)."""
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, StringConstraints, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -59,7 +59,13 @@ class GatewaySettings(BaseSettings):
 
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0, description="larger bodies get 413")
     keepalive_interval: Duration = Field(
-        default=5.0, description="SSE comment every this long while a stream waits for a cold model; 0 = off"
+        default=5.0, description="SSE comment every this long while a stream waits for a cold model (the 200 and a "
+                                 "first comment go out at once; sooner when the client's SDK says it times out "
+                                 "sooner); 0 = off: nothing is sent until the engine answers"
+    )
+    progress_interval: Duration = Field(
+        default=10.0, gt=0, description="opt-in waking progress (a key's or model's `progress`) is refreshed this "
+                                        "often with the time waited and the estimate; a new phase is shown at once"
     )
     upstream_connect_timeout: Duration = 10.0
     upstream_read_timeout: Duration = Field(
@@ -87,6 +93,9 @@ class GatewaySettings(BaseSettings):
         default=60.0, description="how long a busy model keeps taking new work while another waits for its memory"
     )
     preload: list[str] = Field(default_factory=list, description="models started at boot, in this order")
+    list_aliases: bool = Field(
+        default=True, description="list each alias in /v1/models as a model of its own; false: each model once, "
+        "under its name, with its aliases in `aliases` (they route either way)")
 
     api_keys: list[ApiKeySpec] = Field(
         default_factory=list, description='client keys, JSON: [{"key": "...", "name": "laptop", "models": ["*"]}]'
@@ -110,6 +119,19 @@ class GatewaySettings(BaseSettings):
         description="name of this gateway on its Docker hosts; gateways sharing a daemon need different names",
     )
     request_timeout: Duration = Field(default=3600.0, description="longest a request may take in all; 0 = no limit")
+
+    # Background tasks (gateway/tasks.py): titles, tags, follow-ups... never start, wake or wait for a model.
+    task_model: str | None = Field(
+        default=None, description="a model or alias that answers background tasks whose model can't take them at "
+                                  "once (a small pinned or preloaded one); unset: such tasks get a fast 503")
+    task_prefixes: list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] = Field(
+        default_factory=lambda: ["### Task:"],
+        description="a non-streaming chat completion whose last user message starts with one of these is a "
+                    "background task (Open WebUI's task prompts start with '### Task:'); [] = off")
+    task_header: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+        description="a request header that marks a background task when its value is not empty, 0, false, no or "
+                    "off (e.g. x-openwebui-task, filled by an Open WebUI connection header '{{TASK}}')")
 
 
 def settings_problems(exc: ValidationError | SettingsError) -> list[str]:

@@ -15,7 +15,7 @@ log = logging.getLogger("sparkgate.events")
 class Event:
     time: float
     model: str
-    kind: str  # "transition" or a decision name such as "idle_stop"
+    kind: str  # "transition" or a decision name such as "idle_stop"; the gateway adds "task_routed", "task_refused"
     source: str = ""
     target: str = ""
     reason: str = ""

@@ -65,6 +65,10 @@ class ModelStatus:
     removed: bool = False  # gone from models.d: stopped once idle, then forgotten
     starts: int = 0  # starts and wakes begun since the gateway started (the attempt a failure belongs to)
     admission: Admission = field(default_factory=Admission)  # its latest ask for room (scheduling's answer)
+    # The median of its latest successful starts and wakes, seconds (None: none yet): what a waiting request is told
+    # to expect (ModelController.typical_start_s, typical_wake_s).
+    typical_start_s: float | None = None
+    typical_wake_s: float | None = None
 
     @property
     def managed(self) -> bool:

@@ -365,6 +365,7 @@ class Waker:
                 placed=seat.placed if seat else (), held_on=scheduler.held_on(name) if seat else {},
                 engine=c.engine, pending_reload=c.pending_spec is not None, removed=c.retired, starts=c.starts,
                 admission=_admission(scheduler, name) if seat else Admission(),
+                typical_start_s=c.typical_start_s, typical_wake_s=c.typical_wake_s,
             ))
         nodes = tuple(
             NodeStatus(name=n, capacity_gb=a.budget.capacity_gb, total_gb=a.budget.total_gb,

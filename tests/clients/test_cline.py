@@ -95,6 +95,7 @@ async def test_sse_bytes_through_the_gateway_equal_the_engines_own(tmp_path: Pat
     async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as client:
         headers = {"Authorization": "Bearer unused", "Accept": "application/json",
                    "User-Agent": "OpenAI/JS 4.96.0"}  # Cline's OpenAI client
+        await gw.waker.warm("coder")  # a cold stream starts with the gateway's own keep-alive comments
         bodies = [
             {"model": "coder", "messages": turn("Use read_file to open setup.py"), "max_tokens": 200,
              "stream": True, "stream_options": {"include_usage": True}, "tools": [READ_FILE_TOOL, EXECUTE_TOOL],

@@ -125,6 +125,7 @@ async def test_a_templated_fim_prompt_without_suffix_reaches_the_engine_as_conti
                                                      "--created", "1700000000", aliases=["autocomplete"]))
     async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as http:
         body = continue_fim_body("qwen2.5-coder-1.5b", PREFIX)
+        await gw.waker.warm("qwen2.5-coder-1.5b")  # a cold stream starts with the gateway's keep-alive comments
         via_gateway = await http.post(gw.v1 + "/completions", json=body)
         assert via_gateway.status_code == 200
         api_base = gw.waker.controller("qwen2.5-coder-1.5b").handle.api_base

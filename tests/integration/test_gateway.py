@@ -62,7 +62,7 @@ async def test_stream_without_done_marker_passes_through_untouched(tmp_path: Pat
     async with run_gateway(models) as gw, httpx.AsyncClient(timeout=30) as client:
         body = {"model": "nodone", "messages": [], "max_tokens": 2, "stream": True}
         resp = await client.post(gw.v1 + "/chat/completions", json=body)
-        events = [line for line in resp.text.split("\n\n") if line]
+        events = [line for line in resp.text.split("\n\n") if line and not line.startswith(":")]  # keep-alives
         assert len(events) == 2 and all(e.startswith("data: {") for e in events)
         assert "[DONE]" not in resp.text
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -121,8 +121,9 @@ async def test_client_disconnect_mid_stream_cancels_the_upstream_request(tmp_pat
         async with httpx.AsyncClient(timeout=30) as client:
             body = {"model": "slow", "messages": [], "max_tokens": 1000, "stream": True}
             async with client.stream("POST", gw.v1 + "/chat/completions", json=body) as resp:
-                async for _ in resp.aiter_bytes():
-                    break  # first token arrived: leave
+                async for piece in resp.aiter_bytes():
+                    if b"data:" in piece:
+                        break  # first token arrived (after the cold start's keep-alive comments): leave
         controller = gw.waker.controller("slow")
         for _ in range(200):  # the engine notices at its next write (~50 ms)
             stats = await engine_stats(gw, "slow")

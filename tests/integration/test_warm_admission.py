@@ -67,7 +67,8 @@ async def test_warm_queued_behind_a_busy_model_says_so_and_ends_ready_not_with_t
         await fail_once_then_fix(gw, client, models, fake_engine_spec("cold", memory_gb=6))
         async with client.stream("POST", "/v1/chat/completions", json=BUSY_STREAM) as stream:
             lines = stream.aiter_lines()  # kept: a dropped iterator would close the stream
-            await anext(lines)  # "busy" answers: a request in flight, it can't be evicted
+            while not (await anext(lines)).startswith("data: "):  # past the cold start's keep-alive comments
+                pass  # "busy" answers: a request in flight, it can't be evicted
             out = Watched("queued for memory")
             cli = asyncio.ensure_future(asyncio.to_thread(run, "warm", warm_args(gw, "cold"), out))
             await first_of(out, cli)
@@ -106,7 +107,8 @@ async def test_warm_refused_after_max_wait_ends_with_the_numbers(tmp_path: Path)
             httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         async with client.stream("POST", "/v1/chat/completions", json=BUSY_STREAM) as stream:
             lines = stream.aiter_lines()
-            await anext(lines)
+            while not (await anext(lines)).startswith("data: "):  # past the cold start's keep-alive comments
+                pass
             out = io.StringIO()
             assert await asyncio.to_thread(run, "warm", warm_args(gw, "cold", timeout=10), out) == 1, out.getvalue()
     text = out.getvalue()
@@ -122,7 +124,8 @@ async def test_admin_start_of_a_model_that_must_wait_answers_202_queued_with_its
     async with run_gateway(models, nodes=NODE_10) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         async with client.stream("POST", "/v1/chat/completions", json=BUSY_STREAM) as stream:
             lines = stream.aiter_lines()
-            await anext(lines)
+            while not (await anext(lines)).startswith("data: "):  # past the cold start's keep-alive comments
+                pass
             queued = await client.post("/admin/models/cold/start")
             assert queued.status_code == 202
             body = queued.json()

@@ -13,6 +13,7 @@ from waker.config.durations import Duration
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _environment(value: dict[str, str]) -> dict[str, str]:
@@ -37,6 +38,9 @@ class EngineKind(StrEnum):
     TRTLLM = "trtllm"
     LLAMACPP = "llamacpp"
     GENERIC = "generic"
+    # Not an OpenAI server: any HTTP (and WebSocket) service, reached under /services/<name>/ (gateway/services.py),
+    # woken, budgeted and evicted like a model (ComfyUI: models.d/examples/comfyui.yaml).
+    SERVICE = "service"
 
 
 class RuntimeKind(StrEnum):
@@ -48,6 +52,15 @@ class RuntimeKind(StrEnum):
 class IdleAction(StrEnum):
     STOP = "stop"
     SLEEP = "sleep"  # vLLM sleep mode / SGLang memory release: the engine stays up, memory is freed
+
+
+class Progress(StrEnum):
+    """How a streaming chat completion that waits for its model is shown the wake (gateway/progress.py): opt-in, per
+    model (models.d `progress`) and per API key (`progress`; the key wins)."""
+
+    OPEN_WEBUI = "open-webui"  # Open WebUI's own status line (chunks with an `event` and no `choices`)
+    REASONING = "reasoning"  # `delta.reasoning_content` lines, for chat clients that show reasoning
+    OFF = "off"  # SSE comments only
 
 
 class UlimitRange(BaseModel):
@@ -99,6 +112,13 @@ class ModelSpec(BaseModel):
 
     name: str = Field(description="the model name clients send")
     aliases: tuple[str, ...] = Field(default=(), description="other names that route here")
+    # What clients are told about it (/v1/models): display only, never part of the engine (see _POLICY_FIELDS).
+    display_name: str | None = Field(default=None, min_length=1, max_length=200,
+                                     description="the name clients show for it (`name` in /v1/models); default: name")
+    description: str | None = Field(default=None, max_length=2000, description="a line about it, for /v1/models")
+    context_length: int | None = Field(
+        default=None, ge=1, description="the context window /v1/models lists (context_length, max_model_len); "
+        "default: the engine's context flag in args (--max-model-len, --context-length, --max_seq_len, -c)")
     engine: EngineKind = EngineKind.GENERIC
     runtime: RuntimeKind = RuntimeKind.PROCESS
 
@@ -203,6 +223,9 @@ class ModelSpec(BaseModel):
     priority: int = 0
     max_concurrent: int | None = Field(default=None, ge=1, description="requests at once; more wait for a slot")
     max_waiting: int = Field(default=64, ge=0, description="requests waiting for a slot; beyond: 429")
+    progress: Progress | None = Field(
+        default=None, description="show a wake to streaming chat completions: open-webui (its status line), "
+        "reasoning (reasoning_content lines) or off; unset: off (an API key's own `progress` wins)")
 
     source: Path | None = Field(default=None, exclude=True, description="file this spec came from")
 
@@ -280,7 +303,21 @@ class ModelSpec(BaseModel):
         if self.engine in (EngineKind.VLLM, EngineKind.SGLANG, EngineKind.TRTLLM, EngineKind.LLAMACPP):
             if self.runtime is not RuntimeKind.EXTERNAL and not self.model:
                 raise ValueError(f"engine {self.engine} needs model (a weights path or hub id)")
+        if self.engine is EngineKind.SERVICE:
+            self._service_needs()
         return self
+
+    def _service_needs(self) -> None:
+        """A service is reached as /services/<name>/ and speaks no OpenAI: its names are one plain path segment, it
+        has no served model name, and the gateway launches it (the Docker runtime replaces the image's entrypoint)."""
+        for name in self.names:
+            if not _SERVICE_NAME.fullmatch(name):
+                raise ValueError(f"service name {name!r} is a path segment (/services/{name}/): letters, digits and "
+                                 "._- only")
+        if self.served_name is not None:
+            raise ValueError("served_name is for OpenAI engines: a service is reached by its path, not a model name")
+        if self.runtime is not RuntimeKind.EXTERNAL and not self.command:
+            raise ValueError(f"engine service on runtime {self.runtime} needs command (the program to run)")
 
     @property
     def upstream_name(self) -> str:
@@ -339,4 +376,5 @@ _POLICY_FIELDS = {
     "memory_auto", "node", "node_labels", "placed_on",
     "memory_fraction_derived", "sleep_memory_learned", "sleep_level_1_on_unified_memory",
     "wake_timeout", "max_concurrent", "max_waiting", "reset_prefix_cache", "shutdown_drain",
+    "display_name", "description", "context_length", "progress",
 }

@@ -17,6 +17,8 @@ reports every transition through `on_change`.
 import asyncio
 import contextlib
 import logging
+import statistics
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from enum import StrEnum
@@ -38,6 +40,10 @@ from waker.status import Failure
 S = ModelState
 T = TypeVar("T")
 log = logging.getLogger("sparkgate.lifecycle")
+
+# How many of a model's latest starts (and, apart, wakes) its typical duration is the median of: recent enough to
+# follow a change (weights now cached on disk), enough that one odd start does not move it.
+HISTORY = 5
 
 
 class Op(StrEnum):
@@ -93,6 +99,10 @@ class ModelController:
         self._starts = 0  # starts and wakes begun so far
         self._stop_reason: str | None = None  # why the running operation was taken over by a stop
         self._changed = asyncio.Event()
+        # How long its latest successful starts and wakes took, launch (or wake calls) to READY: what a request that
+        # waits is told to expect (gateway/progress.py, gateway/hints.py). Not lifecycle state: nothing decides on it.
+        self._start_durations: deque[float] = deque(maxlen=HISTORY)
+        self._wake_durations: deque[float] = deque(maxlen=HISTORY)
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -164,6 +174,20 @@ class ModelController:
     def starts(self) -> int:
         """Starts and wakes begun so far: a request admitted for a start joins the one begun after it asked."""
         return self._starts
+
+    @property
+    def typical_start_s(self) -> float | None:
+        """The median of its latest successful cold starts (to READY, as measured by the start itself: removing
+        what an earlier engine left, launching, loading), None before its first one. An engine adopted at boot is no
+        start of ours and is left out. Kept while the controller lives: across reloads that leave the engine as it
+        is, and reset by an entry that reshapes the engine (`_apply_pending`)."""
+        return statistics.median(self._start_durations) if self._start_durations else None
+
+    @property
+    def typical_wake_s(self) -> float | None:
+        """The median of its latest successful wakes (wake calls and the check after), None before its first one.
+        A wake that failed and became a cold start counts as a start."""
+        return statistics.median(self._wake_durations) if self._wake_durations else None
 
     @property
     def operation(self) -> asyncio.Task[object] | None:
@@ -407,6 +431,8 @@ class ModelController:
         if self._pending is None or not self.engine_gone:
             return False
         self._spec, self._pending = self._pending, None
+        self._start_durations.clear()  # another engine: its starts say nothing of the new one's
+        self._wake_durations.clear()
         self._events.emit(Event(self._clock.wall(), self.name, "reconfigured", reason="models.d changed"))
         self._notify()  # the scheduling side follows the new entry (nodes, footprint)
         return True
@@ -505,6 +531,8 @@ class ModelController:
             raise self.failure_error() from None
         now = self._clock.now()
         self._ready_since = self._last_used = now
+        if adopted is None:
+            self._start_durations.append(now - started)
         self._transition(S.READY, "engine answered its readiness check", seconds=round(now - started, 3),
                          engine=handle.ident)
         return handle
@@ -541,6 +569,7 @@ class ModelController:
             return await self._start_after_failed_wake(handle, why)
         now = self._clock.now()
         self._ready_since = self._last_used = now
+        self._wake_durations.append(now - started)
         self._transition(S.READY, "engine woke up", seconds=round(now - started, 3))
         return handle
 
