@@ -162,19 +162,14 @@ def decide(target: str | None, task_model: str | None, task: str | None, allowed
     return Decision("route", target)
 
 
-class _NotReadyForTask(ApiError):
+def not_ready_for_task(model: str, why: str, rule: Rule) -> ApiError:
     """The refusal, with `x-should-retry: false`: the OpenAI SDKs retry a 503 unless told not to, and retrying a
     title for a stopped model only delays the client's fallback."""
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        return [*super().headers(), (b"x-should-retry", b"false")]
-
-
-def not_ready_for_task(model: str, why: str, rule: Rule) -> ApiError:
-    return _NotReadyForTask(
+    return ApiError(
         503, f"The model '{model}' is {why}. This request is a background task (the {rule} rule; "
         "docs: README.md, Background tasks), and a task never starts, wakes or waits for a model: "
-        "fall back, or send it again once the model is up.", type="server_error", code="model_not_ready_for_task")
+        "fall back, or send it again once the model is up.", type="server_error", code="model_not_ready_for_task",
+        should_retry=False)
 
 
 class TaskGuard:
