@@ -4,12 +4,13 @@ and follow events live. All routes need the admin key (gateway/routes.py::requir
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gateway.background import spawn
 from gateway.config import load_models
 from gateway.errors import ApiError, from_waker
 from gateway.routes import require_admin
@@ -114,10 +115,7 @@ async def start(name: str, request: Request) -> JSONResponse:
     joins = status.state in (ModelState.STARTING, ModelState.WAKING)  # it joins the start (or wake) under way
     attempt = {"admission": status.admission.attempt + (0 if status.admission.outcome == "queued" else 1),
                "start": status.starts + (0 if joins else 1)}
-    background: set[asyncio.Task[None]] = request.app.state.background
-    task = asyncio.create_task(waker.gate(status.name).warm(), name=f"warm {status.name}")
-    background.add(task)
-    task.add_done_callback(_warm_ended(background))
+    task = spawn(request.app.state.background, waker.gate(status.name).warm(), f"warm {status.name}")
     # One turn of the loop runs the warm's first step: for a stopped (or failed) model, its whole admission
     # decision is made in it, synchronously (ClusterAdmission.enqueue): admitted, queued, or refused.
     await asyncio.sleep(0)
@@ -128,17 +126,6 @@ async def start(name: str, request: Request) -> JSONResponse:
     return JSONResponse({"model": current.name, "state": current.state.value,
                          "admission": admission_state(current.admission, described.now), "attempt": attempt},
                         status_code=202)
-
-
-def _warm_ended(background: "set[asyncio.Task[None]]") -> "Callable[[asyncio.Task[None]], None]":
-    def ended(task: "asyncio.Task[None]") -> None:
-        background.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()  # read, so asyncio never reports it as unretrieved
-        if error is not None and not isinstance(error, WakerError):  # a refusal or a failed start is in the state
-            log.error("warming through the admin API failed", exc_info=error)
-    return ended
 
 
 @router.post("/models/{name:path}/stop")

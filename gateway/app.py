@@ -22,6 +22,7 @@ from gateway import errors
 from gateway.admin import reload_config
 from gateway.admin import router as admin_router
 from gateway.auth import Door, KeyRing, is_loopback, load_keys
+from gateway.background import spawn
 from gateway.config import load_models
 from gateway.engine_routes import EngineRoutes
 from gateway.errors import ApiError
@@ -44,9 +45,7 @@ log = logging.getLogger("sparkgate.gateway")
 
 
 def _spawn(app: FastAPI, coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(coro)
-    app.state.background.add(task)
-    task.add_done_callback(app.state.background.discard)
+    spawn(app.state.background, coro, "models.d reload")
 
 
 async def reload_logged(app: FastAPI) -> None:

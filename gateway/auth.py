@@ -102,6 +102,22 @@ class KeyRing:
     def has_admin(self) -> bool:
         return self._admin is not None
 
+    def request_caller(self, headers: Iterable[tuple[bytes, bytes]], max_header_bytes: int) -> Caller:
+        """The caller of a request (ASGI headers), checking the headers' total size on the way (one pass): raises the
+        431 or the 401 to answer. The proxy, the engine routes and the services take their caller here."""
+        size = 0
+        authorization = None
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        if size > max_header_bytes:
+            raise errors.headers_too_large(max_header_bytes)
+        caller = self.caller(authorization)
+        if caller is None:
+            raise errors.unauthorized()
+        return caller
+
     def caller(self, authorization: str | None) -> Caller | None:
         """The caller for an `Authorization` header value; None when missing or wrong.
 

@@ -235,19 +235,8 @@ class EngineRoutes:
         return _Answer(status, out, body)
 
     def _caller(self, scope: Scope) -> Caller:
-        """Header size limit and the API key, as the proxy checks them."""
-        size = 0
-        authorization = None
-        for name, value in scope["headers"]:
-            size += len(name) + len(value) + 4
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-        if size > self._settings.max_header_bytes:
-            raise errors.headers_too_large(self._settings.max_header_bytes)
-        caller = self._keys.caller(authorization)
-        if caller is None:
-            raise errors.unauthorized()
-        return caller
+        """Header size limit and the API key, in one pass over the headers."""
+        return self._keys.request_caller(scope["headers"], self._settings.max_header_bytes)
 
     def _target(self, segments: list[str]) -> tuple[str, ModelSpec, str]:
         """The model the path names (as asked, and its spec) and the route after it (see the module docstring)."""

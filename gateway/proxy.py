@@ -169,18 +169,7 @@ class Proxy:
 
     def _caller(self, scope: Scope) -> Caller:
         """Header size limit and the API key, in one pass over the headers."""
-        size = 0
-        authorization = None
-        for name, value in scope["headers"]:
-            size += len(name) + len(value) + 4
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-        if size > self._settings.max_header_bytes:
-            raise errors.headers_too_large(self._settings.max_header_bytes)
-        caller = self._keys.caller(authorization)
-        if caller is None:
-            raise errors.unauthorized()
-        return caller
+        return self._keys.request_caller(scope["headers"], self._settings.max_header_bytes)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | bytearray:
         """The body, read once within max_body_bytes (413 past it: said by Content-Length, or found while reading).

@@ -11,13 +11,14 @@ so Open WebUI's Loaded indicator and Eject button show and drive the gateway's r
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gateway import errors
 from gateway.auth import Caller, KeyRing
+from gateway.background import spawn
 from gateway.errors import ApiError, from_waker
 from gateway.model_list import model_entry, status_of
 from waker.config.spec import EngineKind
@@ -147,22 +148,7 @@ def _answer(waker: Waker, name: str) -> JSONResponse:
 
 def _spawn(request: Request, operation: Coroutine[object, object, None], name: str) -> "asyncio.Task[None]":
     """Run an operation in the app's background (cancelled at shutdown), a failure logged rather than lost."""
-    background: set[asyncio.Task[None]] = request.app.state.background
-    task = asyncio.create_task(operation, name=name)
-    background.add(task)
-    task.add_done_callback(_ended(background))
-    return task
-
-
-def _ended(background: "set[asyncio.Task[None]]") -> "Callable[[asyncio.Task[None]], None]":
-    def ended(task: "asyncio.Task[None]") -> None:
-        background.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()  # read, so asyncio never reports it as unretrieved
-        if error is not None and not isinstance(error, WakerError):  # a refusal or a failed start is in the state
-            log.error("%s failed", task.get_name(), exc_info=error)
-    return ended
+    return spawn(request.app.state.background, operation, name)
 
 
 @router.post("/models/load")

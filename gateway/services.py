@@ -113,18 +113,8 @@ class Services:
     # -- who, and which service ------------------------------------------------------------------------------
 
     def _caller(self, scope: Scope) -> Caller:
-        size = 0
-        authorization = None
-        for name, value in scope["headers"]:
-            size += len(name) + len(value) + 4
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-        if size > self._settings.max_header_bytes:
-            raise errors.headers_too_large(self._settings.max_header_bytes)
-        caller = self._keys.caller(authorization)
-        if caller is None:
-            raise errors.unauthorized()
-        return caller
+        """Header size limit and the API key, in one pass over the headers."""
+        return self._keys.request_caller(scope["headers"], self._settings.max_header_bytes)
 
     def _service(self, name: str, caller: Caller) -> ModelSpec:
         """The service `name` leads to, if it is one and the key may use it (the same scope check as a model's)."""
