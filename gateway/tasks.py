@@ -48,7 +48,7 @@ from typing import Any, Literal
 from gateway.auth import Caller
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings
-from waker.config.spec import ModelSpec
+from waker.config.spec import EngineKind, ModelSpec
 from waker.errors import WakerError
 from waker.events import Event
 from waker.gate import Gate
@@ -199,7 +199,8 @@ class TaskGuard:
             except WakerError:
                 task_why = "not in models.d"
             else:
-                task_why = why_not(task_gate, seats.get(task_spec.name))
+                task_why = ("a service, not a model" if task_spec.engine is EngineKind.SERVICE
+                            else why_not(task_gate, seats.get(task_spec.name)))
         name = task_spec.name if task_spec is not None else self.task_model
         allowed = task_spec is None or caller.may_use(task_spec.name)  # an unknown one is refused for that
         decision = decide(target, name, task_why, allowed, chat=path == TASK_PATH)

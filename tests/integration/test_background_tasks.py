@@ -236,3 +236,16 @@ async def test_a_title_does_not_wait_behind_the_answer_for_a_max_concurrent_plac
             assert [line async for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
         routed = [e for e in gw.waker.events.recent("big") if e.kind == "task_routed"]
         assert len(routed) == 1 and routed[0].reason.startswith("busy")
+
+
+async def test_a_service_is_never_the_task_model(tmp_path: Path) -> None:
+    """A task model that names a service (engine: service) would get a chat body it has no route for: refused, and the
+    service is not started."""
+    from tests.integration.test_services import service_spec
+
+    models = write_models(tmp_path, fake_engine_spec("big", memory_gb=80), service_spec("comfy", memory_gb=10))
+    async with run_gateway(models, nodes=NODE, task_model="comfy") as gw, httpx.AsyncClient(timeout=30) as client:
+        refused = await client.post(gw.v1 + "/chat/completions", json=title_body("big"))
+        assert refused.status_code == 503
+        assert "a service, not a model" in refused.json()["error"]["message"]
+        assert untouched(gw, "big") and gw.starts("comfy") == 0
