@@ -22,11 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway import errors, forms
 from gateway.errors import ApiError
+from waker.config.registry import ConfigError, read_yaml
 from waker.config.spec import Progress
 
 
@@ -167,9 +167,9 @@ def load_keys(inline: list[ApiKeySpec], path: Path | None) -> list[ApiKeySpec]:
     keys = list(inline)
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise AuthError(f"{path}: cannot read API keys: {exc}") from None
+            data = read_yaml(path)  # models.d's guards: a key given twice in an entry is an error, not the last wins
+        except ConfigError as exc:
+            raise AuthError(f"cannot read API keys: {exc}") from None
         if not isinstance(data, list):
             raise AuthError(f"{path}: expected a list of keys ({json.dumps({'key': '...', 'name': '...'})}, ...)")
         try:

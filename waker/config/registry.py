@@ -142,11 +142,12 @@ def port_problems(specs: Iterable[ModelSpec], local_nodes: Collection[str] = (),
     return problems
 
 
-def load_file(path: Path) -> ModelSpec:
-    """One models.d file; raises ConfigError naming the file, the field and the reason."""
+def read_yaml(path: Path) -> object:
+    """A YAML file we are configured by (a models.d file, the API keys file) parsed with the guards below: not UTF-8,
+    too deep, an alias bomb, a key given twice, not a regular file: a ConfigError naming the file and why."""
     text = _text(path)
     try:
-        data = yaml.load(text, Loader=_ModelsLoader)  # a SafeLoader, with guards
+        return yaml.load(text, Loader=_ModelsLoader)  # a SafeLoader, with guards
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([f"{path}: {_yaml_problem(exc)}"]) from None
     except yaml.YAMLError as exc:
@@ -155,6 +156,11 @@ def load_file(path: Path) -> ModelSpec:
         raise ConfigError([f"{path}: nested too deeply"]) from None
     except ValueError as exc:  # PyYAML's int() of a number beyond Python's digit limit
         raise ConfigError([f"{path}: {exc}"]) from None
+
+
+def load_file(path: Path) -> ModelSpec:
+    """One models.d file; raises ConfigError naming the file, the field and the reason."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of fields (name: ..., engine: ...)"])
     try:

@@ -72,6 +72,13 @@ def test_keys_load_from_a_file_and_duplicates_are_errors(tmp_path: Path) -> None
     path.write_text("key: not-a-list\n")
     with pytest.raises(AuthError, match="expected a list"):
         load_keys([], path)
+    # A field given twice in one entry (which models wins?) is refused, as in models.d, not the last one taken.
+    path.write_text("- key: sk-from-file-1\n  models: ['small*']\n  models: ['*']\n")
+    with pytest.raises(AuthError, match="models"):
+        load_keys([], path)
+    path.write_bytes(b"- {key: \xff}\n")
+    with pytest.raises(AuthError, match="not UTF-8"):
+        load_keys([], path)
 
 
 def test_loopback_addresses() -> None:
