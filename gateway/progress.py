@@ -15,7 +15,8 @@ sent back by some clients. Two styles:
   event_emitter(data.get("event", {}))`, then `if not choices: ... continue`). So a chunk `{"event": {"type":
   "status", "data": {"description": ..., "done": false}}}` shows as the status line above the answer, and adds
   nothing to the answer or to the reasoning. At the first engine byte (or the error that ends the wait) a last status
-  says `done: true, hidden: true`. Open WebUI stores every status of a message (backend/open_webui/socket/main.py,
+  says `done: true, hidden: true` ("<model> is ready"; "<model> could not be woken" above an error). Open WebUI
+  stores every status of a message (backend/open_webui/socket/main.py,
   get_event_emitter: a "status" event is appended to the message's `statusHistory` in the database; each one is a
   rewrite of the chat), so the waking lines can't be kept out of the database; but its status block is drawn only
   while the latest status is not hidden (src/lib/components/chat/Messages/ResponseMessage/StatusHistory.svelte:
@@ -146,11 +147,19 @@ class Reporter:
         return self._chunk(text, done=False)
 
     def done(self, now: float | None = None) -> bytes:
-        """The last chunk, sent before the engine's first byte or the error that ends the wait."""
+        """The last chunk, sent before the engine's first byte."""
+        return self._last("is ready", now)
+
+    def failed(self, now: float | None = None) -> bytes:
+        """The last chunk instead of `done`, sent before the error that ends the wait (a start that failed, the model
+        removed, a full queue, the request's time up): "is ready" must not be the line just above the error."""
+        return self._last("could not be woken", now)
+
+    def _last(self, said: str, now: float | None) -> bytes:
         now = time.monotonic() if now is None else now
         if self.style is Progress.OPEN_WEBUI:
-            return self._chunk(f"{self.model} is ready", done=True)
-        return self._chunk(f"{self.model} is ready after {human(now - self.arrived)}.\n\n", done=True)
+            return self._chunk(f"{self.model} {said}", done=True)
+        return self._chunk(f"{self.model} {said} after {human(now - self.arrived)}.\n\n", done=True)
 
     def _chunk(self, text: str, done: bool) -> bytes:
         if self.style is Progress.OPEN_WEBUI:

@@ -250,11 +250,31 @@ class _Request:
         if not self.gate.limited:  # no max_concurrent: no slot to take (and no context manager)
             await self._lease_and_forward()
             return
+        # A stream that must wait for one of the model's max_concurrent places gets its 200 and comments at once too,
+        # as a wait for the model does (`_acquire`): a keeper sends them until the place is ours. A full queue is
+        # still a real 429 (checked before anything is sent).
+        limiter = self.gate.limiter
+        interval = self.proxy._settings.keepalive_interval
+        keeper = (asyncio.ensure_future(self._keep_alive(interval))
+                  if self.stream and interval > 0 and limiter.must_wait() and not limiter.full() else None)
         try:
             async with self.gate.slot():
+                keeper = await _stopped(keeper)
                 await self._lease_and_forward()
         except WakerError as exc:  # no slot: too many requests wait for this model already
+            await _stopped(keeper)
             await self.fail(errors.from_waker(exc))
+        finally:
+            await _stopped(keeper)
+
+    async def _keep_alive(self, interval: float) -> None:
+        """The 200, the SSE headers and a comment at once, then a comment every `interval`, until cancelled."""
+        name = self.gate.spec.name
+        await self._start_response(200, _SSE_HEADERS)
+        while True:
+            await self.send({"type": "http.response.body", "more_body": True,
+                             "body": progress.keepalive(name, time.monotonic() - self.arrived)})
+            await asyncio.sleep(interval)
 
     async def _lease_and_forward(self) -> None:
         try:
@@ -311,7 +331,8 @@ class _Request:
         every = interval if timeout is None else max(0.25, min(interval, timeout.seconds / 2))
         self.progress = self._reporter()
         tick = min(every, 1.0) if self.progress is not None else every  # a new phase is shown within a second
-        await self._start_response(200, _SSE_HEADERS)
+        if not self.started:  # else a wait for a max_concurrent place sent it (`run`)
+            await self._start_response(200, _SSE_HEADERS)
         body = progress.keepalive(name, time.monotonic() - self.arrived)
         if self.progress is not None:
             body += self.progress.update(self.proxy._waker.describe())
@@ -495,13 +516,25 @@ class _Request:
             return
         if self.stream:
             if self.progress is not None:
-                await self._end_progress()
+                await self.send({"type": "http.response.body", "body": self.progress.failed(), "more_body": True})
             self.finished = True
             await self.send({"type": "http.response.body", "body": _sse_error(self.path, error), "more_body": False})
             return
         # A non-streaming body already half sent can't carry an error: cut the connection so the
         # client sees a broken response, never a silently truncated success.
         raise RuntimeError(f"upstream broke mid-response: {error.message}")
+
+
+async def _stopped(keeper: "asyncio.Future[None] | None") -> None:
+    """`keeper` cancelled and ended (None is nothing to stop); returns None, for `keeper = await _stopped(keeper)`."""
+    if keeper is None:
+        return None
+    if not keeper.done():
+        keeper.cancel()
+        await asyncio.wait({keeper})  # never raises the keeper's cancellation; ours still reaches us
+    if not keeper.cancelled() and (error := keeper.exception()) is not None:
+        raise error  # a send that failed: as if this task had sent it
+    return None
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], request: _Request) -> None:

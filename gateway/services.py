@@ -8,7 +8,8 @@ like any model; only the way in differs. It speaks no OpenAI, so instead of a `m
     /services/<name>                  a 307 to `/services/<name>/`: a web UI builds its URLs from its page's path
                                       (ComfyUI's frontend takes `api_base` from location.pathname), so it needs the /
     the same paths, as a WebSocket    relayed frame for frame, text and binary, both ways; each side is closed when
-                                      the other closes (ComfyUI's progress channel is `/ws?clientId=...`)
+                                      the other closes (ComfyUI's progress channel is `/ws?clientId=...`); a
+                                      handshake the service leaves unanswered gets 504 after upstream_read_timeout
 
 `<name>` is the service's name or one of its aliases (one plain path segment: waker/config/spec.py).
 
@@ -46,7 +47,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -65,6 +66,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+_T = TypeVar("_T")
 
 log = logging.getLogger("sparkgate.services")
 
@@ -83,6 +85,9 @@ _NOT_UPSTREAM = _HOP | {b"host", b"authorization", b"x-api-key", b"origin", b"ex
 _NOT_UPSTREAM_WS = _NOT_UPSTREAM | {b"content-length", b"sec-websocket-key", b"sec-websocket-version",
                                     b"sec-websocket-extensions", b"sec-websocket-protocol"}
 _NOT_DOWNSTREAM = _HOP | {b"server", b"date"}
+
+# How much of a request body is read ahead while its service is woken (HTTP requests: _HttpRelay._read_ahead).
+_READ_AHEAD = 1 << 20
 
 # WebSocket close codes an endpoint may send (RFC 6455 7.4): 1005, 1006 and 1015 only report what happened.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -187,18 +192,29 @@ class Services:
                             name: str, rest: bytes | None) -> None:
         url = _service_url(endpoint.root_url, rest or b"/", scope.get("query_string"))
         headers = _upstream_headers(scope["headers"], _NOT_UPSTREAM_WS, spec, name)
+        connecting = asyncio.ensure_future(self._session().ws_connect(
+            url, headers=headers, protocols=scope.get("subprotocols") or (), autoping=True,
+            # Frames are relayed as the service sends them: its own limits apply, not aiohttp's 4 MiB.
+            max_msg_size=0))
+        # A service may be slow to answer the handshake, or never answer: a client that leaves meanwhile ends the
+        # wait, and with it the hold on the service; one that stays is answered 504 after upstream_read_timeout.
+        silence = self._settings.upstream_read_timeout
+        deadline = asyncio.timeout(silence or None)
         try:
-            upstream = await self._session().ws_connect(
-                url, headers=headers, protocols=scope.get("subprotocols") or (), autoping=True,
-                # Frames are relayed as the service sends them: its own limits apply, not aiohttp's 4 MiB.
-                max_msg_size=0)
+            async with deadline:
+                upstream = await _unless_client_leaves(connecting, receive)
+            if upstream is None:
+                await _close_if_open(connecting)  # answered just as the client left
+                return
         except aiohttp.WSServerHandshakeError as exc:
             await _deny(scope, send, ApiError(exc.status if exc.status >= 400 else 502,
                                               f"The service '{spec.name}' refused the WebSocket: {exc.message}",
                                               type="upstream_error", code="bad_gateway"))
             return
         except (aiohttp.ClientError, TimeoutError) as exc:
-            await _deny(scope, send, errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
+            await _close_if_open(connecting)  # answered just as the deadline passed
+            await _deny(scope, send, errors.upstream_timeout(spec.name, silence) if deadline.expired()
+                        else errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
             return
         async with upstream:
             await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
@@ -224,10 +240,10 @@ class Services:
                 await send({"type": "websocket.close", "code": _sendable(upstream.close_code, 1011)})
 
 
-async def _unless_client_leaves(work: Awaitable[Endpoint], receive: Receive) -> Endpoint | None:
+async def _unless_client_leaves(work: Awaitable[_T], receive: Receive) -> _T | None:
     """`work`'s result, or None when the WebSocket's client leaves first (`work` is then cancelled). Before the
     handshake is answered the client can send nothing but its leaving, so a client that gave up waits for nothing and
-    holds no place in the queue."""
+    holds no place in the queue (nor a hold on a service that never answers the upstream handshake)."""
     doing = asyncio.ensure_future(work)
     leaving = asyncio.ensure_future(receive())
     try:
@@ -242,6 +258,12 @@ async def _unless_client_leaves(work: Awaitable[Endpoint], receive: Receive) -> 
             doing.exception()  # retrieved: a failure nobody waits for any more is not an error to log
         return None
     return doing.result()
+
+
+async def _close_if_open(connecting: "asyncio.Future[aiohttp.ClientWebSocketResponse]") -> None:
+    """Closes the upstream WebSocket a handshake opened when nobody will relay it."""
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        await connecting.result().close()
 
 
 def _outcome(side: "asyncio.Future[int | None]", service: str) -> int | None:
@@ -356,11 +378,21 @@ class _HttpRelay:
         if first["type"] == "http.disconnect":
             self.gone = True
             return
+        ahead: list[Message] = []
         if not first.get("more_body", False):
             self._watch(receive)  # the whole body is in: what comes next can only be the client leaving
+        else:
+            # While the service is woken, the body is read ahead (a little of it) to see a client that leaves.
+            self._watcher = asyncio.ensure_future(self._read_ahead(receive, ahead, len(first.get("body", b""))))
         try:
             async with _Lease(self.gate) as endpoint:
-                await self._forward(endpoint, self._body(first, receive))
+                reader = self._watcher
+                if first.get("more_body", False) and reader is not None and not (ahead and not ahead[-1].get(
+                        "more_body", False)):  # unless all was read: the reader then watches for the client leaving
+                    reader.cancel()  # the rest is read as it is sent on
+                    await asyncio.wait({reader})
+                    self._watcher = None
+                await self._forward(endpoint, self._body(first, ahead, receive))
         except WakerError as exc:
             await self._fail(errors.from_waker(exc))
         except ClientGone:
@@ -377,13 +409,36 @@ class _HttpRelay:
             if self._task is not None:
                 self._task.cancel()
 
-    def _body(self, first: Message, receive: Receive) -> bytes | AsyncIterator[bytes] | None:
-        """The request body: whole if it came in one message (None if empty), else its chunks as they arrive."""
+    async def _read_ahead(self, receive: Receive, ahead: list[Message], size: int) -> None:
+        """Reads the body into `ahead` while the service is woken, up to _READ_AHEAD bytes: a client that leaves
+        meanwhile (an upload given up during a cold start) ends the wait, and nothing of it reaches the service."""
+        while size < _READ_AHEAD:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                if self._task is not None:
+                    self._task.cancel()
+                return
+            ahead.append(message)
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._leaves(receive)  # the whole body is in: what comes next can only be the client leaving
+                return
+
+    def _body(self, first: Message, ahead: list[Message],
+              receive: Receive) -> bytes | AsyncIterator[bytes] | None:
+        """The request body: whole if it came in one message (None if empty), else its chunks as they arrive (those
+        read ahead first)."""
         if not first.get("more_body", False):
             return first.get("body") or None
 
         async def chunks() -> AsyncIterator[bytes]:
             yield first.get("body", b"")
+            for message in ahead:
+                if chunk := message.get("body", b""):
+                    yield chunk
+                if not message.get("more_body", False):
+                    return
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":

@@ -14,6 +14,8 @@ It answers the routes of ComfyUI's server.py that a client of its API uses, in t
                            {"type": "echo", "data": X} is answered {"type": "echo", "data": X}; a binary message
                            is answered with the same bytes behind ComfyUI's 4-byte event type 1 (a preview image).
     GET  /stats            what happened: requests by path, sockets open and opened, headers seen by /prompt
+    GET  /hang             never answers (a service stuck before its answer, or its WebSocket handshake)
+    POST /crash            the process ends at once, mid-request (a service that crashes)
 
     python tests/fake_service.py --port P [--steps M] [--step-delay S] [--ready-after S]
 """
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import struct
 import time
 import uuid
@@ -145,6 +148,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def hang(request: web.Request) -> web.Response:
+    count(request)
+    await asyncio.Event().wait()
+    raise AssertionError("never reached")
+
+
+async def crash(request: web.Request) -> web.Response:
+    os._exit(1)
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({"requests": REQUESTS, **SOCKETS_COUNT, "last_prompt_headers": LAST_PROMPT_HEADERS})
 
@@ -161,6 +174,8 @@ def build(steps: int, step_delay: float, ready_after: float) -> web.Application:
     app.router.add_post("/upload/image", upload_image)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/hang", hang)
+    app.router.add_post("/crash", crash)
     return app
 
 

@@ -55,9 +55,17 @@ class Limiter:
         self.limit, self.max_waiting = limit, max_waiting
         self._hand_over()
 
+    def must_wait(self) -> bool:
+        """Whether a `slot()` taken now would wait for a place (or be refused: `full()`) rather than enter at once."""
+        return self.limit is not None and (self.active >= self.limit or bool(self._waiters))
+
+    def full(self) -> bool:
+        """Whether a `slot()` taken now would be refused (QueueFull)."""
+        return self.must_wait() and len(self._waiters) >= self.max_waiting
+
     @contextlib.asynccontextmanager
     async def slot(self, model: str) -> AsyncIterator[None]:
-        if self.limit is not None and (self.active >= self.limit or self._waiters):
+        if self.must_wait():
             if len(self._waiters) >= self.max_waiting:
                 raise QueueFull(
                     f"{model} already runs {self.limit} requests (max_concurrent) and {len(self._waiters)} more "
