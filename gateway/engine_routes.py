@@ -92,6 +92,7 @@ class _Call:
     query: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    never_starts: bool = False  # a background-task key's call (gateway/tasks.py): served only by a ready model
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,8 @@ class EngineRoutes:
             return
         except _ClientGone:
             return
-        call = _Call(method, route, declared, scope.get("query_string") or b"", scope["headers"], body)
+        call = _Call(method, route, declared, scope.get("query_string") or b"", scope["headers"], body,
+                     never_starts=caller.tasks)
         await self._serve(gate, call, receive, send)
 
     async def _serve(self, gate: Gate, call: _Call, receive: Receive, send: Send) -> None:
@@ -178,13 +180,17 @@ class EngineRoutes:
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
     async def _use(self, gate: Gate, call: _Call) -> _Answer:
-        """A route that asks the model something: leased like a request (it may start or wake the model)."""
+        """A route that asks the model something: leased like a request (it may start or wake the model, unless the
+        key's calls are background tasks, which never start, wake or wait for one)."""
         if not gate.limited:
             return await self._leased(gate, call)
         async with gate.slot():
             return await self._leased(gate, call)
 
     async def _leased(self, gate: Gate, call: _Call) -> _Answer:
+        if call.never_starts and not gate.ready_now():  # no await from here to the lease: it can't stop meanwhile
+            controller = gate.controller
+            raise errors.model_not_running(controller.name, str(controller.state.value), call.route)
         endpoint = await gate.acquire()
         try:
             # Held by the lease: the engine can't be stopped or replaced until release().

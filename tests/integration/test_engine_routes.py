@@ -254,3 +254,21 @@ async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+async def test_a_background_task_key_never_starts_a_model_through_its_engine_routes(tmp_path: Path) -> None:
+    """A key marked `tasks: true` never starts, wakes or waits for a model (gateway/tasks.py): its tokenize on a stopped
+    model is refused with nothing started; once the model is up (by another key), it is served."""
+    keys = [{"key": KEY, "name": "one", "models": ["llama-m"]},
+            {"key": OTHER_KEY, "name": "tasks", "models": ["llama-m"], "tasks": True}]
+    models = write_models(tmp_path, LLAMA)
+    async with run_gateway(models, api_keys=keys) as gw, httpx.AsyncClient(timeout=30) as client:
+        one, tasks = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER_KEY}"}
+        body = {"content": "hi"}
+        refused = await client.post(gw.url + "/engines/llama-m/tokenize", json=body, headers=tasks)
+        assert (refused.status_code, error_code(refused)) == (503, "model_not_running")
+        assert refused.headers["x-should-retry"] == "false"
+        assert gw.starts("llama-m") == 0
+        assert (await client.post(gw.url + "/engines/llama-m/tokenize", json=body, headers=one)).status_code == 200
+        served = await client.post(gw.url + "/engines/llama-m/tokenize", json=body, headers=tasks)
+        assert served.status_code == 200 and gw.starts("llama-m") == 1
