@@ -121,7 +121,7 @@ class Proxy:
 
         # From here on a client that leaves cancels the work at once, whatever it is waiting on:
         # a cold start, a queue, or the engine's answer.
-        request = _Request(self, scope, send, gate, path, body, stream, arrived)
+        request = _Request(self, scope, send, gate, path, body, stream, arrived, caller.progress)
         try:
             await self._serve(request, receive)
         except Exception:
@@ -211,8 +211,9 @@ class _Request:
     """One proxied request: lease the model, call the engine, relay the answer."""
 
     def __init__(self, proxy: Proxy, scope: Scope, send: Send, gate: Gate, path: str,
-                 body: bytes | bytearray, stream: bool, arrived: float) -> None:
+                 body: bytes | bytearray, stream: bool, arrived: float, key_progress: Progress | None = None) -> None:
         self.arrived = arrived
+        self.key_progress = key_progress  # the caller's key's `progress` setting (gateway/progress.py)
         self.status = "500"
         self.ttfb: float | None = None
         self.proxy = proxy
@@ -354,10 +355,8 @@ class _Request:
         """The waking progress this stream opted into (its key's `progress`, else its model's), if any."""
         if not progress.applies(self.path, self.stream):
             return None
-        authorization = next((v.decode("latin-1") for k, v in self.scope["headers"] if k == b"authorization"), None)
-        caller = self.proxy._keys.caller(authorization)  # accepted already: found in the key ring's cache
         spec = self.gate.spec
-        style = progress.choose(caller.progress if caller is not None else None, spec.progress)
+        style = progress.choose(self.key_progress, spec.progress)
         if style is Progress.OFF:
             return None
         return progress.Reporter(style, spec.name, spec.upstream_name, self.proxy._settings.progress_interval,

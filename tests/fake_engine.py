@@ -828,6 +828,18 @@ def add_openai_endpoints(app: web.Application, args: argparse.Namespace,
         return web.json_response({"error": {"message": f"model {model!r} not served here", "code": "model_not_found"}},
                                  status=404)
 
+    async def served_form(request: web.Request) -> tuple[dict[str, str], list[dict]] | web.Response:
+        """A form request's fields and files, or the answer refusing it: the guard, not a form, another model."""
+        refusal = await guard(request)
+        if refusal is not None:
+            return refusal
+        form = await read_form(request)
+        if isinstance(form, web.Response):
+            return form
+        if form[0].get("model") != args.model:
+            return not_served(form[0].get("model"))
+        return form
+
     async def json_body(request: web.Request) -> dict | web.Response:
         refusal = await guard(request)
         if refusal is not None:
@@ -846,15 +858,10 @@ def add_openai_endpoints(app: web.Application, args: argparse.Namespace,
         return resp
 
     async def transcription(request: web.Request) -> web.StreamResponse:
-        refusal = await guard(request)
-        if refusal is not None:
-            return refusal
-        form = await read_form(request)
+        form = await served_form(request)
         if isinstance(form, web.Response):
             return form
         fields, files = form
-        if fields.get("model") != args.model:
-            return not_served(fields.get("model"))
         audio = [f for f in files if f["name"] == "file"]
         if len(audio) != 1:
             return web.json_response({"error": {"message": "file: Field required", "type": "BadRequestError",
@@ -928,15 +935,10 @@ def add_openai_endpoints(app: web.Application, args: argparse.Namespace,
         return web.json_response(images(str(body.get("prompt", "")), int(body.get("n") or 1)))
 
     async def image_edit(request: web.Request) -> web.Response:
-        refusal = await guard(request)
-        if refusal is not None:
-            return refusal
-        form = await read_form(request)
+        form = await served_form(request)
         if isinstance(form, web.Response):
             return form
         fields, files = form
-        if fields.get("model") != args.model:
-            return not_served(fields.get("model"))
         UPLOADS.append({"path": request.path, "fields": fields, "files": files})
         return web.json_response(images(fields.get("prompt", ""), int(fields.get("n") or 1)))
 
