@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,15 +160,105 @@ def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
     return app
 
 
+class _SpliceConn(_Conn):
+    """A raw upstream connection whose body bytes go to the client's transport from the parser's callback (no task
+    wake per chunk, no ASGI message): what relaying costs without aiohttp's StreamReader and uvicorn's send."""
+
+    def __init__(self, pool: list[_Conn]) -> None:
+        super().__init__(pool)
+        self.sink: asyncio.Transport | None = None
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is None:
+            self.chunks.append(body)
+        else:
+            self.sink.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+
+def make_splice_app(upstream: str) -> Callable[..., Awaitable[None]]:
+    url = urlsplit(upstream)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    idle: list[_Conn] = []
+
+    async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
+                  send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
+        head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        if idle:
+            conn = idle.pop()
+        else:
+            _, conn = await asyncio.get_running_loop().create_connection(lambda: _SpliceConn(idle), host, port)
+        assert isinstance(conn, _SpliceConn)
+        conn.sink = None
+        status = await conn.request(b"".join(head) + body)
+        out = [(k, v) for k, v in conn.headers if k.lower() not in (b"connection", b"transfer-encoding")]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        if any(k.lower() == b"content-length" for k, _ in conn.headers):  # a plain answer: whole, through ASGI
+            while not conn.complete:
+                conn.waiter = asyncio.get_running_loop().create_future()
+                await conn.waiter
+            pending, conn.chunks = b"".join(conn.chunks), []
+            if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
+                idle.append(conn)
+            await send({"type": "http.response.body", "body": pending, "more_body": False})
+            return
+        sink = send.__self__.transport  # type: ignore[attr-defined]  # uvicorn's RequestResponseCycle
+        if conn.chunks:
+            pending, conn.chunks = b"".join(conn.chunks), []
+            sink.write(b"%x\r\n%b\r\n" % (len(pending), pending))
+        if not conn.complete:
+            conn.sink = sink
+            conn.waiter = asyncio.get_running_loop().create_future()
+            await conn.waiter
+        conn.sink = None
+        if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
+            idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=18300)
     ap.add_argument("--upstream", default="http://127.0.0.1:18200")
     ap.add_argument("--raw", action="store_true", help="asyncio.Protocol + httptools upstream instead of aiohttp")
+    ap.add_argument("--splice", action="store_true",
+                    help="as --raw, the body written to uvicorn's transport from the upstream parser's callback")
+    ap.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                    help="granian: its ASGI interface, one worker, uvloop (pip install granian)")
     a = ap.parse_args()
-    app = (make_raw_app if a.raw else make_app)(a.upstream)
+    if a.server == "granian":
+        from granian.constants import Interfaces, Loops
+        from granian.server import Server
+        os.environ["FLOOR_UPSTREAM"] = a.upstream
+        os.environ["FLOOR_KIND"] = "raw" if a.raw else "aiohttp"
+        Server("bench.floor:from_environ", address="127.0.0.1", port=a.port, interface=Interfaces.ASGI,
+               loop=Loops.uvloop, workers=1, log_enabled=False, factory=True).serve()
+        return
+    app = (make_splice_app if a.splice else make_raw_app if a.raw else make_app)(a.upstream)
     uvicorn.run(app, host="127.0.0.1", port=a.port, loop="uvloop", http="httptools", access_log=False,
                 log_level="warning")
+
+
+def from_environ() -> Callable[..., Awaitable[None]]:
+    """The app for granian's worker (it imports the app by name): FLOOR_UPSTREAM and FLOOR_KIND say which."""
+    upstream = os.environ["FLOOR_UPSTREAM"]
+    return (make_raw_app if os.environ.get("FLOOR_KIND") == "raw" else make_app)(upstream)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from gateway import errors
+from gateway import upstream as upstream_client
 from gateway.admin import reload_config
 from gateway.admin import router as admin_router
 from gateway.auth import Door, KeyRing, is_loopback, load_keys
@@ -146,15 +147,22 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
     if waker is None:
         waker = build_waker(settings, registry)
     session: aiohttp.ClientSession | None = None
+    pool: upstream_client.Pool | None = None
     metrics = Metrics(waker, live_memory=lambda: s.latest if (s := getattr(app.state, "sampler", None)) else None)
 
     def upstream() -> aiohttp.ClientSession:
         assert session is not None, "the app's lifespan has not started"
         return session
 
+    def engines() -> upstream_client.Pool:
+        assert pool is not None, "the app's lifespan has not started"
+        return pool
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal session
+        nonlocal session, pool
+        # The proxy's own client for the engines' OpenAI routes (gateway/upstream.py); aiohttp for the rest.
+        pool = upstream_client.Pool(settings.upstream_connect_timeout)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             # Bytes pass through untouched: no decompression, no re-encoding.
@@ -198,6 +206,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
                     await sampler.close()
                     sampler.store.close()
                 await session.close()
+                pool.close()
         if hangup_owned:
             hangup.restore()
 
@@ -228,7 +237,7 @@ def create_app(settings: GatewaySettings, registry: Registry | None = None, wake
         return FileResponse(STATIC / "status.html", media_type="text/html")
     # The proxy is a plain ASGI endpoint (no per-request framework work on the hot path).
     app.state.metrics = metrics
-    proxy = Proxy(waker, settings, upstream, keys, metrics)
+    proxy = Proxy(waker, settings, engines, keys, metrics)
     app.router.routes.append(Route("/v1/{path:path}", proxy, methods=["POST"]))
     # An engine's own routes that its adapter allows (tokenize, props...): every method reaches it, to be refused there.
     app.router.routes.append(Route("/engines/{path:path}", EngineRoutes(waker, settings, upstream, keys)))

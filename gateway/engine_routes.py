@@ -32,6 +32,7 @@ Guarded by tests/integration/test_engine_routes.py and tests/unit/engines/test_r
 """
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 import aiohttp
+from yarl import URL
 
 from gateway import errors
 from gateway.auth import Caller, KeyRing
@@ -53,7 +55,6 @@ from gateway.proxy import (
     Scope,
     Send,
     _connection_options,
-    _engine_url,
 )
 from gateway.settings import GatewaySettings
 from waker.config.spec import ModelSpec
@@ -375,3 +376,20 @@ async def _until_disconnect(receive: Receive) -> None:
 async def _send_error(send: Send, error: ApiError, *extra: tuple[bytes, bytes]) -> None:
     await send({"type": "http.response.start", "status": error.status, "headers": [*error.headers(), *extra]})
     await send({"type": "http.response.body", "body": error.body(), "more_body": False})
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_base(root_url: str) -> tuple[URL, str]:
+    """An engine's root URL, parsed once: the URL and its path without a trailing slash."""
+    base = URL(root_url)
+    return base, base.raw_path.rstrip("/")
+
+
+def _engine_url(root_url: str, path: str, query: bytes | None) -> URL:
+    """The engine's URL for a call: its root's path, then the route's path, both kept encoded (built from parts: a
+    concatenated string would be parsed again, and its dot segments resolved)."""
+    base, prefix = _engine_base(root_url)
+    if not query:
+        return base.with_path(prefix + path, encoded=True)
+    return URL.build(scheme=base.scheme, authority=base.raw_authority, path=prefix + path,
+                     query_string=query.decode("latin-1"), encoded=True)

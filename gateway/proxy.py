@@ -13,13 +13,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
-from yarl import URL
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from gateway import errors, forms, hints, progress
+from gateway import errors, forms, hints, progress, upstream
 from gateway.auth import Caller, KeyRing
 from gateway.errors import ApiError
 from gateway.metrics import UNRESOLVED, Metrics
@@ -64,10 +64,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 _WATCH_AFTER = 0.05
 # Answers with a Content-Length up to this size are read whole, then sent in one message.
 _WHOLE_BODY = 1024 * 1024
-# Request bodies larger than _WHOLE_BODY go to the engine in pieces of this size, each a view of the buffer the
-# body was read into: aiohttp writes a bytes body in one transport write, whose unsent part the event loop copies
-# (a second copy of an upload; aiohttp warns about it above 1 MiB).
-_UPLOAD_PIECE = 256 * 1024
+# A query string is forwarded as sent, after the path, if it is printable ASCII (no space or control character could
+# end the request line it is written into).
+_QUERY = re.compile(rb"[\x21-\x7e]*")
 
 
 class ClientGone(Exception):
@@ -75,11 +74,11 @@ class ClientGone(Exception):
 
 
 class Proxy:
-    def __init__(self, waker: Waker, settings: GatewaySettings, session: Callable[[], aiohttp.ClientSession],
+    def __init__(self, waker: Waker, settings: GatewaySettings, pool: Callable[[], upstream.Pool],
                  keys: KeyRing, metrics: Metrics) -> None:
         self._waker = waker
         self._settings = settings
-        self._session = session
+        self._pool = pool
         self._keys = keys
         self._metrics = metrics
         self._tasks = TaskGuard.from_settings(settings, waker)
@@ -91,6 +90,7 @@ class Proxy:
         model_label = key_label = UNRESOLVED
         try:
             path = _engine_path(scope)  # first: a path that could leave /v1/ starts nothing
+            _check_query(scope)
             caller = self._caller(scope)
             key_label = caller.name
             body = await self._read_body(scope, receive)
@@ -233,6 +233,7 @@ class _Request:
         self._silence: asyncio.TimerHandle | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.progress: progress.Reporter | None = None  # the opt-in waking progress shown, until the engine answers
+        self.upstream: upstream.Connection | None = None  # the engine's connection, once the request is sent
 
     @property
     def client_gone(self) -> bool:
@@ -397,8 +398,8 @@ class _Request:
     async def _forward(self, endpoint: Endpoint) -> None:
         settings = self.proxy._settings
         spec = endpoint.spec
-        url = _engine_url(endpoint.api_base, self.path, self.scope.get("query_string"))
-        headers = []
+        address, host, target = _engine_target(endpoint.api_base, self.path, self.scope.get("query_string"))
+        headers: list[tuple[bytes, bytes]] = []
         listed: list[bytes] = []
         typed = encodings = False
         for k, v in self.scope["headers"]:
@@ -410,38 +411,56 @@ class _Request:
                 typed = True
             elif k == b"accept-encoding":
                 encodings = True
-            headers.append((k.decode("latin-1"), v.decode("latin-1")))
+            headers.append((k, v))
         if listed and (options := _connection_options(listed)):
-            headers = [(k, v) for k, v in headers if k.encode("latin-1") not in options]
-            typed = any(k == "content-type" for k, _ in headers)
-            encodings = any(k == "accept-encoding" for k, _ in headers)
-        # Said outright rather than left to the client library (its defaults: octet-stream, gzip): the
-        # body is JSON, and bytes come back as the engine sends them, so no compression unless asked for.
+            headers = [(k, v) for k, v in headers if k not in options]
+            typed = any(k == b"content-type" for k, _ in headers)
+            encodings = any(k == b"accept-encoding" for k, _ in headers)
+        # Said outright rather than left to a client library's defaults (octet-stream, gzip): the body is JSON, and
+        # bytes come back as the engine sends them, so no compression unless asked for.
         if not typed:
-            headers.append(("Content-Type", "application/json"))
+            headers.append((b"content-type", b"application/json"))
         if not encodings:
-            headers.append(("Accept-Encoding", "identity"))
+            headers.append((b"accept-encoding", b"identity"))
         if spec.api_key:
-            headers.append(("Authorization", f"Bearer {spec.api_key}"))
-        # The engine's silence is bounded by one timer per request, re-armed only when it fires early
-        # (aiohttp's sock_read re-arms a timer on every read: ~8% of a stream's relay cost).
+            try:
+                headers.append((b"authorization", _bearer(spec.api_key)))
+            except ApiError as exc:
+                await self.fail(exc)
+                return
+        # The engine's silence is bounded by one timer per request, re-armed only when it fires early.
         loop = asyncio.get_running_loop()
         self.last_read = loop.time()
         if settings.upstream_read_timeout:
             self._silence = loop.call_later(settings.upstream_read_timeout, self._check_silence)
+        pool = self.proxy._pool()
         try:
-            data, length = _upstream_body(self.body)
-            if length is not None:
-                headers.append(("Content-Length", length))
-            async with self.proxy._session().post(url, data=data, headers=headers) as resp:
-                await self._relay(resp, spec.name, loop)
+            resp = await pool.request(address, upstream.request_head(target, host, headers, len(self.body)),
+                                      self.body)
         except TimeoutError:  # connecting took longer than upstream_connect_timeout
+            self._stop_silence()
             await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
-        except aiohttp.ClientError as exc:
-            await self.fail(errors.upstream_unreachable(spec.name, str(exc) or type(exc).__name__))
+            return
+        except upstream.UpstreamError as exc:
+            self._stop_silence()
+            await self.fail(errors.upstream_unreachable(spec.name, str(exc)))
+            return
+        except BaseException:
+            self._stop_silence()
+            raise
+        self.upstream = resp
+        try:
+            await self._relay(resp, loop)
+        except upstream.UpstreamError as exc:
+            await self.fail(errors.upstream_unreachable(spec.name, str(exc)))
         finally:
-            if self._silence is not None:
-                self._silence.cancel()
+            # Back to the pool only after a whole answer; else closed, and the engine sees its client leave.
+            pool.release(resp)
+            self._stop_silence()
+
+    def _stop_silence(self) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
 
     def _check_silence(self) -> None:
         timeout = self.proxy._settings.upstream_read_timeout
@@ -449,15 +468,17 @@ class _Request:
         if self.last_read is None:  # waiting on the client: the engine's silence starts once the send is done
             self._silence = loop.call_later(timeout, self._check_silence)
             return
-        quiet = loop.time() - self.last_read
+        # The engine's last bytes: the relay does not note each one (a spliced body never passes through it).
+        heard = self.last_read if self.upstream is None else max(self.last_read, self.upstream.received_at)
+        quiet = loop.time() - heard
         if quiet < timeout:
             self._silence = loop.call_later(timeout - quiet, self._check_silence)
         elif self.task is not None:
             self.interrupt(self.task, "silent")
 
-    async def _relay(self, resp: aiohttp.ClientResponse, model: str, loop: asyncio.AbstractEventLoop) -> None:
+    async def _relay(self, resp: upstream.Connection, loop: asyncio.AbstractEventLoop) -> None:
         # The silence timer measures only waits on the engine: `last_read` is None around every send (a client that
-        # reads slowly holds it up), and set anew before each read. Guarded by tests/integration/
+        # reads slowly holds it up), and set anew after it. Guarded by tests/integration/
         # test_proxy_hardening.py::test_a_client_that_stops_reading_is_not_an_engine_that_went_silent.
         now = loop.time
         if self.started:
@@ -470,9 +491,9 @@ class _Request:
                 return
         else:
             drop = _NOT_DOWNSTREAM
-            if listed := resp.headers.getall("Connection", ()):
-                drop = drop | _connection_options(v.encode("latin-1") for v in listed)
-            headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in drop]
+            if listed := [v for k, v in resp.headers if k.lower() == b"connection"]:
+                drop = drop | _connection_options(listed)
+            headers = [(k, v) for k, v in resp.headers if k.lower() not in drop]
             self.last_read = None
             await self._start_response(resp.status, headers)
         self.last_read = now()
@@ -485,21 +506,47 @@ class _Request:
             if body:
                 self.ttfb = time.monotonic() - self.arrived
             return
-        # Per chunk: one read of whatever has arrived, one send (readany, not iter_any: no iterator
-        # object in between; the first chunk apart so that the loop checks nothing).
-        content, send = resp.content, self.send
-        chunk = await content.readany()
-        if chunk:
-            self.last_read = None
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            self.last_read = now()
-            self.ttfb = time.monotonic() - self.arrived  # the first engine bytes (keep-alives don't count)
-            while chunk := await content.readany():
+        client = _client_stream(self.send)
+        if client is not None:
+            await self._splice(resp, *client, loop)
+        else:
+            # Per chunk: one read of whatever has arrived, one send.
+            send = self.send
+            while chunk := await resp.readany():
                 self.last_read = None
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.last_read = now()
+                if self.ttfb is None:
+                    self.ttfb = time.monotonic() - self.arrived  # the first engine bytes (keep-alives don't count)
         self.finished = True
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _splice(self, resp: upstream.Connection, transport: asyncio.Transport, flow: Any,
+                      loop: asyncio.AbstractEventLoop) -> None:
+        """The body written to the client's socket, as a chunk of the response's chunked encoding, from the callback
+        that read it from the engine's: no turn of the event loop, task or message in between (`_client_stream`).
+        A client that reads slower than the engine writes fills its socket's buffer; then the engine's is not read
+        until the client's has drained (the engine's own writes block: backpressure end to end)."""
+        arrived = self.arrived
+
+        def write(data: bytes) -> None:
+            if transport.is_closing():  # the client left: the disconnect watch cancels the request
+                return
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if self.ttfb is None:
+                self.ttfb = time.monotonic() - arrived  # the first engine bytes (keep-alives don't count)
+            if flow.write_paused:
+                resp.pause_reading()
+                resp.notify()
+
+        resp.splice(write)
+        while not resp.complete:
+            await resp.wait()
+            if flow.write_paused and not resp.complete:
+                self.last_read = None
+                await flow.drain()
+                self.last_read = loop.time()
+                resp.resume_reading()
 
     async def _start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
@@ -544,12 +591,32 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], reque
             return
 
 
-async def _engine_error(resp: aiohttp.ClientResponse) -> ApiError:
+async def _engine_error(resp: upstream.Connection) -> ApiError:
     text = (await resp.read()).decode(errors="replace")
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         message = json.loads(text)["error"]["message"]
         return ApiError(resp.status, message, type="upstream_error")
     return ApiError(resp.status, text[:2000] or f"engine answered {resp.status}", type="upstream_error")
+
+
+def _client_stream(send: Send) -> tuple[asyncio.Transport, Any] | None:
+    """The client's socket and uvicorn's flow control for it, when a body may be written to it directly (`_Request.
+    _splice`): the server is uvicorn's httptools protocol (`sparkgate serve` runs it) and the response it started is
+    in chunked encoding (the engine said no Content-Length). Else None, and the body goes through ASGI's `send`."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle:
+        return None
+    if cycle.chunked_encoding is not True or cycle.response_complete or cycle.disconnected:
+        return None
+    return cycle.transport, cycle.flow
+
+
+def _check_query(scope: Scope) -> None:
+    """A 400 for a query string that could not be written into the request line to the engine as it was sent."""
+    query = scope.get("query_string")
+    if query and _QUERY.fullmatch(query) is None:
+        raise ApiError(400, "The query string has spaces, control characters or bytes that are not ASCII: "
+                       "percent-encode them.", code="invalid_query")
 
 
 def _engine_path(scope: Scope) -> str:
@@ -566,20 +633,31 @@ def _engine_path(scope: Scope) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _engine_base(api_base: str) -> tuple[URL, str]:
-    """An engine's API base, parsed once: the URL and its path without a trailing slash."""
-    base = URL(api_base)
-    return base, base.raw_path.rstrip("/")
+def _engine_base(api_base: str) -> tuple[upstream.Address, bytes, bytes]:
+    """An engine's API base, parsed once: its address, its Host header, and its path without a trailing slash."""
+    url = urlsplit(api_base)
+    tls = url.scheme == "https"
+    host = url.hostname or "127.0.0.1"
+    port = url.port or (443 if tls else 80)
+    return (host, port, tls), url.netloc.rpartition("@")[2].encode("idna"), url.path.rstrip("/").encode()
 
 
-def _engine_url(api_base: str, path: str, query: bytes | None) -> URL:
-    """The engine's URL for a request: its API base's path, then the request's validated path, both kept encoded
-    (built from parts: a concatenated string would be parsed again, and its dot segments resolved)."""
-    base, prefix = _engine_base(api_base)
-    if not query:
-        return base.with_path(prefix + path, encoded=True)
-    return URL.build(scheme=base.scheme, authority=base.raw_authority, path=prefix + path,
-                     query_string=query.decode("latin-1"), encoded=True)
+def _engine_target(api_base: str, path: str, query: bytes | None) -> tuple[upstream.Address, bytes, bytes]:
+    """The engine's address, Host header and request target for a request: its API base's path, then the request's
+    validated path, both kept encoded, then the query as sent."""
+    address, host, prefix = _engine_base(api_base)
+    target = prefix + path.encode("ascii")
+    if query:  # checked by `_check_query` before anything started
+        target += b"?" + query
+    return address, host, target
+
+
+def _bearer(key: str) -> bytes:
+    value = b"Bearer " + key.encode()
+    if b"\r" in value or b"\n" in value:  # never a second header line in the request to the engine
+        raise ApiError(500, "the model's api_key holds a line break", type="server_error",
+                       code="invalid_api_key_config")
+    return value
 
 
 def _connection_options(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -649,18 +727,6 @@ def _with_model(body: bytes | bytearray, model: str) -> bytes | bytearray:
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     except RecursionError:  # parsed just under the limit, from a shallower stack than this one
         raise errors.bad_json("nested too deeply") from None
-
-
-def _upstream_body(body: bytes | bytearray) -> tuple[Any, str | None]:
-    """What `_forward` gives aiohttp for `body`, and the Content-Length to say when aiohttp can't tell it."""
-    if len(body) <= _WHOLE_BODY:
-        return body, None
-    return _pieces(memoryview(body)), str(len(body))
-
-
-async def _pieces(view: memoryview) -> AsyncIterator[memoryview]:
-    for start in range(0, len(view), _UPLOAD_PIECE):
-        yield view[start:start + _UPLOAD_PIECE]
 
 
 def _sse_error(path: str, error: ApiError) -> bytes:

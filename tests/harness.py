@@ -57,8 +57,10 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def run_gateway(
-    config_dir: Path, probes: dict[str, Any] | None = None, **settings: Any
+    config_dir: Path, probes: dict[str, Any] | None = None, *, http: str = "httptools", **settings: Any
 ) -> AsyncIterator[Gateway]:
+    """`http`: uvicorn's HTTP protocol, "httptools" as `sparkgate serve` runs it, or "h11" (the proxy relays a
+    stream's body through ASGI's send there: gateway/proxy.py `_client_stream`)."""
     # One Docker "instance" per test process: concurrent test runs on one daemon leave each other alone.
     settings.setdefault("instance", f"test-{os.getpid()}")
     settings.setdefault("stats_db", config_dir / ".stats.sqlite3")  # never the user's own stats file
@@ -68,7 +70,7 @@ async def run_gateway(
     waker = build_waker(gateway_settings, load_dir(config_dir), probes)
     app = create_app(gateway_settings, waker=waker)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                            http="httptools", loop="asyncio")
+                            http=http, loop="asyncio")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:  # uvicorn offers no event for "listening"

@@ -42,7 +42,8 @@ def _engine(pieces: list[bytes], received: asyncio.Queue[int], headers_seen: asy
     return app
 
 
-async def test_headers_and_each_piece_reach_the_client_before_the_engine_sends_more(tmp_path: Path) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])  # spliced to the client's socket; relayed through ASGI
+async def test_headers_and_each_piece_reach_the_client_before_the_engine_sends_more(tmp_path: Path, http: str) -> None:
     # A role chunk, one token of a single byte (the smallest write an engine makes), a token split inside its
     # event, then [DONE]: each must come through alone, as it was sent.
     pieces = [b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', b"d", b'ata: {"choices":[]}\n\n',
@@ -51,7 +52,7 @@ async def test_headers_and_each_piece_reach_the_client_before_the_engine_sends_m
     headers_seen, finished = asyncio.Event(), asyncio.Event()
     async with serve_app(_engine(pieces, received, headers_seen, finished)) as port:
         models = write_models(tmp_path, {"name": "remote", "runtime": "external", "url": f"http://127.0.0.1:{port}/v1"})
-        async with run_gateway(models) as gw, httpx.AsyncClient(timeout=LIMIT) as client:
+        async with run_gateway(models, http=http) as gw, httpx.AsyncClient(timeout=LIMIT) as client:
             async with client.stream("POST", gw.v1 + "/chat/completions", json=CHAT) as resp:
                 # The engine's status and headers arrived while it sends nothing more.
                 assert resp.status_code == 200

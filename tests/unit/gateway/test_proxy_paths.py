@@ -5,7 +5,7 @@ import time
 import pytest
 
 from gateway.errors import ApiError
-from gateway.proxy import _connection_options, _engine_path, _engine_url
+from gateway.proxy import _check_query, _connection_options, _engine_path, _engine_target
 
 
 def scope(raw_path: bytes, path: str = "/v1/decoded") -> dict[str, object]:
@@ -54,18 +54,35 @@ def test_a_long_path_that_fails_at_its_end_is_refused_in_linear_time() -> None:
     assert time.perf_counter() - began < 0.5  # a backtracking pattern takes minutes on 30 characters
 
 
-@pytest.mark.parametrize(("api_base", "path", "query", "url"), [
-    ("http://127.0.0.1:8000/v1", "/chat/completions", b"", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("http://127.0.0.1:8000/v1/", "/chat/completions", None, "http://127.0.0.1:8000/v1/chat/completions"),
-    ("http://h:1/engine/v1", "/a%3Bb", b"x=%2e%2e&y=a%20b", "http://h:1/engine/v1/a%3Bb?x=%2e%2e&y=a%20b"),
-    ("http://h:1", "/chat/completions", None, "http://h:1/chat/completions"),
-    ("http://[::1]:8000/v1", "/embeddings", None, "http://[::1]:8000/v1/embeddings"),
+@pytest.mark.parametrize(("api_base", "path", "query", "address", "host", "target"), [
+    ("http://127.0.0.1:8000/v1", "/chat/completions", b"", ("127.0.0.1", 8000, False), b"127.0.0.1:8000",
+     b"/v1/chat/completions"),
+    ("http://127.0.0.1:8000/v1/", "/chat/completions", None, ("127.0.0.1", 8000, False), b"127.0.0.1:8000",
+     b"/v1/chat/completions"),
+    ("http://h:1/engine/v1", "/a%3Bb", b"x=%2e%2e&y=a%20b", ("h", 1, False), b"h:1",
+     b"/engine/v1/a%3Bb?x=%2e%2e&y=a%20b"),
+    ("http://h:1", "/chat/completions", None, ("h", 1, False), b"h:1", b"/chat/completions"),
+    ("http://[::1]:8000/v1", "/embeddings", None, ("::1", 8000, False), b"[::1]:8000", b"/v1/embeddings"),
+    ("https://api.example.com/v1", "/embeddings", None, ("api.example.com", 443, True), b"api.example.com",
+     b"/v1/embeddings"),
+    ("http://user:pw@h/v1", "/embeddings", None, ("h", 80, False), b"h", b"/v1/embeddings"),
 ])
-def test_engine_url_is_built_from_parts_and_keeps_the_bytes(api_base: str, path: str, query: bytes | None,
-                                                            url: str) -> None:
-    built = _engine_url(api_base, path, query)
-    assert str(built) == url
-    assert built.raw_path_qs == "/" + url.split("/", 3)[3]  # as sent, not re-quoted
+def test_the_engine_target_is_built_from_parts_and_keeps_the_bytes(
+        api_base: str, path: str, query: bytes | None, address: tuple[str, int, bool], host: bytes,
+        target: bytes) -> None:
+    assert _engine_target(api_base, path, query) == (address, host, target)
+
+
+@pytest.mark.parametrize("query", [b"a=b c", b"a=\r\nX-Injected: 1", b"a=\x00", b"a=\xc3\xa9", b"a=\x7f"])
+def test_a_query_that_could_not_be_written_as_sent_is_a_400(query: bytes) -> None:
+    with pytest.raises(ApiError) as refused:
+        _check_query({"query_string": query})
+    assert refused.value.status == 400
+
+
+def test_a_printable_query_passes() -> None:
+    _check_query({"query_string": b"api-version=2024-02-01&x=%20%2F"})
+    _check_query({"query_string": b""})
 
 
 def test_connection_options_are_lowercased_names_of_every_connection_header() -> None:
