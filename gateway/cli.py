@@ -2,7 +2,6 @@
 
 import argparse
 import contextlib
-import gc
 import logging
 import os
 import socket
@@ -282,8 +281,6 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            if os.environ.get("SPARKGATE_GC_EXPERIMENT", "1") == "1":
-                _settle_garbage_collection()
             self._notifier.notify("READY=1")
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -298,16 +295,6 @@ class _Server(uvicorn.Server):
             # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down gracefully, so the
             # process would die by the signal (status 143); a drained shutdown is a clean exit (0).
             self._captured_signals.clear()
-
-
-def _settle_garbage_collection() -> None:
-    """What the gateway built to start (modules, the app, settings, models: most of its objects) is moved out of the
-    collector's sight (`gc.freeze`), so that a full collection in the middle of a request walks only what requests
-    made; and young collections run every 10000 new objects instead of 700 (a request makes a few hundred, so a
-    collection came every few requests, each a pause on the request it landed in: bench/RESULTS.md, issue 20)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def _loop() -> str:
