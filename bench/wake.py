@@ -8,7 +8,8 @@ keys (admin routes open).
 1. The engine's own ready time: fake_engine.py started directly, /health polled every 5 ms until 200,
    N times: from spawn to ready (process start + imports + R).
 2. N rounds of: `POST /admin/models/{m}/stop`, then a streaming request through the gateway, timed
-   from send to the first body byte (TTFB). Overhead = when that first byte arrived minus when the engine
+   from send to the first body byte (TTFB); the gateway runs with keepalive_interval 0, so that a waiting stream
+   gets no early 200 and comments (its first byte is the engine's). Overhead = when that first byte arrived minus when the engine
    became ready (its `X-Fake-Ready-At` header: the wall-clock moment its /health turned 200; same machine),
    so spawn-time noise between runs doesn't enter it (step 1's median is only the fallback).
 3. Herd: stop the model, fire --herd concurrent streaming requests at once; report the engine starts
@@ -196,7 +197,9 @@ def main() -> None:
         cfg.mkdir()
         (cfg / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
         port = free_port()
-        gw = start_gateway(cfg, port, keys=False, log=a.log)
+        # No early 200 and keep-alive comments for a stream that waits (SPARKGATE_KEEPALIVE_INTERVAL=0): the first
+        # byte is then the engine's, and its X-Fake-Ready-At header comes through with its status.
+        gw = start_gateway(cfg, port, keys=False, log=a.log, extra_env={"SPARKGATE_KEEPALIVE_INTERVAL": "0"})
         try:
             res = asyncio.run(run(a, f"http://127.0.0.1:{port}", own))
         finally:
