@@ -73,6 +73,7 @@ class _Conn(asyncio.Protocol):
         self.head: asyncio.Future[int] | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.complete = False
+        self.keep_alive = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -99,6 +100,9 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Asked here: once the parser returns it has reset for the next message (asked after, it said no, and every
+        # request opened a new connection: what made the first measurements of --raw slow).
+        self.keep_alive = self.parser.should_keep_alive()
         self._wake()
 
     def _wake(self) -> None:
@@ -121,6 +125,41 @@ class _Conn(asyncio.Protocol):
         return b"".join(chunks)
 
 
+async def _request(scope: Message, receive: Callable[[], Awaitable[Message]], host: str, port: int,
+                   idle: list[_Conn], factory: Callable[[], _Conn]) -> tuple[_Conn, int, list[tuple[bytes, bytes]]]:
+    """The request's body read and sent on a kept connection (or a new one from `factory`): the connection, the
+    answer's status and the headers to send on."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
+    head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
+    head.append(b"content-length: %d\r\n\r\n" % len(body))
+    if idle:
+        conn = idle.pop()
+    else:
+        _, conn = await asyncio.get_running_loop().create_connection(factory, host, port)
+    status = await conn.request(b"".join(head) + body)
+    out = [(k, v) for k, v in conn.headers if k.lower() not in (b"connection", b"transfer-encoding")]
+    return conn, status, out
+
+
+def _done(conn: _Conn, idle: list[_Conn]) -> None:
+    if conn.keep_alive and conn.transport is not None and not conn.transport.is_closing():
+        idle.append(conn)
+    elif conn.transport is not None:
+        conn.transport.close()
+
+
+async def _lifespan(receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]) -> None:
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
     url = urlsplit(upstream)
     host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -129,36 +168,16 @@ def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
     async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
                   send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await _lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
-        head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
-        head.append(b"content-length: %d\r\n\r\n" % len(body))
-        if idle:
-            conn = idle.pop()
-        else:
-            _, conn = await asyncio.get_running_loop().create_connection(lambda: _Conn(idle), host, port)
-        status = await conn.request(b"".join(head) + body)
-        out = [(k, v) for k, v in conn.headers if k.lower() not in (b"connection", b"transfer-encoding")]
+        conn, status, out = await _request(scope, receive, host, port, idle, lambda: _Conn(idle))
         await send({"type": "http.response.start", "status": status, "headers": out})
         while chunk := await conn.read():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
-            idle.append(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        _done(conn, idle)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
-
 
 class _SpliceConn(_Conn):
     """A raw upstream connection whose body bytes go to the client's transport from the parser's callback (no task
@@ -183,35 +202,17 @@ def make_splice_app(upstream: str) -> Callable[..., Awaitable[None]]:
     async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
                   send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await _lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
-        head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
-        head.append(b"content-length: %d\r\n\r\n" % len(body))
-        if idle:
-            conn = idle.pop()
-        else:
-            _, conn = await asyncio.get_running_loop().create_connection(lambda: _SpliceConn(idle), host, port)
+        conn, status, out = await _request(scope, receive, host, port, idle, lambda: _SpliceConn(idle))
         assert isinstance(conn, _SpliceConn)
-        conn.sink = None
-        status = await conn.request(b"".join(head) + body)
-        out = [(k, v) for k, v in conn.headers if k.lower() not in (b"connection", b"transfer-encoding")]
         await send({"type": "http.response.start", "status": status, "headers": out})
         if any(k.lower() == b"content-length" for k, _ in conn.headers):  # a plain answer: whole, through ASGI
             while not conn.complete:
                 conn.waiter = asyncio.get_running_loop().create_future()
                 await conn.waiter
             pending, conn.chunks = b"".join(conn.chunks), []
-            if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
-                idle.append(conn)
+            _done(conn, idle)
             await send({"type": "http.response.body", "body": pending, "more_body": False})
             return
         sink = send.__self__.transport  # type: ignore[attr-defined]  # uvicorn's RequestResponseCycle
@@ -223,14 +224,10 @@ def make_splice_app(upstream: str) -> Callable[..., Awaitable[None]]:
             conn.waiter = asyncio.get_running_loop().create_future()
             await conn.waiter
         conn.sink = None
-        if conn.parser.should_keep_alive() and conn.transport is not None and not conn.transport.is_closing():
-            idle.append(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        _done(conn, idle)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

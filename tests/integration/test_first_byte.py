@@ -7,6 +7,7 @@ failing at its time limit; a fast gateway and a slow one pass alike, which is wh
 """
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,16 @@ def _engine(pieces: list[bytes], received: asyncio.Queue[int], headers_seen: asy
     return app
 
 
+async def _read_each_piece(chunks: AsyncIterator[bytes], pieces: list[bytes], received: asyncio.Queue[int]) -> None:
+    """Read each piece whole (as sent, nothing more), then tell the engine it may send the next."""
+    for index, piece in enumerate(pieces):
+        got = b""
+        while len(got) < len(piece):
+            got += await asyncio.wait_for(anext(chunks), LIMIT)
+        assert got == piece, (index, got)
+        received.put_nowait(index)
+
+
 @pytest.mark.parametrize("http", ["httptools", "h11"])  # spliced to the client's socket; relayed through ASGI
 async def test_headers_and_each_piece_reach_the_client_before_the_engine_sends_more(tmp_path: Path, http: str) -> None:
     # A role chunk, one token of a single byte (the smallest write an engine makes), a token split inside its
@@ -59,12 +70,7 @@ async def test_headers_and_each_piece_reach_the_client_before_the_engine_sends_m
                 assert resp.headers["content-type"].startswith("text/event-stream")
                 headers_seen.set()
                 chunks = resp.aiter_raw()
-                for index, piece in enumerate(pieces):
-                    got = b""
-                    while len(got) < len(piece):
-                        got += await asyncio.wait_for(anext(chunks), LIMIT)
-                    assert got == piece, (index, got)
-                    received.put_nowait(index)
+                await _read_each_piece(chunks, pieces, received)
                 assert [chunk async for chunk in chunks] == []
             await asyncio.wait_for(finished.wait(), LIMIT)
 
@@ -84,11 +90,5 @@ async def test_the_first_byte_is_relayed_at_once_while_the_disconnect_watch_runs
             async with client.stream("POST", gw.v1 + "/chat/completions", json=CHAT) as resp:
                 assert resp.status_code == 200
                 headers_seen.set()
-                chunks = resp.aiter_raw()
-                for index, piece in enumerate(pieces):
-                    got = b""
-                    while len(got) < len(piece):
-                        got += await asyncio.wait_for(anext(chunks), LIMIT)
-                    assert got == piece
-                    received.put_nowait(index)
+                await _read_each_piece(resp.aiter_raw(), pieces, received)
             await asyncio.wait_for(finished.wait(), LIMIT)
