@@ -179,6 +179,7 @@ def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
 
     return app
 
+
 class _SpliceConn(_Conn):
     """A raw upstream connection whose body bytes go to the client's transport from the parser's callback (no task
     wake per chunk, no ASGI message): what relaying costs without aiohttp's StreamReader and uvicorn's send."""

@@ -9,9 +9,9 @@ keys (admin routes open).
    N times: from spawn to ready (process start + imports + R).
 2. N rounds of: `POST /admin/models/{m}/stop`, then a streaming request through the gateway, timed
    from send to the first body byte (TTFB); the gateway runs with keepalive_interval 0, so that a waiting stream
-   gets no early 200 and comments (its first byte is the engine's). Overhead = when that first byte arrived minus when the engine
-   became ready (its `X-Fake-Ready-At` header: the wall-clock moment its /health turned 200; same machine),
-   so spawn-time noise between runs doesn't enter it (step 1's median is only the fallback).
+   gets no early 200 and comments (its first byte is the engine's). Overhead = when that first byte arrived
+   minus when the engine became ready (its `X-Fake-Ready-At` header: the wall-clock moment its /health turned
+   200; same machine), so spawn-time noise between runs doesn't enter it (step 1's median is only the fallback).
 3. Herd: stop the model, fire --herd concurrent streaming requests at once; report the engine starts
    (`sparkgate_cold_starts_total` delta on /metrics and `transition` events to "starting" on
    `/admin/events?recent=1000`) and the complete answers. Expected: exactly 1 start, all answered.

@@ -7,6 +7,7 @@ status, headers and body are passed through chunk by chunk, untouched: no assump
 """
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -15,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
@@ -398,7 +399,13 @@ class _Request:
     async def _forward(self, endpoint: Endpoint) -> None:
         settings = self.proxy._settings
         spec = endpoint.spec
-        address, host, target = _engine_target(endpoint.api_base, self.path, self.scope.get("query_string"))
+        try:
+            address, host, target, credentials = _engine_target(endpoint.api_base, self.path,
+                                                                self.scope.get("query_string"))
+        except (ValueError, UnicodeError) as exc:  # a URL in models.d that is not one: the model's, not the client's
+            await self.fail(errors.upstream_unreachable(spec.name,
+                                                        f"its URL {endpoint.api_base!r} is not valid: {exc}"))
+            return
         headers: list[tuple[bytes, bytes]] = []
         listed: list[bytes] = []
         typed = encodings = False
@@ -428,6 +435,8 @@ class _Request:
             except ApiError as exc:
                 await self.fail(exc)
                 return
+        elif credentials is not None:  # user:password@ in the engine's URL
+            headers.append((b"authorization", credentials))
         # The engine's silence is bounded by one timer per request, re-armed only when it fires early.
         loop = asyncio.get_running_loop()
         self.last_read = loop.time()
@@ -546,7 +555,8 @@ class _Request:
                 self.last_read = None
                 await flow.drain()
                 self.last_read = loop.time()
-                resp.resume_reading()
+            # Also when the client's socket drained before this task ran: the engine's was paused all the same.
+            resp.resume_reading()
 
     async def _start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
@@ -633,23 +643,32 @@ def _engine_path(scope: Scope) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _engine_base(api_base: str) -> tuple[upstream.Address, bytes, bytes]:
-    """An engine's API base, parsed once: its address, its Host header, and its path without a trailing slash."""
+def _engine_base(api_base: str) -> tuple[upstream.Address, bytes, bytes, bytes | None]:
+    """An engine's API base, parsed once: its address, its Host header, its path without a trailing slash
+    (percent-encoded where it is not ASCII), and the Basic credentials its URL holds, if any (a ValueError for a port
+    that is not one)."""
     url = urlsplit(api_base)
     tls = url.scheme == "https"
     host = url.hostname or "127.0.0.1"
     port = url.port or (443 if tls else 80)
-    return (host, port, tls), url.netloc.rpartition("@")[2].encode("idna"), url.path.rstrip("/").encode()
+    authority = url.netloc.rpartition("@")[2].encode("idna")
+    path = quote(url.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~").encode("ascii")
+    credentials = None
+    if url.username is not None:
+        user_password = f"{unquote(url.username)}:{unquote(url.password or '')}"
+        credentials = b"Basic " + base64.b64encode(user_password.encode())
+    return (host, port, tls), authority, path, credentials
 
 
-def _engine_target(api_base: str, path: str, query: bytes | None) -> tuple[upstream.Address, bytes, bytes]:
-    """The engine's address, Host header and request target for a request: its API base's path, then the request's
-    validated path, both kept encoded, then the query as sent."""
-    address, host, prefix = _engine_base(api_base)
+def _engine_target(api_base: str, path: str, query: bytes | None) -> tuple[upstream.Address, bytes, bytes,
+                                                                              bytes | None]:
+    """The engine's address, Host header, request target and credentials for a request: its API base's path, then
+    the request's validated path, both kept encoded, then the query as sent."""
+    address, host, prefix, credentials = _engine_base(api_base)
     target = prefix + path.encode("ascii")
     if query:  # checked by `_check_query` before anything started
         target += b"?" + query
-    return address, host, target
+    return address, host, target, credentials
 
 
 def _bearer(key: str) -> bytes:

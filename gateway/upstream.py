@@ -14,8 +14,11 @@ never after an error or a cancellation (the engine then sees its client leave an
 kept connection that the engine closed meanwhile (an engine's keep-alive timeout racing the request) is sent once
 more on a new connection, when nothing of an answer had come: a closed idle connection had not taken the request.
 The engine's body is held up to `HIGH_WATER` bytes while its reader lags, then the socket is not read until the
-reader has taken it (the engine's own send blocks: backpressure end to end). Interim 1xx answers are skipped. A body
-that neither Content-Length nor chunked encoding delimits ends when the engine closes (RFC 9112 6.3).
+reader has taken it (the engine's own send blocks: backpressure end to end); `read`, which takes the body only at its
+end, is never paused. Interim 1xx answers are skipped; trailer fields are not headers; bytes after a whole answer
+change nothing of it and the connection is not kept. A body that neither Content-Length nor chunked encoding delimits
+ends when the engine closes (RFC 9112 6.3), not when it resets the connection. Guarded by tests/unit/test_upstream.py
+and tests/integration/test_upstream_hostile.py.
 """
 
 import asyncio
@@ -72,6 +75,7 @@ class Connection(asyncio.Protocol):
         self._buffer: list[bytes] = []
         self._size = 0
         self._reading_paused = False
+        self._whole = False  # `read` takes the body at its end: never paused at the high-water mark meanwhile
         self._waiter: asyncio.Future[None] | None = None
         self._notified = False
         self._sink: Sink | None = None
@@ -89,8 +93,9 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._pool.forget(self)
         if self.busy and not self.complete:
-            if self.head_done and self.content_length is None and not self._chunked and not self._interim:
-                self.complete = True  # a body delimited by the close (RFC 9112 6.3, item 8)
+            if exc is None and self.head_done and self.content_length is None and not self._chunked \
+                    and not self._interim:
+                self.complete = True  # a body delimited by the close (RFC 9112 6.3, item 8); a reset is no end
             elif self.error is None:
                 reason = f": {exc}" if exc else ""
                 self.error = UpstreamError(f"the engine closed the connection before the end of its answer{reason}"
@@ -128,11 +133,15 @@ class Connection(asyncio.Protocol):
     # httptools' callbacks
 
     def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the whole answer: no answer to anything sent; the connection is not kept
+            raise UpstreamError("the engine sent more than its answer")
         self.headers = []
         self.content_length = None
         self._chunked = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:  # a trailer field, after a chunked body: never one of the head's (RFC 9110 6.5.1)
+            return
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-length":
@@ -149,6 +158,8 @@ class Connection(asyncio.Protocol):
         self.head_done = True
         if self._chunked:
             self.content_length = None
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # an early answer to an upload: `send` stops, though the engine reads no more
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -157,7 +168,7 @@ class Connection(asyncio.Protocol):
             return
         self._buffer.append(body)
         self._size += len(body)
-        if self._size > HIGH_WATER and not self._reading_paused and self.transport is not None:
+        if self._size > HIGH_WATER and not self._reading_paused and not self._whole and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -223,7 +234,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body (held whole: nobody would take part of it before its end to resume a paused socket)."""
+        self._whole = True
         while not self.complete:
             self._resume_reading()
             await self._wait()
@@ -245,7 +257,8 @@ class Connection(asyncio.Protocol):
         return data
 
     def _resume_reading(self) -> None:
-        if self._reading_paused and self._size < LOW_WATER and not self.closed and self.transport is not None:
+        if self._reading_paused and (self._size < LOW_WATER or self._whole) and not self.closed \
+                and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -269,14 +282,17 @@ class Connection(asyncio.Protocol):
         self._resume_reading()
 
     def _fail(self, message: str) -> None:
-        if self.error is None:
+        if self.error is None and not self.complete:  # a whole answer stands: what came after it costs the connection
             self.error = UpstreamError(message)
         self.close()
         self._wake()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # unsent bytes of a request: close() would wait for an engine that reads no more
+            else:
+                self.transport.close()
         self.closed = True
         self._pool.forget(self)
 
@@ -294,6 +310,7 @@ class Pool:
         self._max_idle = max_idle
         self._idle: dict[Address, list[Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._closed = False  # the gateway stops: what comes back is closed, not kept
 
     async def request(self, address: Address, head: bytes, body: bytes | bytearray | memoryview) -> Connection:
         """Send the request on a kept connection to `address`, or a new one; the connection, with the answer's head.
@@ -323,22 +340,30 @@ class Pool:
 
     def release(self, conn: Connection) -> None:
         """The connection back to the pool if its answer is complete and the engine keeps it, else closed."""
-        if not conn.reusable():
+        if not conn.reusable() or self._closed:
             conn.close()
             return
+        if conn._reading_paused and conn.transport is not None:
+            conn.transport.resume_reading()  # paused by its last reader as the answer ended: kept, it must read again
         conn._reset()
-        conn.idle_since = time.monotonic()
-        idle = self._idle.setdefault(conn.address, [])
-        if len(idle) >= self._max_idle:
-            idle.pop(0).close()
-        idle.append(conn)
+        now = time.monotonic()
+        conn.idle_since = now
+        idle = self._idle.get(conn.address, [])
+        # The oldest first: those past the idle timeout, and one over the limit, are closed.
+        while idle and (len(idle) >= self._max_idle or now - idle[0].idle_since >= self._idle_timeout):
+            idle[0].close()  # forget() takes it off the list (and the list off the pool once empty)
+        self._idle.setdefault(conn.address, []).append(conn)
 
     def forget(self, conn: Connection) -> None:
         idle = self._idle.get(conn.address)
         if idle and conn in idle:
             idle.remove(conn)
+            if not idle:
+                del self._idle[conn.address]
 
     def close(self) -> None:
+        """Close the idle connections; those in use are closed when they come back."""
+        self._closed = True
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 conn.close()
@@ -349,7 +374,10 @@ class Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self._idle_timeout:
+            if not conn.closed and now - conn.idle_since < self._idle_timeout and conn.transport is not None \
+                    and not conn.transport.is_closing():
+                if not idle:
+                    del self._idle[address]
                 return conn
             conn.close()
         return None
@@ -365,8 +393,10 @@ class Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(lambda: Connection(self, address), host, port, **extra)
-        except TimeoutError:
-            raise
+        except TimeoutError as exc:
+            if exc.errno is None:  # our connect timeout; the kernel's own (ETIMEDOUT) is an unreachable engine
+                raise
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}"
                                 if isinstance(exc, OSError) and exc.strerror else

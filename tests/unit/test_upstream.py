@@ -3,25 +3,21 @@ what is kept and what is closed."""
 
 import asyncio
 import contextlib
+import socket
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 
-from gateway import upstream
+from gateway import proxy, upstream
+from tests.raw_engine import read_request
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    """One request's head and body (Content-Length), b"" when the client closed."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return b""
-    lines = head.lower().split(b"\r\n")
-    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
-    return head + await reader.readexactly(length)
+# Far longer than anything here takes; reached only when something waits for what never comes.
+LIMIT = 20.0
 
 
 class Engine:
@@ -275,3 +271,235 @@ async def test_an_engine_that_is_not_there_is_an_upstream_error() -> None:
         pass
     with pytest.raises(upstream.UpstreamError, match=r"cannot connect to 127\.0\.0\.1"):
         await upstream.Pool(5).request(address, head(), b"{}")
+
+
+async def test_a_whole_body_larger_than_the_high_water_mark_is_read_to_its_end() -> None:
+    """`read` takes the body only at its end: the socket paused at the high-water mark was never read again (a plain
+    answer between 256 KiB and the proxy's 1 MiB whole-body limit hung until a timeout)."""
+    body = bytes(range(256)) * 2400  # 600 KiB
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await reader.read()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        assert await asyncio.wait_for(conn.read(), LIMIT) == body
+        pool.release(conn)
+        pool.close()
+
+
+async def test_a_connection_kept_after_its_reader_paused_it_reads_the_next_answer() -> None:
+    """A spliced answer whose client was backpressured as its last piece came: the engine's socket was paused and
+    the answer complete in the same read. The kept connection must be read again, or its next answer never comes."""
+    go = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await go.wait()
+        writer.write(b"5\r\nhello\r\n0\r\n\r\n")  # the last piece and the end, in one segment
+        while await read_request(reader):
+            writer.write(OK)
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        conn.splice(lambda data: conn.pause_reading())  # a client whose buffer is full after every write
+        go.set()
+        while not conn.complete:
+            await conn.wait()
+        pool.release(conn)
+        assert conn.transport is not None and conn.transport.is_reading()
+        again = await asyncio.wait_for(pool.request(address, head(), b"{}"), LIMIT)
+        assert again is conn and await again.read() == b"ok"
+        pool.release(again)
+        pool.close()
+
+
+async def test_an_early_answer_while_the_upload_waits_on_the_engine_ends_the_upload_and_its_connection() -> None:
+    """The engine answers before reading the body, then reads nothing more and keeps its connection: the upload
+    waited for the engine's socket to drain forever, and a closed connection flushed its unsent bytes forever."""
+    body = b"x" * (upstream.UPLOAD_PIECE * 256)  # 64 MiB: more than the sockets' buffers hold
+    done = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await done.wait()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    try:
+        async with engine.running() as address:
+            conn = await asyncio.wait_for(pool.request(address, head(body), body), LIMIT)
+            assert (conn.status, await conn.read()) == (413, b"big")
+            assert not conn.reusable()
+            lost = asyncio.Event()
+            connection_lost = conn.connection_lost
+
+            def noted(exc: Exception | None) -> None:
+                connection_lost(exc)
+                lost.set()
+
+            conn.connection_lost = noted  # type: ignore[method-assign]
+            pool.release(conn)
+            await asyncio.wait_for(lost.wait(), LIMIT)
+    finally:
+        done.set()
+
+
+async def test_a_body_delimited_by_the_close_but_cut_by_a_reset_is_an_error() -> None:
+    """Only an orderly close ends a body without a length (RFC 9112 6.3): a reset is the engine breaking off."""
+    got = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello")
+        await got.wait()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: a reset
+        writer.transport.abort()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        assert await conn.readany() == b"hello"
+        got.set()
+        with pytest.raises(upstream.UpstreamError, match="before the end of its answer"):
+            await asyncio.wait_for(conn.readany(), LIMIT)
+        pool.release(conn)
+
+
+async def test_bytes_after_a_complete_answer_are_not_taken_for_another_and_the_connection_is_dropped() -> None:
+    """An engine that sends more than its answer (a wrong Content-Length, a second answer): what follows the answer
+    must change nothing of it, and the connection is not kept (its parser would be mid-way in someone's answer)."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(OK + b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 3\r\n\r\nbad")
+        await reader.read()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        assert (conn.status, conn.headers, await conn.read()) == (200, [(b"Content-Length", b"2")], b"ok")
+        assert not conn.reusable()
+        pool.release(conn)
+        assert pool._take(address) is None
+
+
+class Flow:
+    """uvicorn's FlowControl for a client's socket (what `proxy._Request._splice` uses of it)."""
+
+    def __init__(self) -> None:
+        self.write_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._writable.set()
+
+
+class QuickClient:
+    """A client's socket whose buffer is full after every write and drained in the event loop's next callbacks:
+    before the task that relays to it runs again."""
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.data = bytearray()
+        self.wrote = asyncio.Event()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.flow.pause_writing()
+        asyncio.get_running_loop().call_soon(self.flow.resume_writing)
+        self.wrote.set()
+
+
+async def test_a_spliced_body_reads_on_when_the_client_drained_before_the_relay_looked() -> None:
+    """The client's buffer filled with a piece (the engine's socket paused) and drained before the relay's task ran:
+    the relay saw no backpressure and waited for more without reading the engine's socket again (the request then
+    ended as an engine that went silent)."""
+    go = asyncio.Event()
+    client = QuickClient(Flow())
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await go.wait()
+        writer.write(b"5\r\nhello\r\n")
+        await client.wrote.wait()  # the first piece reached the client: the rest comes in a read of its own
+        writer.write(b"5\r\nworld\r\n0\r\n\r\n")
+        await reader.read()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    request = SimpleNamespace(arrived=time.monotonic(), ttfb=None, last_read=0.0)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        splicing = asyncio.ensure_future(proxy._Request._splice(  # type: ignore[arg-type]
+            request, conn, client, client.flow, asyncio.get_running_loop()))
+        go.set()
+        await asyncio.wait_for(splicing, LIMIT)
+        assert client.data == b"5\r\nhello\r\n5\r\nworld\r\n"  # each piece as a chunk of the client's body
+        assert request.ttfb is not None
+        pool.release(conn)
+        pool.close()
+
+
+async def test_trailer_fields_are_not_headers() -> None:
+    """A chunked answer's trailer fields come after its body; read in the same segment as its head they were added
+    to the head the proxy relays: the client got them as headers (a trailer `Set-Cookie` as a cookie)."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nSet-Cookie: a=b\r\n\r\n")
+        await reader.read()
+
+    engine = Engine(script)
+    pool = upstream.Pool(5)
+    async with engine.running() as address:
+        conn = await pool.request(address, head(), b"{}")
+        assert conn.headers == [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Sum")]
+        assert conn.content_length is None and await conn.read() == b"hello"
+        pool.release(conn)
+        pool.close()
+
+
+async def test_a_pool_closed_at_shutdown_closes_what_comes_back_and_idle_ones_past_their_time() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+        while await read_request(reader):
+            writer.write(OK)
+
+    engine = Engine(script)
+    pool = upstream.Pool(5, idle_timeout=60)
+    async with engine.running() as address:
+        first = await pool.request(address, head(), b"{}")
+        second = await pool.request(address, head(), b"{}")  # the first is busy: a second connection
+        assert await first.read() == await second.read() == b"ok"
+        pool.release(first)
+        first.idle_since -= 61  # kept longer than the idle timeout
+        pool.release(second)  # the oldest idle ones past their time are closed as another comes back
+        assert first.closed and not second.closed
+        third = await pool.request(address, head(), b"{}")
+        assert third is second and await third.read() == b"ok"
+        pool.close()
+        pool.release(third)  # after shutdown: closed, not kept
+        assert third.closed and pool._take(address) is None

@@ -66,11 +66,22 @@ def test_a_long_path_that_fails_at_its_end_is_refused_in_linear_time() -> None:
     ("https://api.example.com/v1", "/embeddings", None, ("api.example.com", 443, True), b"api.example.com",
      b"/v1/embeddings"),
     ("http://user:pw@h/v1", "/embeddings", None, ("h", 80, False), b"h", b"/v1/embeddings"),
+    ("http://h:1/m\u00fcde/v1", "/embeddings", None, ("h", 1, False), b"h:1", b"/m%C3%BCde/v1/embeddings"),
 ])
 def test_the_engine_target_is_built_from_parts_and_keeps_the_bytes(
         api_base: str, path: str, query: bytes | None, address: tuple[str, int, bool], host: bytes,
         target: bytes) -> None:
-    assert _engine_target(api_base, path, query) == (address, host, target)
+    assert _engine_target(api_base, path, query)[:3] == (address, host, target)
+
+
+def test_credentials_in_an_engine_url_are_sent_as_basic_auth() -> None:
+    assert _engine_target("http://us%40er:p%3Aw@h:1/v1", "/x", None)[3] == b"Basic dXNAZXI6cDp3"  # us@er:p:w
+    assert _engine_target("http://h:1/v1", "/x", None)[3] is None
+
+
+def test_an_engine_url_with_a_port_that_is_not_one_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        _engine_target("http://h:99999/v1", "/x", None)
 
 
 @pytest.mark.parametrize("query", [b"a=b c", b"a=\r\nX-Injected: 1", b"a=\x00", b"a=\xc3\xa9", b"a=\x7f"])
