@@ -6,6 +6,8 @@ to its end (`run_to_end`) and undone before the cancellation propagates.
 """
 
 import asyncio
+import functools
+import random
 import signal
 import socket
 from collections.abc import Awaitable
@@ -204,11 +206,34 @@ def connect_host(host: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the engine binds it a moment later)."""
+    """A port nobody listens on right now (the engine binds it a moment later), below the kernel's range of ephemeral
+    ports when there is room: a port of that range, free when tested, can be taken as the local port of any outgoing
+    connection (a Docker API call, a health check, a client) before the engine binds it, and the engine then fails
+    with "address already in use" (seen in a Docker test of two heads starting at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low = _ephemeral_low()
+    if low > 2048:
+        for _ in range(64):
+            port = random.randint(max(1024, low - 16384), low - 1)
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@functools.cache
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux: net.ipv4.ip_local_port_range), 0 when unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def http_url(host: str, port: int) -> str:
