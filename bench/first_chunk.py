@@ -10,9 +10,9 @@ first token. Per request, the stages are:
     uvicorn -> proxy      uvicorn parses the request and calls the app (the door, dispatch)
     proxy -> engine       the proxy's request path: key, body, model, gate, lease, the engine's request written
     engine                the request written until the engine's status line and headers are parsed
-    head -> first byte    the answer's head parsed until the first body bytes are written to the client's socket
-                          (the response start through uvicorn, then the splice)
-    gateway -> client     that write until the client has the first token (kernel, wake-up, the client's parser)
+    head -> first byte    the answer's head parsed until the first body bytes are about to be written to the client's
+                          socket (the response start through uvicorn, then the splice)
+    gateway -> client     that write until the client has the first token (the send, kernel, wake-up, the client)
 
 and the same request sent straight to the engine (direct) and through nginx, for the totals beside them. Each stage
 is printed as p50 and p90 over `--requests` requests, after `--warmup` unmeasured ones.
@@ -103,8 +103,8 @@ def serve_traced(config_dir: str, port: int, out: str) -> None:
 
     def spliced(self: Any, sink: Any) -> None:
         def first(data: bytes) -> None:
+            current.setdefault("first", now())  # as the write begins: the client may have the bytes before it returns
             sink(data)
-            current.setdefault("first", now())
 
         splice(self, first)
 
