@@ -3,7 +3,9 @@
 Only the `model` (and `stream`) fields are read from the body; the original bytes are forwarded
 (re-encoded only when an alias must be replaced by the engine's own model name). The engine's
 status, headers and body are passed through chunk by chunk, untouched: no assumption that
-`data: [DONE]` or usage events exist.
+`data: [DONE]` or usage events exist. The engine is called through gateway/upstream.py; a chunked
+body (every stream) is spliced to the client's socket under uvicorn's httptools protocol
+(`_Request._splice`: each read from the engine written at once, no task or message per token).
 """
 
 import asyncio
