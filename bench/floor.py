@@ -36,7 +36,7 @@ def make_app(upstream: str) -> Callable[..., Awaitable[None]]:
                   send: Callable[[Message], Awaitable[None]]) -> None:
         nonlocal session
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
                 await send({"type": "lifespan.startup.complete"})
             assert session is not None
@@ -44,12 +44,7 @@ def make_app(upstream: str) -> Callable[..., Awaitable[None]]:
             await send({"type": "lifespan.shutdown.complete"})
             return
         assert session is not None
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await _body(receive)
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in _SKIP]
         async with session.request(scope["method"], upstream + scope["path"], data=body, headers=headers) as resp:
             out = [(k, v) for k, v in resp.raw_headers if k.lower() not in (b"connection", b"transfer-encoding")]
@@ -125,16 +120,20 @@ class _Conn(asyncio.Protocol):
         return b"".join(chunks)
 
 
-async def _request(scope: Message, receive: Callable[[], Awaitable[Message]], host: str, port: int,
-                   idle: list[_Conn], factory: Callable[[], _Conn]) -> tuple[_Conn, int, list[tuple[bytes, bytes]]]:
-    """The request's body read and sent on a kept connection (or a new one from `factory`): the connection, the
-    answer's status and the headers to send on."""
+async def _body(receive: Callable[[], Awaitable[Message]]) -> bytes:
     body = b""
     while True:
         message = await receive()
         body += message.get("body", b"")
         if not message.get("more_body"):
-            break
+            return body
+
+
+async def _request(scope: Message, receive: Callable[[], Awaitable[Message]], host: str, port: int,
+                   idle: list[_Conn], factory: Callable[[], _Conn]) -> tuple[_Conn, int, list[tuple[bytes, bytes]]]:
+    """The request's body read and sent on a kept connection (or a new one from `factory`): the connection, the
+    answer's status and the headers to send on."""
+    body = await _body(receive)
     head = [f"{scope['method']} {scope['path']} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()]
     head += [k + b": " + v + b"\r\n" for k, v in scope["headers"] if k not in _SKIP]
     head.append(b"content-length: %d\r\n\r\n" % len(body))
@@ -160,17 +159,22 @@ async def _lifespan(receive: Callable[[], Awaitable[Message]], send: Callable[[M
     await send({"type": "lifespan.shutdown.complete"})
 
 
-def make_raw_app(upstream: str) -> Callable[..., Awaitable[None]]:
+def make_raw_app(upstream: str, splice: bool = False) -> Callable[..., Awaitable[None]]:
+    """`--raw`: the hand-written client, its body sent on through ASGI; `--splice`: written to uvicorn's transport."""
     url = urlsplit(upstream)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     idle: list[_Conn] = []
+    factory = (lambda: _SpliceConn(idle)) if splice else (lambda: _Conn(idle))
 
     async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
                   send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
-        conn, status, out = await _request(scope, receive, host, port, idle, lambda: _Conn(idle))
+        conn, status, out = await _request(scope, receive, host, port, idle, factory)
+        if isinstance(conn, _SpliceConn):
+            await _splice(conn, status, out, idle, send)
+            return
         await send({"type": "http.response.start", "status": status, "headers": out})
         while chunk := await conn.read():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -195,40 +199,31 @@ class _SpliceConn(_Conn):
             self.sink.write(b"%x\r\n%b\r\n" % (len(body), body))
 
 
-def make_splice_app(upstream: str) -> Callable[..., Awaitable[None]]:
-    url = urlsplit(upstream)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    idle: list[_Conn] = []
-
-    async def app(scope: Message, receive: Callable[[], Awaitable[Message]],
+async def _splice(conn: _SpliceConn, status: int, out: list[tuple[bytes, bytes]], idle: list[_Conn],
                   send: Callable[[Message], Awaitable[None]]) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        conn, status, out = await _request(scope, receive, host, port, idle, lambda: _SpliceConn(idle))
-        assert isinstance(conn, _SpliceConn)
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        if any(k.lower() == b"content-length" for k, _ in conn.headers):  # a plain answer: whole, through ASGI
-            while not conn.complete:
-                conn.waiter = asyncio.get_running_loop().create_future()
-                await conn.waiter
-            pending, conn.chunks = b"".join(conn.chunks), []
-            _done(conn, idle)
-            await send({"type": "http.response.body", "body": pending, "more_body": False})
-            return
-        sink = send.__self__.transport  # type: ignore[attr-defined]  # uvicorn's RequestResponseCycle
-        if conn.chunks:
-            pending, conn.chunks = b"".join(conn.chunks), []
-            sink.write(b"%x\r\n%b\r\n" % (len(pending), pending))
-        if not conn.complete:
-            conn.sink = sink
+    """The answer through uvicorn's transport: a plain one whole through ASGI, a chunked one written from the
+    parser's callback."""
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    if any(k.lower() == b"content-length" for k, _ in conn.headers):  # a plain answer: whole, through ASGI
+        while not conn.complete:
             conn.waiter = asyncio.get_running_loop().create_future()
             await conn.waiter
-        conn.sink = None
+        pending, conn.chunks = b"".join(conn.chunks), []
         _done(conn, idle)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": pending, "more_body": False})
+        return
+    sink = send.__self__.transport  # type: ignore[attr-defined]  # uvicorn's RequestResponseCycle
+    if conn.chunks:
+        pending, conn.chunks = b"".join(conn.chunks), []
+        sink.write(b"%x\r\n%b\r\n" % (len(pending), pending))
+    if not conn.complete:
+        conn.sink = sink
+        conn.waiter = asyncio.get_running_loop().create_future()
+        await conn.waiter
+    conn.sink = None
+    _done(conn, idle)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    return app
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,7 +243,7 @@ def main() -> None:
         Server("bench.floor:from_environ", address="127.0.0.1", port=a.port, interface=Interfaces.ASGI,
                loop=Loops.uvloop, workers=1, log_enabled=False, factory=True).serve()
         return
-    app = (make_splice_app if a.splice else make_raw_app if a.raw else make_app)(a.upstream)
+    app = make_raw_app(a.upstream, splice=a.splice) if a.raw or a.splice else make_app(a.upstream)
     uvicorn.run(app, host="127.0.0.1", port=a.port, loop="uvloop", http="httptools", access_log=False,
                 log_level="warning")
 

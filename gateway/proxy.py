@@ -446,32 +446,23 @@ class _Request:
             self._silence = loop.call_later(settings.upstream_read_timeout, self._check_silence)
         pool = self.proxy._pool()
         try:
-            resp = await pool.request(address, upstream.request_head(target, host, headers, len(self.body)),
-                                      self.body)
-        except TimeoutError:  # connecting took longer than upstream_connect_timeout
-            self._stop_silence()
-            await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
-            return
-        except upstream.UpstreamError as exc:
-            self._stop_silence()
-            await self.fail(errors.upstream_unreachable(spec.name, str(exc)))
-            return
-        except BaseException:
-            self._stop_silence()
-            raise
-        self.upstream = resp
-        try:
-            await self._relay(resp, loop)
+            try:
+                resp = await pool.request(address, upstream.request_head(target, host, headers, len(self.body)),
+                                          self.body)
+            except TimeoutError:  # connecting took longer than upstream_connect_timeout
+                await self.fail(errors.upstream_connect_timeout(spec.name, settings.upstream_connect_timeout))
+                return
+            self.upstream = resp
+            try:
+                await self._relay(resp, loop)
+            finally:
+                # Back to the pool only after a whole answer; else closed, and the engine sees its client leave.
+                pool.release(resp)
         except upstream.UpstreamError as exc:
             await self.fail(errors.upstream_unreachable(spec.name, str(exc)))
         finally:
-            # Back to the pool only after a whole answer; else closed, and the engine sees its client leave.
-            pool.release(resp)
-            self._stop_silence()
-
-    def _stop_silence(self) -> None:
-        if self._silence is not None:
-            self._silence.cancel()
+            if self._silence is not None:
+                self._silence.cancel()
 
     def _check_silence(self) -> None:
         timeout = self.proxy._settings.upstream_read_timeout
@@ -673,6 +664,7 @@ def _engine_target(api_base: str, path: str, query: bytes | None) -> tuple[upstr
     return address, host, target, credentials
 
 
+@functools.lru_cache(maxsize=256)
 def _bearer(key: str) -> bytes:
     value = b"Bearer " + key.encode()
     if b"\r" in value or b"\n" in value:  # never a second header line in the request to the engine

@@ -55,8 +55,10 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
         self.closed = False
-        self.used = False  # has carried a request before (a kept connection)
         self.idle_since = 0.0
+        # The transport's state, which outlives an answer: reading paused by a lagging reader, writing by the kernel.
+        self._reading_paused = False
+        self._writing_paused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -74,14 +76,12 @@ class Connection(asyncio.Protocol):
         self._interim = False
         self._buffer: list[bytes] = []
         self._size = 0
-        self._reading_paused = False
         self._whole = False  # `read` takes the body at its end: never paused at the high-water mark meanwhile
         self._waiter: asyncio.Future[None] | None = None
         self._notified = False
         self._sink: Sink | None = None
         self._spliced: list[bytes] = []  # what one read of the engine's socket brought, for the sink
         self._drain: asyncio.Future[None] | None = None
-        self._writing_paused = False
         self._body_cut = False  # the request's body was not sent whole: the connection can't carry another
 
     # asyncio.Protocol
@@ -186,9 +186,7 @@ class Connection(asyncio.Protocol):
     async def send(self, head: bytes, body: bytes | bytearray | memoryview) -> None:
         """Write the request (its head as built by the caller, then its body) and wait for the answer's head."""
         assert self.transport is not None
-        self._reset()
-        self.busy = True
-        self.used = True
+        self.busy = True  # the answer's state is fresh: a new connection's, or cleared by `rest`
         transport = self.transport
         if len(body) <= UPLOAD_PIECE:
             transport.write(head + body if body else head)
@@ -296,6 +294,15 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._pool.forget(self)
 
+    def rest(self, now: float) -> None:
+        """Kept for another request: the answer's state cleared, and the socket read again if the answer's last
+        reader paused it as the answer ended (else the next answer would never be read)."""
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._reset()
+        self.idle_since = now
+
     def reusable(self) -> bool:
         return (self.complete and self.keep_alive and not self.closed and self.error is None and not self._body_cut
                 and self.transport is not None and not self.transport.is_closing())
@@ -343,11 +350,8 @@ class Pool:
         if not conn.reusable() or self._closed:
             conn.close()
             return
-        if conn._reading_paused and conn.transport is not None:
-            conn.transport.resume_reading()  # paused by its last reader as the answer ended: kept, it must read again
-        conn._reset()
         now = time.monotonic()
-        conn.idle_since = now
+        conn.rest(now)
         idle = self._idle.get(conn.address, [])
         # The oldest first: those past the idle timeout, and one over the limit, are closed.
         while idle and (len(idle) >= self._max_idle or now - idle[0].idle_since >= self._idle_timeout):
